@@ -1,0 +1,209 @@
+"""Convert stage: images in `<class>/<file>` folders -> sharded TFRecords and one metadata.json.
+
+It runs in three steps so that shards can be written by separate processes:
+`plan_conversion` fixes the split and the shard of every image, `write_shard` writes one
+shard and its report, and `finalize_conversion` checks every shard and writes metadata.json,
+the stage's marker, last.
+"""
+from __future__ import annotations
+
+import io
+import random
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from PIL import Image, ImageOps
+
+from pipeline.errors import ConfigError, DatasetError, StageOutputError
+from pipeline.fileio import atomic_path, read_json, sha256_file, write_json_atomic
+
+SPLITS = ("train", "validation", "test")
+PLAN_FILE = "plan.json"
+CHANNEL_MODES = {1: "L", 3: "RGB"}
+# Names that operating systems and archivers leave beside images (.DS_Store, AppleDouble ._*, __MACOSX).
+_HIDDEN_PREFIXES = (".", "__MACOSX")
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def report_name(split: str, index: int, num_shards: int) -> str:
+    return shard_name(split, index, num_shards).removesuffix(".tfrecord") + ".json"
+
+
+def validate_conversion_params(image_size: int, channels: int, validation_fraction: float,
+                               test_fraction: float, num_shards: int, max_bad_fraction: float) -> None:
+    if image_size <= 0:
+        raise ConfigError(f"image_size={image_size}; expected a positive number of pixels")
+    if channels not in CHANNEL_MODES:
+        raise ConfigError(f"channels={channels}; expected one of {sorted(CHANNEL_MODES)}")
+    for name, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name}={value}; expected a fraction in [0, 1)")
+    if validation_fraction + test_fraction >= 1.0:
+        raise ConfigError(f"validation_fraction + test_fraction = {validation_fraction + test_fraction}; "
+                          "expected less than 1 so that the train split is not empty")
+    if num_shards <= 0:
+        raise ConfigError(f"num_shards={num_shards}; expected a positive integer")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ConfigError(f"max_bad_fraction={max_bad_fraction}; expected a fraction in [0, 1]")
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(_HIDDEN_PREFIXES)
+
+
+def list_visible_files(folder: Path) -> list[Path]:
+    """Every file below `folder`, sorted, leaving out hidden files and anything in hidden folders."""
+    folder = Path(folder)
+    return sorted(f for f in folder.rglob("*")
+                  if f.is_file() and all(_visible(part) for part in f.relative_to(folder).parts))
+
+
+def list_images(raw_dir: Path) -> dict[str, list[str]]:
+    """Class name -> sorted keys (`<class>/<relative path>`) of every visible file in its folder."""
+    raw_dir = Path(raw_dir)
+    classes = sorted(d.name for d in raw_dir.iterdir() if d.is_dir() and _visible(d.name))
+    if len(classes) < 2:
+        raise DatasetError(f"{raw_dir}: found classes {classes}; expected at least two class folders")
+    return {name: [f.relative_to(raw_dir).as_posix() for f in list_visible_files(raw_dir / name)]
+            for name in classes}
+
+
+def split_keys(keys: Sequence[str], validation_fraction: float, test_fraction: float, seed: str) -> dict[str, list[str]]:
+    """Shuffle `keys` deterministically from `seed` and cut them into the three splits."""
+    shuffled = sorted(keys)
+    random.Random(seed).shuffle(shuffled)
+    n_test = round(len(shuffled) * test_fraction)
+    n_validation = round(len(shuffled) * validation_fraction)
+    return {"test": shuffled[:n_test],
+            "validation": shuffled[n_test:n_test + n_validation],
+            "train": shuffled[n_test + n_validation:]}
+
+
+def plan_conversion(raw_dir: Path, plan_path: Path, *, validation_fraction: float, test_fraction: float,
+                    split_seed: int, num_shards: int) -> dict:
+    """Assign every image to a split (stratified by class) and a shard; write the plan atomically."""
+    listing = list_images(raw_dir)
+    class_names = list(listing)
+    by_split: dict[str, list[tuple[str, int]]] = {split: [] for split in SPLITS}
+    for label, name in enumerate(class_names):
+        for split, keys in split_keys(listing[name], validation_fraction, test_fraction,
+                                      f"{split_seed}/{name}").items():
+            by_split[split].extend((key, label) for key in keys)
+    shards = {}
+    for split, items in by_split.items():
+        # Interleave the classes so that each shard, and each read of one, mixes them.
+        items.sort()
+        random.Random(f"{split_seed}/{split}").shuffle(items)
+        shards[split] = [[list(item) for item in items[i::num_shards]] for i in range(num_shards)]
+    plan = {"class_names": class_names, "num_shards": num_shards, "shards": shards}
+    write_json_atomic(plan_path, plan)
+    return plan
+
+
+def load_image(path: Path, image_size: int, channels: int) -> bytes:
+    """Decode any image Pillow reads into `channels` at `image_size` square, as PNG bytes.
+
+    EXIF orientation is applied, transparency is flattened onto white, and Pillow's
+    decompression-bomb limit is an error rather than a warning.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            image = image.convert(CHANNEL_MODES[channels])
+            if image.size != (image_size, image_size):
+                image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def write_shard(raw_dir: Path, plan_path: Path, split: str, index: int, shard_path: Path, report_path: Path,
+                *, image_size: int, channels: int, progress=None) -> dict:
+    """Write one shard of the plan and then its report (the shard's marker). Returns the report."""
+    from pipeline import schema  # TensorFlow loads only in the processes that write records.
+    import tensorflow as tf
+
+    plan = read_json(plan_path)
+    items = plan["shards"][split][index]
+    class_names = plan["class_names"]
+    per_class: Counter[str] = Counter()
+    bad = []
+    with atomic_path(shard_path) as temp:
+        with tf.io.TFRecordWriter(str(temp)) as writer:
+            for done, (key, label) in enumerate(items, start=1):
+                try:
+                    encoded = load_image(Path(raw_dir) / key, image_size, channels)
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
+                        Image.DecompressionBombError) as error:
+                    bad.append({"key": key, "reason": f"{type(error).__name__}: {error}"})
+                else:
+                    writer.write(schema.serialize_example(encoded, label, key))
+                    per_class[class_names[label]] += 1
+                if progress:
+                    progress(done, len(items))
+    report = {"file": Path(shard_path).name, "split": split, "records": sum(per_class.values()),
+              "sha256": sha256_file(shard_path), "per_class": dict(sorted(per_class.items())), "bad": bad}
+    write_json_atomic(report_path, report)
+    return report
+
+
+def finalize_conversion(out_dir: Path, reports: Iterable[Path], metadata_path: Path, *, image_size: int,
+                        channels: int, max_bad_fraction: float, source: dict) -> dict:
+    """Check every shard against its report and the bad fraction, then write metadata.json last."""
+    out_dir = Path(out_dir)
+    plan = read_json(out_dir / PLAN_FILE)
+    splits = {split: {"count": 0, "per_class": Counter(), "shards": []} for split in SPLITS}
+    bad = []
+    for report_path in reports:
+        report = read_json(report_path)
+        shard_path = out_dir / report["file"]
+        if not shard_path.exists() or sha256_file(shard_path) != report["sha256"]:
+            raise StageOutputError(f"{shard_path}: missing or its sha256 differs from {report_path.name}; "
+                                   "rerun Convert to rebuild it")
+        split = splits[report["split"]]
+        split["count"] += report["records"]
+        split["per_class"].update(report["per_class"])
+        split["shards"].append({key: report[key] for key in ("file", "records", "sha256")})
+        bad.extend(report["bad"])
+    planned = sum(len(shard) for split in plan["shards"].values() for shard in split)
+    written = sum(split["count"] for split in splits.values())
+    if written + len(bad) != planned:
+        raise StageOutputError(f"{out_dir}: shards hold {written} records and report {len(bad)} bad images, "
+                               f"but the plan lists {planned} images")
+    bad_fraction = len(bad) / planned if planned else 0.0
+    if bad_fraction > max_bad_fraction:
+        examples = "; ".join(f"{b['key']}: {b['reason']}" for b in bad[:5])
+        raise DatasetError(f"{len(bad)} of {planned} images could not be decoded ({bad_fraction:.1%}), more than "
+                           f"max_bad_fraction={max_bad_fraction:.1%}. First ones: {examples}")
+    if splits["train"]["count"] == 0:
+        raise DatasetError(f"{out_dir}: the train split is empty after skipping bad images")
+    class_names = plan["class_names"]
+    metadata = {
+        "class_names": class_names,
+        "label_map": {name: label for label, name in enumerate(class_names)},
+        "image_shape": [image_size, image_size, channels],
+        "splits": {name: {"count": s["count"], "per_class": {c: s["per_class"].get(c, 0) for c in class_names},
+                          "shards": sorted(s["shards"], key=lambda shard: shard["file"])}
+                   for name, s in splits.items()},
+        "bad_images": sorted(bad, key=lambda b: b["key"]),
+        "bad_fraction": bad_fraction,
+        "source": source,
+    }
+    write_json_atomic(metadata_path, metadata)
+    return metadata
+
+
+def shard_paths(convert_dir: Path, metadata: dict, split: str) -> list[str]:
+    """The shard files of one split, from metadata written by `finalize_conversion`."""
+    if split not in metadata["splits"]:
+        raise ConfigError(f"split={split!r}; expected one of {', '.join(metadata['splits'])}")
+    return [str(Path(convert_dir) / shard["file"]) for shard in metadata["splits"][split]["shards"]]

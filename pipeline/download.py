@@ -1,0 +1,206 @@
+"""Download stage: fetch an image-folder archive or a CSV manifest of images into `<class>/<file>`.
+
+Every scheme (http, https, file) goes through `fetch`, so the embedded dataset exercises the
+same code as a remote source. The class folders appear at their final path in one rename,
+with `download.json` already inside, so a crash never leaves a folder that looks complete.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import http.client
+import logging
+import os
+import stat
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+
+from pipeline.errors import ChecksumMismatch, ConfigError, DatasetError, DownloadError, UnsafeArchiveError
+from pipeline.fileio import TEMP_INFIX, atomic_path, remove_tree, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("http", "https", "file")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+MANIFEST_SUFFIX = ".csv"
+_CHUNK = 1 << 16
+
+
+def source_kind(url: str) -> str:
+    """'archive' or 'manifest', from the URL's path; raise ConfigError for anything else."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in SCHEMES:
+        raise ConfigError(f"source URL {url!r} has scheme {parsed.scheme!r}; expected one of {', '.join(SCHEMES)}")
+    path = parsed.path.lower()
+    if path.endswith(ARCHIVE_SUFFIXES):
+        return "archive"
+    if path.endswith(MANIFEST_SUFFIX):
+        return "manifest"
+    raise ConfigError(f"source URL {url!r} must end in one of {', '.join(ARCHIVE_SUFFIXES)} (an image-folder "
+                      f"archive) or {MANIFEST_SUFFIX} (a manifest of url,label lines)")
+
+
+def fetch(url: str, destination: Path, sha256: str | None = None, *, retries: int = 4,
+          backoff_s: float = 0.5, timeout_s: float = 60.0) -> str:
+    """Stream `url` into `destination` atomically and return its sha256.
+
+    Connection errors and 5xx replies are retried with exponential backoff; any other HTTP
+    error (a 404 above all) fails at once. A digest mismatch leaves nothing at `destination`.
+    """
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in SCHEMES:
+        raise ConfigError(f"URL {url!r} has scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    for attempt in range(retries + 1):
+        try:
+            digest = _fetch_once(url, Path(destination), timeout_s)
+            break
+        except urllib.error.HTTPError as error:
+            if error.code < 500 or attempt == retries:
+                raise DownloadError(f"{url}: HTTP {error.code} {error.reason}") from error
+            reason = f"HTTP {error.code}"
+        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as error:
+            if attempt == retries:
+                raise DownloadError(f"{url}: {error} (gave up after {retries + 1} attempts)") from error
+            reason = str(error)
+        delay = backoff_s * 2 ** attempt
+        log.warning("fetching %s failed (%s); retrying in %.1f s", url, reason, delay)
+        time.sleep(delay)
+    if sha256 and digest != sha256.lower():
+        Path(destination).unlink(missing_ok=True)
+        raise ChecksumMismatch(f"{url}: sha256 is {digest}, expected {sha256.lower()}")
+    return digest
+
+
+def _fetch_once(url: str, destination: Path, timeout_s: float) -> str:
+    digest = hashlib.sha256()
+    received = 0
+    with urllib.request.urlopen(url, timeout=timeout_s) as response, atomic_path(destination) as temp:
+        expected = response.headers.get("Content-Length")
+        with open(temp, "wb") as out:
+            while chunk := response.read(_CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+        if expected is not None and received != int(expected):
+            raise http.client.IncompleteRead(b"", int(expected) - received)
+    return digest.hexdigest()
+
+
+def download_dataset(source_url: str, sha256: str | None, target: Path, marker_name: str, *,
+                     workers: int = 8, retries: int = 4, backoff_s: float = 0.5) -> dict:
+    """Fetch `source_url` into `target/<class>/<file>` and write `target/<marker_name>` inside it.
+
+    Returns the summary written to the marker.
+    """
+    target = Path(target)
+    kind = source_kind(source_url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = target.parent / f"{target.name}{TEMP_INFIX}{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    try:
+        tree = work / "tree"
+        if kind == "archive":
+            archive = work / PurePosixPath(urllib.parse.urlsplit(source_url).path).name
+            digest = fetch(source_url, archive, sha256, retries=retries, backoff_s=backoff_s)
+            extract_archive(archive, tree)
+            root = class_root(tree)
+        else:
+            manifest = work / "manifest.csv"
+            digest = fetch(source_url, manifest, sha256, retries=retries, backoff_s=backoff_s)
+            root = tree
+            fetch_manifest(manifest, source_url, root, workers=workers, retries=retries, backoff_s=backoff_s)
+        counts = {c.name: sum(1 for f in c.rglob("*") if f.is_file()) for c in sorted(root.iterdir()) if c.is_dir()}
+        if len(counts) < 2:
+            raise DatasetError(f"{source_url}: found class folders {sorted(counts)}; expected at least two "
+                               "top-level folders, one per class, each holding images")
+        summary = {"source_url": source_url, "sha256": digest, "kind": kind, "images_per_class": counts}
+        write_json_atomic(root / marker_name, summary)
+        remove_tree(target)
+        os.rename(root, target)
+        return summary
+    finally:
+        remove_tree(work)
+
+
+def _inside(root: Path, name: str) -> bool:
+    resolved = (root / name).resolve()
+    return resolved == root or root in resolved.parents
+
+
+def extract_archive(archive: Path, target: Path) -> None:
+    """Extract a tar or zip archive into `target`, refusing any member that is not a plain file or
+    folder or that would land outside `target`; the error names the member."""
+    target.mkdir(parents=True, exist_ok=True)
+    root = target.resolve()
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zipped:
+            for info in zipped.infolist():
+                if stat.S_ISLNK(info.external_attr >> 16) or not _inside(root, info.filename):
+                    raise UnsafeArchiveError(f"{archive.name}: member {info.filename!r} is a link or points "
+                                             f"outside the extraction folder")
+            zipped.extractall(target)
+        return
+    try:
+        tar = tarfile.open(archive)
+    except tarfile.TarError as error:
+        raise DownloadError(f"{archive.name}: not a tar or zip archive ({error})") from error
+    with tar:
+        for member in tar:
+            if not (member.isfile() or member.isdir()) or not _inside(root, member.name):
+                raise UnsafeArchiveError(f"{archive.name}: member {member.name!r} is not a plain file or folder "
+                                         "inside the extraction folder")
+        # The 'data' filter re-checks paths and drops modes and owners a dataset has no use for.
+        tar.extractall(target, filter="data")
+
+
+def class_root(tree: Path) -> Path:
+    """The folder whose sub-folders are the classes: `tree` itself, or its only child when an
+    archive wraps its class folders in one top folder (as many published archives do)."""
+    entries = [e for e in tree.iterdir() if not e.name.startswith((".", "__MACOSX"))]
+    if len(entries) == 1 and entries[0].is_dir() and all(e.is_dir() for e in entries[0].iterdir()
+                                                          if not e.name.startswith(".")):
+        return entries[0]
+    return tree
+
+
+def read_manifest(manifest: Path, manifest_url: str) -> list[tuple[str, str]]:
+    """(absolute URL, label) pairs; relative URLs resolve against the manifest's own URL."""
+    rows = []
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        for line_number, row in enumerate(csv.reader(handle), start=1):
+            if not row or (line_number == 1 and [c.strip().lower() for c in row] == ["url", "label"]):
+                continue
+            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                raise DatasetError(f"{manifest_url}: line {line_number} is {row!r}; expected 'url,label'")
+            url, label = row[0].strip(), row[1].strip()
+            if label.startswith(".") or "/" in label or "\\" in label:
+                raise DatasetError(f"{manifest_url}: line {line_number} has label {label!r}; a label becomes a "
+                                   "folder name, so it may not contain '/' or start with '.'")
+            rows.append((urllib.parse.urljoin(manifest_url, url), label))
+    if not rows:
+        raise DatasetError(f"{manifest_url}: the manifest lists no images; expected 'url,label' lines")
+    return rows
+
+
+def fetch_manifest(manifest: Path, manifest_url: str, target: Path, *, workers: int, retries: int,
+                   backoff_s: float) -> None:
+    """Fetch every image the manifest lists, in parallel, into `target/<label>/<file>`."""
+    jobs = []
+    taken: set[tuple[str, str]] = set()
+    for index, (url, label) in enumerate(read_manifest(manifest, manifest_url)):
+        name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name or f"{index:06d}"
+        if (label, name) in taken:
+            name = f"{index:06d}-{name}"
+        taken.add((label, name))
+        jobs.append((url, target / label / name))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(fetch, url, path, retries=retries, backoff_s=backoff_s) for url, path in jobs]
+        for future in futures:
+            future.result()

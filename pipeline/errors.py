@@ -1,0 +1,33 @@
+"""Exception types raised at the library's boundaries. Each message names the bad value and the expectation."""
+
+
+class PipelineError(Exception):
+    """Base of every error the pipeline raises on purpose."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """A parameter has a value the pipeline cannot use."""
+
+
+class DownloadError(PipelineError):
+    """A source could not be fetched: unreachable, missing, or not what was expected."""
+
+
+class ChecksumMismatch(DownloadError):
+    """Fetched bytes do not have the expected sha256."""
+
+
+class UnsafeArchiveError(DownloadError):
+    """An archive member would be written outside the target folder, or is not a plain file or folder."""
+
+
+class DatasetError(PipelineError):
+    """The images or TFRecords on disk do not form a usable dataset."""
+
+
+class ModelDefinitionError(PipelineError):
+    """A model file is missing, or does not follow the model-file contract."""
+
+
+class StageOutputError(PipelineError):
+    """A stage finished without producing what it promises."""

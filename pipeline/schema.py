@@ -1,0 +1,70 @@
+"""The TFRecord feature schema, shared by conversion, `input_fn`, the serving receiver and prediction.
+
+A record holds one image already normalised by conversion (size and channels of the dataset)
+as PNG bytes, its integer label and its key (`<class>/<file>` inside the raw folder). A
+model's `features` are `{IMAGE: float32 [batch, height, width, channels] in [0, 1]}`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import tensorflow as tf
+
+ENCODED = "image/encoded"
+LABEL = "image/label"
+KEY = "image/key"
+
+FEATURE_SPEC = {
+    ENCODED: tf.io.FixedLenFeature([], tf.string),
+    LABEL: tf.io.FixedLenFeature([], tf.int64),
+    KEY: tf.io.FixedLenFeature([], tf.string),
+}
+
+# The name of the image in a model's features and of the serving signature's input.
+IMAGE = "image"
+SERVING_INPUT = "image_bytes"
+
+
+def serialize_example(encoded_png: bytes, label: int, key: str) -> bytes:
+    feature = {
+        ENCODED: tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded_png])),
+        LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+        KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode("utf-8")])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    return tf.io.parse_single_example(serialized, FEATURE_SPEC)
+
+
+def decode_stored_image(encoded: tf.Tensor, image_shape: Sequence[int]) -> tf.Tensor:
+    """Decode a stored image, which conversion already brought to `image_shape`, into [0, 1] floats."""
+    image = tf.io.decode_png(encoded, channels=image_shape[-1])
+    image = tf.ensure_shape(image, image_shape)
+    return tf.cast(image, tf.float32) / 255.0
+
+
+def decode_any_image(encoded: tf.Tensor, image_shape: Sequence[int]) -> tf.Tensor:
+    """Decode PNG, JPEG, GIF or BMP bytes of any size into `image_shape` floats in [0, 1]."""
+    image = tf.io.decode_image(encoded, channels=image_shape[-1], expand_animations=False)
+    image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, image_shape[:2])
+    return tf.ensure_shape(image, image_shape)
+
+
+def parse_training_example(serialized: tf.Tensor, image_shape: Sequence[int]) -> tuple[dict, tf.Tensor]:
+    parsed = parse_example(serialized)
+    return {IMAGE: decode_stored_image(parsed[ENCODED], image_shape)}, parsed[LABEL]
+
+
+def serving_input_receiver_fn(image_shape: Sequence[int]):
+    """A receiver whose signature takes a batch of encoded image bytes under `SERVING_INPUT`."""
+    image_shape = list(image_shape)
+
+    def receiver() -> tf.estimator.export.ServingInputReceiver:
+        encoded = tf.compat.v1.placeholder(tf.string, shape=[None], name=SERVING_INPUT)
+        images = tf.map_fn(lambda one: decode_any_image(one, image_shape), encoded,
+                           fn_output_signature=tf.TensorSpec(image_shape, tf.float32))
+        return tf.estimator.export.ServingInputReceiver({IMAGE: images}, {SERVING_INPUT: encoded})
+
+    return receiver

@@ -1,0 +1,123 @@
+"""Train stage: an Estimator from a model file, fed from the TFRecord shards, exported for serving.
+
+The run folder holds `model_dir/` (checkpoints, TensorBoard events, and a snapshot of the
+model file, params, run config and library versions), `export/<timestamp>/` (the SavedModel)
+and `train.json`, written last. Training runs to `max_steps`, so a rerun after a crash
+resumes from the latest checkpoint in `model_dir`.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import tensorflow as tf
+
+from pipeline import models, schema
+from pipeline.convert import shard_paths
+from pipeline.errors import ConfigError, StageOutputError
+from pipeline.fileio import read_json, remove_tree, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model_dir"
+EXPORT_DIR = "export"
+# The snapshot that makes a model_dir self-describing; evaluation rebuilds the Estimator from it.
+MODEL_FILE = "model_def.py"
+PARAMS_FILE = "params.json"
+RUN_CONFIG_FILE = "run_config.json"
+VERSIONS_FILE = "versions.json"
+RUN_CONFIG_KEYS = ("tf_random_seed", "save_summary_steps", "save_checkpoints_steps", "keep_checkpoint_max",
+                   "log_step_count_steps")
+_SHUFFLE_BUFFER = 10_000
+_PACKAGES = ("tensorflow", "tensorflow-estimator", "keras", "numpy", "pillow", "luigi")
+
+
+def input_fn(files: Sequence[str], image_shape: Sequence[int], batch_size: int, *, training: bool,
+             seed: int | None = None, with_keys: bool = False) -> tf.data.Dataset:
+    """Batches of ({image}, label) from TFRecord shards; shuffled and repeated when training."""
+    image_shape = list(image_shape)
+    dataset = tf.data.Dataset.from_tensor_slices(list(files))
+    if training:
+        dataset = dataset.shuffle(len(files), seed=seed)
+    dataset = dataset.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 4),
+                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if training:
+        dataset = dataset.shuffle(_SHUFFLE_BUFFER, seed=seed).repeat()
+
+    dataset = dataset.map(lambda serialized: schema.parse_training_example(serialized, image_shape),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def validate_training_params(max_steps: int, batch_size: int, run_config: Mapping[str, Any]) -> None:
+    for name, value in (("max_steps", max_steps), ("batch_size", batch_size),
+                        *((key, run_config[key]) for key in RUN_CONFIG_KEYS if key != "tf_random_seed")):
+        if value <= 0:
+            raise ConfigError(f"{name}={value}; expected a positive integer")
+
+
+def build_estimator(model_dir: Path) -> tf.estimator.Estimator:
+    """Rebuild the Estimator of a run from the snapshot in its model_dir."""
+    model_dir = Path(model_dir)
+    module = models.load_model_module(model_dir / MODEL_FILE)
+    run_config = tf.estimator.RunConfig(model_dir=str(model_dir), **read_json(model_dir / RUN_CONFIG_FILE))
+    return tf.estimator.Estimator(module.model_fn, config=run_config, params=read_json(model_dir / PARAMS_FILE))
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    versions.update({name: importlib.metadata.version(name) for name in _PACKAGES})
+    return versions
+
+
+def _write_snapshot(model_dir: Path, model_file: Path, params: Mapping[str, Any], run_config: Mapping[str, Any]) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    snapshot = model_dir / MODEL_FILE
+    source = Path(model_file).read_bytes()
+    if snapshot.exists() and snapshot.read_bytes() != source:
+        # The run folder's version includes the model source, so this means the folder was tampered with.
+        raise StageOutputError(f"{snapshot} differs from {model_file}; remove {model_dir.parent} or rerun Train")
+    snapshot.write_bytes(source)
+    write_json_atomic(model_dir / PARAMS_FILE, dict(params))
+    write_json_atomic(model_dir / RUN_CONFIG_FILE, dict(run_config))
+    write_json_atomic(model_dir / VERSIONS_FILE, library_versions())
+
+
+def train_model(model_file: Path, params_overrides: Mapping[str, Any], convert_dir: Path, metadata_path: Path,
+                run_dir: Path, marker_path: Path, *, max_steps: int, batch_size: int,
+                run_config: Mapping[str, Any], hooks: Sequence[tf.estimator.SessionRunHook] = ()) -> dict:
+    """Train to `max_steps` (resuming from model_dir), export a SavedModel, write the marker last."""
+    validate_training_params(max_steps, batch_size, run_config)
+    run_dir = Path(run_dir)
+    metadata = read_json(metadata_path)
+    module = models.load_model_module(model_file)
+    params = models.merge_params(model_file, module.PARAMS, params_overrides,
+                                 {"n_classes": len(metadata["class_names"])})
+    model_dir = run_dir / MODEL_DIR
+    _write_snapshot(model_dir, model_file, params, run_config)
+    estimator = build_estimator(model_dir)
+
+    files = shard_paths(convert_dir, metadata, "train")
+    seed = run_config["tf_random_seed"]
+    # RunConfig seeds the graph, but Keras layers draw their initializers' seeds from Python's
+    # `random`: without this, two runs of one version train different weights.
+    tf.keras.utils.set_random_seed(seed)
+    estimator.train(lambda: input_fn(files, metadata["image_shape"], batch_size, training=True, seed=seed),
+                    max_steps=max_steps, hooks=list(hooks))
+    global_step = int(estimator.get_variable_value(tf.compat.v1.GraphKeys.GLOBAL_STEP))
+
+    # An export left by a crash before the marker was written is stale: export again, once.
+    export_root = run_dir / EXPORT_DIR
+    remove_tree(export_root)
+    export_dir = Path(estimator.export_saved_model(
+        str(export_root), schema.serving_input_receiver_fn(metadata["image_shape"])).decode())
+    if not (export_dir / "saved_model.pb").is_file():
+        raise StageOutputError(f"{export_dir}: export_saved_model returned but wrote no saved_model.pb")
+    summary = {"global_step": global_step, "export_dir": str(export_dir.relative_to(run_dir)),
+               "model_dir": MODEL_DIR, "model_file": Path(model_file).name, "params": params,
+               "run_config": dict(run_config), "max_steps": max_steps, "batch_size": batch_size}
+    write_json_atomic(marker_path, summary)
+    return summary

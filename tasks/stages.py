@@ -1,0 +1,202 @@
+"""The pipeline's Luigi tasks. Each `run()` unpacks its inputs and calls one `pipeline` function.
+
+TensorFlow-backed library modules are imported inside `run()`, so that scheduling, `--help`
+and no-op reruns never load TensorFlow.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import luigi
+from luigi.util import inherits
+
+from pipeline import download
+from pipeline.convert import PLAN_FILE, SPLITS, report_name, shard_name
+from pipeline.fileio import read_json, remove_tree
+from pipeline.models import resolve_model_file
+from tasks.base import Rerunnable, Stage
+
+
+class Download(Stage):
+    """Fetch an image-folder archive or a CSV manifest into data/raw/<dataset>/<version>/<class>/<file>."""
+
+    stage = "download"
+    dataset = luigi.Parameter(description="Dataset name; names its folders under data/")
+    source_url = luigi.Parameter(description="http(s) or file URL of an archive (.tar.gz, .tgz, .tar, .zip) whose "
+                                             "top folders are the classes, or of a CSV manifest of url,label lines")
+    sha256 = luigi.Parameter(default="", description="Expected sha256 of the archive or manifest; empty skips the check")
+    workers = luigi.IntParameter(default=8, significant=False,
+                                 description="Images fetched at once from a manifest")
+
+    def run(self):
+        out = self.stage_output
+        download.download_dataset(self.source_url, self.sha256 or None, out.directory, out.marker.name,
+                                  workers=self.workers)
+
+
+class Convert(Stage):
+    """Split the images and write sharded TFRecords plus metadata.json to data/tfrecords/<dataset>/<version>/."""
+
+    stage = "convert"
+    image_size = luigi.IntParameter(description="Side in pixels of the square images stored in the records")
+    channels = luigi.IntParameter(description="1 (grey) or 3 (RGB)")
+    validation_fraction = luigi.FloatParameter(description="Share of each class put in the validation split")
+    test_fraction = luigi.FloatParameter(description="Share of each class put in the test split")
+    split_seed = luigi.IntParameter(description="Seed of the deterministic split")
+    num_shards = luigi.IntParameter(description="Shards per split; each is written by its own task")
+    max_bad_fraction = luigi.FloatParameter(description="Largest share of undecodable images tolerated")
+
+    def upstream(self):
+        return [Download()]
+
+    def requires(self):
+        return [self.clone(ConvertShard, split=split, index=index)
+                for split in SPLITS for index in range(self.num_shards)]
+
+    def run(self):
+        from pipeline.convert import finalize_conversion
+
+        out = self.stage_output
+        finalize_conversion(out.directory, [Path(target.path) for target in self.input()], out.marker,
+                            image_size=self.image_size, channels=self.channels,
+                            max_bad_fraction=self.max_bad_fraction,
+                            source={"download_version": self.upstream()[0].stage_output.version,
+                                    **read_json(self.upstream()[0].stage_output.marker)})
+
+
+@inherits(Convert)
+class PlanConversion(Rerunnable):
+    """Fix the split and shard of every image (plan.json in the Convert folder)."""
+
+    def requires(self):
+        return Download()
+
+    def output(self):
+        return luigi.LocalTarget(str(self.clone(Convert).stage_output.directory / PLAN_FILE))
+
+    def run(self):
+        from pipeline.convert import plan_conversion, validate_conversion_params
+
+        validate_conversion_params(self.image_size, self.channels, self.validation_fraction, self.test_fraction,
+                                   self.num_shards, self.max_bad_fraction)
+        plan_conversion(Path(self.input().path).parent, Path(self.output().path),
+                        validation_fraction=self.validation_fraction, test_fraction=self.test_fraction,
+                        split_seed=self.split_seed, num_shards=self.num_shards)
+
+
+@inherits(Convert)
+class ConvertShard(Rerunnable):
+    """Write one TFRecord shard; its JSON report, written after it, is the target."""
+
+    split = luigi.ChoiceParameter(choices=SPLITS, description="Split this shard belongs to")
+    index = luigi.IntParameter(description="Shard number within the split")
+
+    def requires(self):
+        return {"plan": self.clone(PlanConversion), "raw": Download()}
+
+    def output(self):
+        folder = self.clone(Convert).stage_output.directory
+        return luigi.LocalTarget(str(folder / report_name(self.split, self.index, self.num_shards)))
+
+    def run(self):
+        from pipeline.convert import write_shard
+
+        report = Path(self.output().path)
+        write_shard(Path(self.input()["raw"].path).parent, Path(self.input()["plan"].path), self.split, self.index,
+                    report.with_name(shard_name(self.split, self.index, self.num_shards)), report,
+                    image_size=self.image_size, channels=self.channels)
+
+
+class Train(Stage):
+    """Train an Estimator from a model file; results/<dataset>/<model>-<version>/ holds model_dir and export."""
+
+    stage = "train"
+    model_def = luigi.Parameter(description="Model file: a name in model_defs/ (e.g. cnn) or a path to a .py file")
+    params = luigi.DictParameter(default={}, description="JSON object laid over the model file's PARAMS")
+    max_steps = luigi.IntParameter(description="Global step to train to; a rerun resumes from the last checkpoint")
+    batch_size = luigi.IntParameter(description="Examples per training step")
+    tf_random_seed = luigi.IntParameter(description="RunConfig.tf_random_seed: seeds initialisation and shuffling")
+    save_checkpoints_steps = luigi.IntParameter(significant=False, description="Steps between checkpoints")
+    save_summary_steps = luigi.IntParameter(significant=False, description="Steps between TensorBoard summaries")
+    keep_checkpoint_max = luigi.IntParameter(significant=False, description="Checkpoints kept in model_dir")
+    log_step_count_steps = luigi.IntParameter(significant=False, description="Steps between loss and steps/s logs")
+
+    def upstream(self):
+        return [Convert()]
+
+    def content(self):
+        return resolve_model_file(self.model_def).read_bytes()
+
+    def run(self):
+        from pipeline.training import train_model
+
+        # Estimator reports loss and global_step/sec at INFO, below TensorFlow's default level.
+        logging.getLogger("tensorflow").setLevel(logging.INFO)
+        out = self.stage_output
+        if self.rerun:
+            remove_tree(out.directory)
+        convert = self.upstream()[0].stage_output
+        train_model(resolve_model_file(self.model_def), self.significant_values()["params"], convert.directory,
+                    convert.marker, out.directory, out.marker, max_steps=self.max_steps, batch_size=self.batch_size,
+                    run_config={"tf_random_seed": self.tf_random_seed,
+                                "save_summary_steps": self.save_summary_steps,
+                                "save_checkpoints_steps": self.save_checkpoints_steps,
+                                "keep_checkpoint_max": self.keep_checkpoint_max,
+                                "log_step_count_steps": self.log_step_count_steps})
+
+
+class Evaluate(Stage):
+    """Evaluate a run on one split: metrics.json and confusion_matrix.png."""
+
+    stage = "evaluate"
+    split = luigi.ChoiceParameter(choices=SPLITS, description="Split to evaluate on")
+    batch_size = luigi.IntParameter(default=256, significant=False, description="Examples per evaluation batch")
+
+    def upstream(self):
+        return [Train(), Convert()]
+
+    def run(self):
+        from pipeline.evaluation import evaluate_model
+
+        out = self.stage_output
+        train, convert = (task.stage_output for task in self.upstream())
+        evaluate_model(train.directory, convert.directory, convert.marker, self.split, out.directory, out.marker,
+                       batch_size=self.batch_size)
+
+
+class Predict(Stage):
+    """Batch prediction with the exported SavedModel on the test split or a folder: predictions.csv."""
+
+    stage = "predict"
+    input_dir = luigi.Parameter(default="", description="Folder of images to predict; empty predicts the test split")
+    batch_size = luigi.IntParameter(default=256, significant=False, description="Images per prediction batch")
+
+    def upstream(self):
+        return [Train(), Convert()]
+
+    def content(self):
+        if not self.input_dir:
+            return b""
+        # New, removed or rewritten images give a new version.
+        listing = sorted(f"{p.relative_to(self.input_dir)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                         for p in Path(self.input_dir).rglob("*") if p.is_file())
+        return hashlib.sha256("\n".join(listing).encode()).digest()
+
+    def run(self):
+        from pipeline.prediction import predict_to_csv
+
+        out = self.stage_output
+        train, convert = (task.stage_output for task in self.upstream())
+        export_dir = train.directory / read_json(train.marker)["export_dir"]
+        predict_to_csv(export_dir, read_json(convert.marker), out.marker, convert_dir=convert.directory,
+                       input_dir=Path(self.input_dir) if self.input_dir else None, batch_size=self.batch_size)
+
+
+class RunAll(luigi.WrapperTask):
+    """The whole pipeline for the configuration in luigi.cfg: evaluation and batch prediction."""
+
+    def requires(self):
+        return [Evaluate(), Predict()]
+

@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import http.server
+import io
+import os
+import tarfile
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import luigi
+import luigi.configuration
+import pytest
+from luigi.task_register import Register
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parent.parent
+EMBEDDED_ARCHIVE = REPO / "data" / "mnist_5k.tar.gz"
+
+# Families of the tasks that did work in this process, recorded through Luigi's own event hook.
+STARTED: list[str] = []
+
+
+@luigi.Task.event_handler(luigi.Event.START)
+def _record_start(task):
+    if not isinstance(task, luigi.WrapperTask):
+        STARTED.append(task.get_task_family())
+
+
+def make_mnist_subset(path: Path, classes=("0", "1", "2"), per_class: int = 30) -> Path:
+    """A small tar.gz of real MNIST digits, taken from the embedded archive."""
+    taken = defaultdict(int)
+    with tarfile.open(EMBEDDED_ARCHIVE) as source, tarfile.open(path, "w:gz") as subset:
+        for member in source:
+            label = member.name.split("/")[0]
+            if member.isfile() and label in classes and taken[label] < per_class:
+                taken[label] += 1
+                subset.addfile(member, source.extractfile(member))
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_subset(tmp_path_factory) -> Path:
+    return make_mnist_subset(tmp_path_factory.mktemp("sources") / "mnist_subset.tar.gz")
+
+
+def tiny_config(tmp_path: Path, source_url: str) -> dict[str, dict[str, str]]:
+    """A configuration of every task that runs the whole pipeline in seconds."""
+    return {
+        "layout": {"data_root": str(tmp_path / "data"), "results_root": str(tmp_path / "results")},
+        "Download": {"dataset": "tiny", "source_url": source_url, "sha256": ""},
+        "Convert": {"image_size": "28", "channels": "1", "validation_fraction": "0.2", "test_fraction": "0.2",
+                    "split_seed": "7", "num_shards": "2", "max_bad_fraction": "0.0"},
+        "Train": {"model_def": "cnn", "params": '{"conv_filters": [8], "dense_units": 16}', "max_steps": "12",
+                  "batch_size": "8", "tf_random_seed": "1", "save_checkpoints_steps": "6",
+                  "save_summary_steps": "6", "keep_checkpoint_max": "2", "log_step_count_steps": "6"},
+        "Evaluate": {"split": "test"},
+        "Predict": {"input_dir": ""},
+    }
+
+
+@pytest.fixture
+def luigi_config():
+    """Install a fresh Luigi configuration and instance cache; restore both afterwards.
+
+    Call the returned function with {section: {key: value}} to set the configuration.
+    """
+    original = luigi.configuration.LuigiConfigParser.instance()
+
+    def install(sections: dict[str, dict[str, str]]) -> None:
+        config = luigi.configuration.LuigiConfigParser()
+        for section, values in sections.items():
+            config.add_section(section)
+            for key, value in values.items():
+                config.set(section, key, value)
+        luigi.configuration.LuigiConfigParser._instance = config
+        Register.clear_instance_cache()
+
+    Register.clear_instance_cache()
+    STARTED.clear()
+    yield install
+    luigi.configuration.LuigiConfigParser._instance = original
+    Register.clear_instance_cache()
+
+
+def run_tasks(*tasks) -> list[str]:
+    """Build `tasks` on the local scheduler; return the families of the tasks that ran."""
+    STARTED.clear()
+    Register.clear_instance_cache()
+    assert luigi.build(list(tasks), local_scheduler=True, log_level="WARNING"), "luigi.build reported a failure"
+    return sorted(STARTED)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        server: FileServer = self.server.owner
+        server.requests[self.path] += 1
+        status, body = server.reply(self.path)
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class FileServer:
+    """An HTTP server on 127.0.0.1 serving `files`; `failures[path]` 503 replies come first."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.failures: dict[str, int] = defaultdict(int)
+        self.requests: dict[str, int] = defaultdict(int)
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.owner = self
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def reply(self, path: str) -> tuple[int, bytes]:
+        if self.failures[path] > 0:
+            self.failures[path] -= 1
+            return 503, b"busy"
+        if path not in self.files:
+            return 404, b"not found"
+        return 200, self.files[path]
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}{path}"
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def file_server():
+    with FileServer() as server:
+        yield server
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

@@ -1,0 +1,119 @@
+import hashlib
+import io
+import json
+import zipfile
+
+import pytest
+from PIL import Image
+
+from pipeline import download
+from pipeline.errors import ChecksumMismatch, ConfigError, DatasetError, DownloadError, UnsafeArchiveError
+from tests.conftest import tar_bytes
+
+
+def png(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (6, 6), value).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+DATASET = {"cat/a.png": png(10), "cat/b.png": png(20), "dog/c.png": png(200)}
+
+
+def test_archive_over_http_retries_after_503_and_verifies_sha256(file_server, tmp_path):
+    archive = tar_bytes(DATASET)
+    file_server.files["/set.tar.gz"] = archive
+    file_server.failures["/set.tar.gz"] = 2
+    target = tmp_path / "raw"
+
+    summary = download.download_dataset(file_server.url("/set.tar.gz"), hashlib.sha256(archive).hexdigest(),
+                                        target, "download.json", backoff_s=0.01)
+
+    assert file_server.requests["/set.tar.gz"] == 3
+    assert summary["images_per_class"] == {"cat": 2, "dog": 1}
+    assert (target / "dog" / "c.png").read_bytes() == DATASET["dog/c.png"]
+    assert json.loads((target / "download.json").read_text())["sha256"] == hashlib.sha256(archive).hexdigest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"], "temporary folders were left behind"
+
+
+def test_checksum_mismatch_fails_and_leaves_nothing(file_server, tmp_path):
+    file_server.files["/set.tar.gz"] = tar_bytes(DATASET)
+    with pytest.raises(ChecksumMismatch, match="expected " + "0" * 64):
+        download.download_dataset(file_server.url("/set.tar.gz"), "0" * 64, tmp_path / "raw", "download.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_404_fails_at_once_naming_the_url(file_server, tmp_path):
+    url = file_server.url("/missing.tar.gz")
+    with pytest.raises(DownloadError, match=f"{url}: HTTP 404"):
+        download.download_dataset(url, None, tmp_path / "raw", "download.json", backoff_s=0.01)
+    assert file_server.requests["/missing.tar.gz"] == 1
+
+
+def test_persistent_503_gives_up_after_the_retries(file_server, tmp_path):
+    file_server.files["/set.tar.gz"] = tar_bytes(DATASET)
+    file_server.failures["/set.tar.gz"] = 10
+    with pytest.raises(DownloadError, match="HTTP 503"):
+        download.fetch(file_server.url("/set.tar.gz"), tmp_path / "f", retries=2, backoff_s=0.01)
+    assert file_server.requests["/set.tar.gz"] == 3
+    assert not (tmp_path / "f").exists()
+
+
+def test_tar_member_escaping_the_target_is_refused(file_server, tmp_path):
+    file_server.files["/evil.tar.gz"] = tar_bytes({**DATASET, "../escaped.png": png(1)})
+    with pytest.raises(UnsafeArchiveError, match=r"'\.\./escaped\.png'"):
+        download.download_dataset(file_server.url("/evil.tar.gz"), None, tmp_path / "out" / "raw", "download.json")
+    assert not (tmp_path / "out" / "escaped.png").exists()
+    assert not (tmp_path / "escaped.png").exists()
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_zip_archive_wrapped_in_one_top_folder(tmp_path):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zipped:
+        for name, data in DATASET.items():
+            zipped.writestr(f"pets/{name}", data)
+    (tmp_path / "pets.zip").write_bytes(buffer.getvalue())
+
+    summary = download.download_dataset((tmp_path / "pets.zip").as_uri(), None, tmp_path / "raw", "download.json")
+
+    assert summary["images_per_class"] == {"cat": 2, "dog": 1}
+    assert (tmp_path / "raw" / "cat" / "a.png").is_file()
+
+
+def test_manifest_images_are_fetched_in_parallel_into_label_folders(file_server, tmp_path):
+    for name, data in DATASET.items():
+        file_server.files[f"/img/{name}"] = data
+    file_server.files["/list.csv"] = b"url,label\nimg/cat/a.png,cat\nimg/cat/b.png,cat\n" + \
+        file_server.url("/img/dog/c.png").encode() + b",dog\n"
+
+    summary = download.download_dataset(file_server.url("/list.csv"), None, tmp_path / "raw", "download.json",
+                                        workers=3)
+
+    assert summary["kind"] == "manifest"
+    assert (tmp_path / "raw" / "cat" / "b.png").read_bytes() == DATASET["cat/b.png"]
+    assert (tmp_path / "raw" / "dog" / "c.png").read_bytes() == DATASET["dog/c.png"]
+
+
+def test_manifest_with_a_missing_image_names_its_url(file_server, tmp_path):
+    file_server.files["/img/cat/a.png"] = DATASET["cat/a.png"]
+    file_server.files["/list.csv"] = b"img/cat/a.png,cat\nimg/dog/gone.png,dog\n"
+    with pytest.raises(DownloadError, match="/img/dog/gone.png: HTTP 404"):
+        download.download_dataset(file_server.url("/list.csv"), None, tmp_path / "raw", "download.json",
+                                  backoff_s=0.01)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_archive_with_one_class_is_rejected(tmp_path):
+    (tmp_path / "one.tar.gz").write_bytes(tar_bytes({"cat/a.png": png(1), "cat/b.png": png(2)}))
+    with pytest.raises(DatasetError, match="at least two"):
+        download.download_dataset((tmp_path / "one.tar.gz").as_uri(), None, tmp_path / "raw", "download.json")
+
+
+@pytest.mark.parametrize("url, message", [
+    ("ftp://example.org/set.tar.gz", "scheme 'ftp'"),
+    ("https://example.org/set.rar", "must end in one of"),
+])
+def test_unsupported_sources_are_refused_before_any_fetch(url, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        download.download_dataset(url, None, tmp_path / "raw", "download.json")

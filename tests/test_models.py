@@ -1,0 +1,111 @@
+"""Every model file: its contract, each mode on random tensors, and two real training steps."""
+import ast
+import inspect
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline import models, training
+from pipeline.errors import ConfigError, ModelDefinitionError
+
+N_CLASSES = 3
+SHAPE = (28, 28, 1)
+SMALL_ALEXNET = {"layers": [
+    {"type": "conv", "num_outputs": 8, "kernel_size": 5, "stride": 2, "activation": "relu", "regularizer": 0.001},
+    {"type": "pool", "kernel_size": 3, "stride": 2},
+    {"type": "conv", "num_outputs": 8, "kernel_size": 3, "stride": 1, "activation": "relu", "regularizer": 0.0},
+    {"type": "fc", "num_outputs": 16, "activation": "relu", "regularizer": 0.001},
+]}
+OVERRIDES = {"alexnet": SMALL_ALEXNET, "cnn": {"conv_filters": [4, 8], "dense_units": 16}}
+MODEL_NAMES = models.available_models()
+
+
+def test_the_required_models_exist():
+    assert {"cnn", "alexnet", "dnn", "premade_dnn"} <= set(MODEL_NAMES)
+
+
+def load(name):
+    model_file = models.resolve_model_file(name)
+    module = models.load_model_module(model_file)
+    params = models.merge_params(model_file, module.PARAMS, OVERRIDES.get(name, {}), {"n_classes": N_CLASSES})
+    return module, params
+
+
+def call_model_fn(module, params, mode):
+    features = {"image": tf.random.uniform((4, *SHAPE))}
+    labels = tf.random.uniform((4,), maxval=N_CLASSES, dtype=tf.int64)
+    kwargs = {"config": tf.estimator.RunConfig()} if "config" in inspect.signature(module.model_fn).parameters else {}
+    with tf.compat.v1.variable_scope("model"):
+        tf.compat.v1.train.get_or_create_global_step()
+        return module.model_fn(features, None if mode == tf.estimator.ModeKeys.PREDICT else labels, mode,
+                               params, **kwargs)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_model_file_imports_only_tensorflow_and_the_standard_library(name):
+    tree = ast.parse(models.resolve_model_file(name).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"tensorflow"} | set(sys.stdlib_module_names)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("mode", [tf.estimator.ModeKeys.PREDICT, tf.estimator.ModeKeys.EVAL,
+                                  tf.estimator.ModeKeys.TRAIN])
+def test_model_fn_in_each_mode(name, mode):
+    module, params = load(name)
+    with tf.Graph().as_default():
+        spec = call_model_fn(module, params, mode)
+        assert isinstance(spec, tf.estimator.EstimatorSpec) and spec.mode == mode
+        if mode == tf.estimator.ModeKeys.TRAIN:
+            assert spec.loss.shape.rank == 0 and spec.train_op is not None
+            return
+        # Evaluation's metrics and batch prediction both read these two predictions.
+        probabilities = spec.predictions["probabilities"]
+        assert probabilities.shape.as_list() == [4, N_CLASSES] and probabilities.dtype == tf.float32
+        assert spec.predictions["class_ids"].dtype == tf.int64
+        if mode == tf.estimator.ModeKeys.EVAL:
+            assert spec.loss.shape.rank == 0 and "accuracy" in spec.eval_metric_ops and spec.train_op is None
+        else:
+            assert spec.loss is None
+            serving = spec.export_outputs[tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY]
+            assert "probabilities" in serving.outputs
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_two_training_steps(name, tmp_path):
+    module, params = load(name)
+    images = np.random.default_rng(0).random((16, *SHAPE), dtype=np.float32)
+    labels = np.arange(16) % N_CLASSES
+    estimator = tf.estimator.Estimator(module.model_fn, str(tmp_path), params=params)
+    estimator.train(lambda: tf.data.Dataset.from_tensor_slices(({"image": images}, labels)).repeat().batch(4),
+                    max_steps=2)
+    assert estimator.get_variable_value("global_step") == 2
+
+
+def test_params_merge_rejects_unknown_keys_and_dataset_keys():
+    model_file = models.resolve_model_file("cnn")
+    defaults = models.load_model_module(model_file).PARAMS
+    with pytest.raises(ConfigError, match=r"\['dropout'\], unknown to cnn.py; its params are conv_filters"):
+        models.merge_params(model_file, defaults, {"dropout": 0.1})
+    with pytest.raises(ConfigError, match="takes from the dataset"):
+        models.merge_params(model_file, defaults, {"n_classes": 4})
+
+
+def test_unknown_model_lists_the_available_ones():
+    with pytest.raises(ModelDefinitionError, match="model_def='resnet'.*expected one of alexnet, cnn, dnn"):
+        models.resolve_model_file("resnet")
+
+
+def test_model_file_without_model_fn_is_rejected(tmp_path):
+    (tmp_path / "empty.py").write_text("PARAMS = {}\n")
+    with pytest.raises(ModelDefinitionError, match="defines no model_fn"):
+        models.load_model_module(tmp_path / "empty.py")
+
+
+def test_training_params_must_be_positive():
+    with pytest.raises(ConfigError, match="max_steps=0"):
+        training.validate_training_params(0, 8, {key: 1 for key in training.RUN_CONFIG_KEYS})
