@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -75,3 +76,13 @@ class Stage(Rerunnable):
 def _record_in_index(task: Stage) -> None:
     versioning.record_version(Path(layout().results_root) / "index.json", task.stage_output,
                               task.significant_values(), [u.stage_output for u in task.upstream()])
+
+
+@Rerunnable.event_handler(luigi.Event.START)
+def _keep_luigi_lines_single(task: Rerunnable) -> None:
+    # absl (inside TensorFlow) calls logging.basicConfig() on its first message, giving the root
+    # logger a handler that repeats every line Luigi's own handler already printed. Luigi's
+    # default setup gives "luigi-interface" that handler; a user's logging setup is left alone.
+    interface = logging.getLogger("luigi-interface")
+    if interface.handlers:
+        interface.propagate = False
