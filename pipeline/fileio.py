@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-# Temporary siblings carry this infix so that a later run can find and remove what a crash left.
+# Temporary siblings carry this infix, so that what a crash left is recognisable as such.
 TEMP_INFIX = ".tmp-"
 
 
@@ -59,9 +59,3 @@ def remove_tree(path: Path) -> None:
     else:
         path.unlink(missing_ok=True)
 
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Remove the temporary siblings that an interrupted atomic write left in `folder`."""
-    if folder.is_dir():
-        for leftover in folder.glob(f"*{TEMP_INFIX}*"):
-            remove_tree(leftover)

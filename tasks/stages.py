@@ -59,11 +59,11 @@ class Convert(Stage):
         from pipeline.convert import finalize_conversion
 
         out = self.stage_output
+        raw = self.upstream()[0].stage_output
         finalize_conversion(out.directory, [Path(target.path) for target in self.input()], out.marker,
                             image_size=self.image_size, channels=self.channels,
                             max_bad_fraction=self.max_bad_fraction,
-                            source={"download_version": self.upstream()[0].stage_output.version,
-                                    **read_json(self.upstream()[0].stage_output.marker)})
+                            source={"download_version": raw.version, **read_json(raw.marker)})
 
 
 @inherits(Convert)
