@@ -33,12 +33,16 @@ MANIFEST_SUFFIX = ".csv"
 _CHUNK = 1 << 16
 
 
-def source_kind(url: str) -> str:
-    """'archive' or 'manifest', from the URL's path; raise ConfigError for anything else."""
+def _check_scheme(url: str) -> urllib.parse.SplitResult:
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in SCHEMES:
-        raise ConfigError(f"source URL {url!r} has scheme {parsed.scheme!r}; expected one of {', '.join(SCHEMES)}")
-    path = parsed.path.lower()
+        raise ConfigError(f"URL {url!r} has scheme {parsed.scheme!r}; expected one of {', '.join(SCHEMES)}")
+    return parsed
+
+
+def source_kind(url: str) -> str:
+    """'archive' or 'manifest', from the URL's path; raise ConfigError for anything else."""
+    path = _check_scheme(url).path.lower()
     if path.endswith(ARCHIVE_SUFFIXES):
         return "archive"
     if path.endswith(MANIFEST_SUFFIX):
@@ -54,9 +58,7 @@ def fetch(url: str, destination: Path, sha256: str | None = None, *, retries: in
     Connection errors and 5xx replies are retried with exponential backoff; any other HTTP
     error (a 404 above all) fails at once. A digest mismatch leaves nothing at `destination`.
     """
-    scheme = urllib.parse.urlsplit(url).scheme
-    if scheme not in SCHEMES:
-        raise ConfigError(f"URL {url!r} has scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    _check_scheme(url)
     for attempt in range(retries + 1):
         try:
             digest = _fetch_once(url, Path(destination), timeout_s)
