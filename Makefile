@@ -4,10 +4,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv clean
+# The central scheduler: loopback only, since luigid has no authentication. Its pidfile, logs
+# and saved state live in $(SCHEDULER_DIR).
+SCHEDULER_DIR := .luigid
+SCHEDULER_PORT ?= 8082
+TENSORBOARD_PORT ?= 6006
 
-run: $(STAMP)
-	$(BIN)/luigi --module tasks RunAll --local-scheduler $(ARGS)
+.PHONY: run test venv clean ui ui-stop tensorboard
+
+run: ui
+	$(BIN)/luigi --module tasks RunAll --scheduler-host 127.0.0.1 --scheduler-port $(SCHEDULER_PORT) $(ARGS)
+	@echo "Scheduler UI: http://127.0.0.1:$(SCHEDULER_PORT)   leaderboard: results/leaderboard.html   curves: make tensorboard"
+
+ui: $(STAMP)
+	@$(BIN)/python -m pipeline.services start --state-dir $(SCHEDULER_DIR) --port $(SCHEDULER_PORT)
+
+ui-stop: $(STAMP)
+	@$(BIN)/python -m pipeline.services stop --state-dir $(SCHEDULER_DIR)
+
+tensorboard: $(STAMP)
+	$(BIN)/tensorboard --logdir results --host 127.0.0.1 --port $(TENSORBOARD_PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from pipeline.errors import ConfigError, DatasetError, StageOutputError
 from pipeline.fileio import atomic_path, read_json, sha256_file, write_json_atomic
+from pipeline.progress import Progress
 
 SPLITS = ("train", "validation", "test")
 PLAN_FILE = "plan.json"
@@ -127,7 +128,7 @@ def load_image(path: Path, image_size: int, channels: int) -> bytes:
 
 
 def write_shard(raw_dir: Path, plan_path: Path, split: str, index: int, shard_path: Path, report_path: Path,
-                *, image_size: int, channels: int, progress=None) -> dict:
+                *, image_size: int, channels: int, progress: Progress | None = None) -> dict:
     """Write one shard of the plan and then its report (the shard's marker). Returns the report."""
     from pipeline import schema  # TensorFlow loads only in the processes that write records.
     import tensorflow as tf
@@ -149,7 +150,7 @@ def write_shard(raw_dir: Path, plan_path: Path, split: str, index: int, shard_pa
                     writer.write(schema.serialize_example(encoded, label, key))
                     per_class[class_names[label]] += 1
                 if progress:
-                    progress(done, len(items))
+                    progress(done, len(items), "images", f"{split} shard {index}")
     report = {"file": Path(shard_path).name, "split": split, "records": sum(per_class.values()),
               "sha256": sha256_file(shard_path), "per_class": dict(sorted(per_class.items())), "bad": bad}
     write_json_atomic(report_path, report)

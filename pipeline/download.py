@@ -19,11 +19,12 @@ import urllib.parse
 import urllib.request
 import uuid
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path, PurePosixPath
 
 from pipeline.errors import ChecksumMismatch, ConfigError, DatasetError, DownloadError, UnsafeArchiveError
 from pipeline.fileio import TEMP_INFIX, atomic_path, remove_tree, write_json_atomic
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def source_kind(url: str) -> str:
 
 
 def fetch(url: str, destination: Path, sha256: str | None = None, *, retries: int = 4,
-          backoff_s: float = 0.5, timeout_s: float = 60.0) -> str:
+          backoff_s: float = 0.5, timeout_s: float = 60.0, progress: Progress | None = None) -> str:
     """Stream `url` into `destination` atomically and return its sha256.
 
     Connection errors and 5xx replies are retried with exponential backoff; any other HTTP
@@ -61,7 +62,7 @@ def fetch(url: str, destination: Path, sha256: str | None = None, *, retries: in
     _check_scheme(url)
     for attempt in range(retries + 1):
         try:
-            digest = _fetch_once(url, Path(destination), timeout_s)
+            digest = _fetch_once(url, Path(destination), timeout_s, progress)
             break
         except urllib.error.HTTPError as error:
             if error.code < 500 or attempt == retries:
@@ -80,23 +81,27 @@ def fetch(url: str, destination: Path, sha256: str | None = None, *, retries: in
     return digest
 
 
-def _fetch_once(url: str, destination: Path, timeout_s: float) -> str:
+def _fetch_once(url: str, destination: Path, timeout_s: float, progress: Progress | None) -> str:
     digest = hashlib.sha256()
     received = 0
     with urllib.request.urlopen(url, timeout=timeout_s) as response, atomic_path(destination) as temp:
-        expected = response.headers.get("Content-Length")
+        length = response.headers.get("Content-Length")
+        expected = int(length) if length is not None else None
         with open(temp, "wb") as out:
             while chunk := response.read(_CHUNK):
                 out.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)
-        if expected is not None and received != int(expected):
-            raise http.client.IncompleteRead(b"", int(expected) - received)
+                if progress:
+                    progress(received, expected, "bytes", PurePosixPath(urllib.parse.urlsplit(url).path).name)
+        if expected is not None and received != expected:
+            raise http.client.IncompleteRead(b"", expected - received)
     return digest.hexdigest()
 
 
 def download_dataset(source_url: str, sha256: str | None, target: Path, marker_name: str, *,
-                     workers: int = 8, retries: int = 4, backoff_s: float = 0.5) -> dict:
+                     workers: int = 8, retries: int = 4, backoff_s: float = 0.5,
+                     progress: Progress | None = None) -> dict:
     """Fetch `source_url` into `target/<class>/<file>` and write `target/<marker_name>` inside it.
 
     Returns the summary written to the marker.
@@ -110,14 +115,15 @@ def download_dataset(source_url: str, sha256: str | None, target: Path, marker_n
         tree = work / "tree"
         if kind == "archive":
             archive = work / PurePosixPath(urllib.parse.urlsplit(source_url).path).name
-            digest = fetch(source_url, archive, sha256, retries=retries, backoff_s=backoff_s)
+            digest = fetch(source_url, archive, sha256, retries=retries, backoff_s=backoff_s, progress=progress)
             extract_archive(archive, tree)
             root = class_root(tree)
         else:
             manifest = work / "manifest.csv"
             digest = fetch(source_url, manifest, sha256, retries=retries, backoff_s=backoff_s)
             root = tree
-            fetch_manifest(manifest, source_url, root, workers=workers, retries=retries, backoff_s=backoff_s)
+            fetch_manifest(manifest, source_url, root, workers=workers, retries=retries, backoff_s=backoff_s,
+                           progress=progress)
         counts = {c.name: sum(1 for f in c.rglob("*") if f.is_file()) for c in sorted(root.iterdir()) if c.is_dir()}
         if len(counts) < 2:
             raise DatasetError(f"{source_url}: found class folders {sorted(counts)}; expected at least two "
@@ -192,7 +198,7 @@ def read_manifest(manifest: Path, manifest_url: str) -> list[tuple[str, str]]:
 
 
 def fetch_manifest(manifest: Path, manifest_url: str, target: Path, *, workers: int, retries: int,
-                   backoff_s: float) -> None:
+                   backoff_s: float, progress: Progress | None = None) -> None:
     """Fetch every image the manifest lists, in parallel, into `target/<label>/<file>`."""
     jobs = []
     taken: set[tuple[str, str]] = set()
@@ -204,5 +210,7 @@ def fetch_manifest(manifest: Path, manifest_url: str, target: Path, *, workers: 
         jobs.append((url, target / label / name))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(fetch, url, path, retries=retries, backoff_s=backoff_s) for url, path in jobs]
-        for future in futures:
+        for done, future in enumerate(as_completed(futures), start=1):
             future.result()
+            if progress:
+                progress(done, len(futures), "files", "")

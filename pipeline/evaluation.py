@@ -17,6 +17,7 @@ from pipeline import training
 from pipeline.convert import shard_paths
 from pipeline.errors import DatasetError
 from pipeline.fileio import read_json, write_bytes_atomic, write_json_atomic
+from pipeline.progress import Progress
 
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"
 
@@ -73,7 +74,7 @@ def confusion_matrix_png(confusion: np.ndarray, class_names: Sequence[str], titl
 
 
 def evaluate_model(run_dir: Path, convert_dir: Path, metadata_path: Path, split: str, out_dir: Path,
-                   metrics_path: Path, *, batch_size: int = 256) -> dict:
+                   metrics_path: Path, *, batch_size: int = 256, progress: Progress | None = None) -> dict:
     metadata = read_json(metadata_path)
     files = shard_paths(convert_dir, metadata, split)
     if metadata["splits"][split]["count"] == 0:
@@ -83,9 +84,11 @@ def evaluate_model(run_dir: Path, convert_dir: Path, metadata_path: Path, split:
     model_dir = Path(run_dir) / training.MODEL_DIR
     estimator = tf.estimator.add_metrics(training.build_estimator(model_dir), _metric_fn(len(class_names)))
     checkpoint = tf.train.latest_checkpoint(str(model_dir))
+    batches = -(-metadata["splits"][split]["count"] // batch_size)
     result = estimator.evaluate(
         lambda: training.input_fn(files, metadata["image_shape"], batch_size, training=False),
-        checkpoint_path=checkpoint, name=split)
+        checkpoint_path=checkpoint, name=split,
+        hooks=[training.ProgressHook(progress, batches)] if progress else None)
     confusion = np.asarray(result["confusion_matrix"], dtype=np.int64)
     metrics = {
         "split": split,

@@ -19,6 +19,7 @@ from pipeline import schema
 from pipeline.convert import list_visible_files, load_image, shard_paths
 from pipeline.errors import DatasetError
 from pipeline.fileio import atomic_path
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,10 @@ def _record_batches(files: Sequence[str], batch_size: int) -> Iterator[tuple[lis
                list(batch[schema.ENCODED]))
 
 
-def _folder_batches(input_dir: Path, image_size: int, channels: int,
+def _folder_batches(files: Sequence[Path], input_dir: Path, image_size: int, channels: int,
                     batch_size: int) -> Iterator[tuple[list[str], list[None], list[bytes]]]:
     paths, encoded = [], []
-    for path in list_visible_files(input_dir):
+    for path in files:
         try:
             encoded.append(load_image(path, image_size, channels))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
@@ -48,7 +49,8 @@ def _folder_batches(input_dir: Path, image_size: int, channels: int,
 
 
 def predict_to_csv(export_dir: Path, metadata: dict, output_csv: Path, *, convert_dir: Path | None = None,
-                   split: str = "test", input_dir: Path | None = None, batch_size: int = 256) -> int:
+                   split: str = "test", input_dir: Path | None = None, batch_size: int = 256,
+                   progress: Progress | None = None) -> int:
     """Write one row per image: key or path, true label (blank when unknown), predicted class
     name and id, and the probability of each class. Returns the number of rows."""
     class_names = metadata["class_names"]
@@ -57,16 +59,20 @@ def predict_to_csv(export_dir: Path, metadata: dict, output_csv: Path, *, conver
         input_dir = Path(input_dir)
         if not input_dir.is_dir():
             raise DatasetError(f"input_dir={str(input_dir)!r} is not a folder; expected a folder of images")
-        batches, key_column = _folder_batches(input_dir, height, channels, batch_size), "path"
+        files = list_visible_files(input_dir)
+        batches, key_column = _folder_batches(files, input_dir, height, channels, batch_size), "path"
+        images = len(files)
     else:
         batches, key_column = _record_batches(shard_paths(convert_dir, metadata, split), batch_size), "key"
+        images = metadata["splits"][split]["count"]
     serve = tf.saved_model.load(str(export_dir)).signatures[tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY]
+    total_batches = -(-images // batch_size)
     rows = 0
     with atomic_path(output_csv) as temp, open(temp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow([key_column, "true_label", "predicted_label", "predicted_id",
                          *(f"p_{name}" for name in class_names)])
-        for keys, labels, encoded in batches:
+        for batch_number, (keys, labels, encoded) in enumerate(batches, start=1):
             outputs = serve(**{schema.SERVING_INPUT: tf.constant(encoded)})
             probabilities = outputs["probabilities"].numpy()
             predicted = np.argmax(probabilities, axis=1)
@@ -74,6 +80,8 @@ def predict_to_csv(export_dir: Path, metadata: dict, output_csv: Path, *, conver
                 writer.writerow([key, "" if label is None else class_names[label], class_names[class_id],
                                  int(class_id), *(f"{p:.6f}" for p in probs)])
             rows += len(keys)
+            if progress:
+                progress(batch_number, total_batches, "batches", f"{rows} images")
         if rows == 0:
             raise DatasetError(f"found no images to predict in {input_dir or split}")
     return rows

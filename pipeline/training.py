@@ -8,10 +8,11 @@ resumes from the latest checkpoint in `model_dir`.
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import logging
 import platform
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import tensorflow as tf
 
@@ -19,6 +20,7 @@ from pipeline import models, schema
 from pipeline.convert import shard_paths
 from pipeline.errors import ConfigError, StageOutputError
 from pipeline.fileio import read_json, remove_tree, write_json_atomic
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +61,56 @@ def validate_training_params(max_steps: int, batch_size: int, run_config: Mappin
             raise ConfigError(f"{name}={value}; expected a positive integer")
 
 
-def build_estimator(model_dir: Path) -> tf.estimator.Estimator:
-    """Rebuild the Estimator of a run from the snapshot in its model_dir."""
+class ProgressHook(tf.estimator.SessionRunHook):
+    """Reports to a `Progress` callback after every session run.
+
+    Given a loss tensor (training), it reports the global step of `total` with the last loss;
+    otherwise (evaluation) the number of batches run so far.
+    """
+
+    def __init__(self, progress: Progress, total: int | None, loss: tf.Tensor | None = None):
+        self._progress, self._total, self._loss = progress, total, loss
+        self._first_step = self._runs = 0
+
+    def after_create_session(self, session, coord):
+        if self._loss is not None:
+            # Read once: fetched beside the train op, the step may be read before or after its update.
+            self._first_step = int(session.run(tf.compat.v1.train.get_global_step()))
+
+    def before_run(self, run_context):
+        return tf.estimator.SessionRunArgs(self._loss) if self._loss is not None else None
+
+    def after_run(self, run_context, run_values):
+        self._runs += 1
+        if self._loss is None:
+            self._progress(self._runs, self._total, "batches", "")
+        else:
+            self._progress(self._first_step + self._runs, self._total, "steps", f"loss {float(run_values.results):.4f}")
+
+
+def _with_training_hooks(model_fn: Callable, hooks_for_loss: Callable[[tf.Tensor], list]) -> Callable:
+    """Wrap `model_fn` so that its TRAIN spec carries hooks built from its own loss tensor."""
+    takes_config = "config" in inspect.signature(model_fn).parameters
+
+    def wrapped(features, labels, mode, params, config):
+        spec = model_fn(features, labels, mode, params, **({"config": config} if takes_config else {}))
+        if mode == tf.estimator.ModeKeys.TRAIN:
+            spec = spec._replace(training_hooks=(*spec.training_hooks, *hooks_for_loss(spec.loss)))
+        return spec
+    return wrapped
+
+
+def build_estimator(model_dir: Path, hooks_for_loss: Callable[[tf.Tensor], list] | None = None
+                    ) -> tf.estimator.Estimator:
+    """Rebuild the Estimator of a run from the snapshot in its model_dir.
+
+    `hooks_for_loss(loss)` returns training hooks that need the model's loss tensor.
+    """
     model_dir = Path(model_dir)
     module = models.load_model_module(model_dir / MODEL_FILE)
+    model_fn = module.model_fn if hooks_for_loss is None else _with_training_hooks(module.model_fn, hooks_for_loss)
     run_config = tf.estimator.RunConfig(model_dir=str(model_dir), **read_json(model_dir / RUN_CONFIG_FILE))
-    return tf.estimator.Estimator(module.model_fn, config=run_config, params=read_json(model_dir / PARAMS_FILE))
+    return tf.estimator.Estimator(model_fn, config=run_config, params=read_json(model_dir / PARAMS_FILE))
 
 
 def library_versions() -> dict[str, str]:
@@ -88,7 +134,8 @@ def _write_snapshot(model_dir: Path, model_file: Path, params: Mapping[str, Any]
 
 def train_model(model_file: Path, params_overrides: Mapping[str, Any], convert_dir: Path, metadata_path: Path,
                 run_dir: Path, marker_path: Path, *, max_steps: int, batch_size: int,
-                run_config: Mapping[str, Any], hooks: Sequence[tf.estimator.SessionRunHook] = ()) -> dict:
+                run_config: Mapping[str, Any], hooks: Sequence[tf.estimator.SessionRunHook] = (),
+                progress: Progress | None = None) -> dict:
     """Train to `max_steps` (resuming from model_dir), export a SavedModel, write the marker last."""
     validate_training_params(max_steps, batch_size, run_config)
     run_dir = Path(run_dir)
@@ -98,7 +145,8 @@ def train_model(model_file: Path, params_overrides: Mapping[str, Any], convert_d
                                  {"n_classes": len(metadata["class_names"])})
     model_dir = run_dir / MODEL_DIR
     _write_snapshot(model_dir, model_file, params, run_config)
-    estimator = build_estimator(model_dir)
+    estimator = build_estimator(
+        model_dir, progress and (lambda loss: [ProgressHook(progress, max_steps, loss)]))
 
     files = shard_paths(convert_dir, metadata, "train")
     seed = run_config["tf_random_seed"]

@@ -9,6 +9,8 @@ those gives a new folder, so nothing is overwritten and unchanged stages are fou
     results/<dataset>/<model>-<train>/                  model_dir/, export/, train.json last
     results/<dataset>/<model>-<train>/evaluate-<split>-<evaluate>/   metrics.json last
     results/<dataset>/<model>-<train>/predict-<predict>/             predictions.csv
+    results/<dataset>/<model>-<train>/evaluate-<split>-<evaluate>/   report.html (the report stage)
+    results/leaderboard.html, leaderboard.csv                        every evaluation, best first
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pipeline.errors import ConfigError
 from pipeline.fileio import read_json, write_json_atomic
 
 VERSION_LENGTH = 12
+INDEX_FILE = "index.json"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -39,7 +42,7 @@ class StageOutput:
     @property
     def marker(self) -> Path:
         """The file written last: while it is missing, the stage is not complete."""
-        return self.directory / _MARKERS[self.stage]
+        return self.directory / MARKERS[self.stage]
 
 
 def _significant(params: Mapping[str, Any], key: str) -> str:
@@ -50,12 +53,13 @@ def _significant(params: Mapping[str, Any], key: str) -> str:
     return value
 
 
-_MARKERS = {
+MARKERS = {
     "download": "download.json",
     "convert": "metadata.json",
     "train": "train.json",
     "evaluate": "metrics.json",
     "predict": "predictions.csv",
+    "report": "report.html",
 }
 
 _Layout = Callable[[Mapping[str, Any], Sequence[StageOutput], Path, Path, str], Path]
@@ -65,6 +69,8 @@ _LAYOUT: dict[str, _Layout] = {
     "train": lambda p, up, data, results, v: results / up[0].dataset / f"{Path(p['model_def']).stem}-{v}",
     "evaluate": lambda p, up, data, results, v: up[0].directory / f"evaluate-{p['split']}-{v}",
     "predict": lambda p, up, data, results, v: up[0].directory / f"predict-{v}",
+    # A report is fully determined by its evaluation, so it lives in that evaluation's folder.
+    "report": lambda p, up, data, results, v: up[0].directory,
 }
 STAGES = tuple(_LAYOUT)
 
@@ -89,7 +95,10 @@ def stage_output(stage: str, significant: Mapping[str, Any], upstream: Sequence[
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def index_lock(index_path: Path) -> Iterator[None]:
+    """Held while the index, or a view rebuilt from it, is read and rewritten, across processes."""
+    index_path = Path(index_path)
+    lock_path = index_path.with_name(index_path.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -103,7 +112,7 @@ def record_version(index_path: Path, output: StageOutput, significant: Mapping[s
                    upstream: Sequence[StageOutput]) -> None:
     """Add a completed stage to the JSON index that maps versions to their parameters."""
     index_path = Path(index_path)
-    with _locked(index_path.with_name(index_path.name + ".lock")):
+    with index_lock(index_path):
         index = read_json(index_path) if index_path.exists() else {}
         index[f"{output.stage}/{output.version}"] = {
             "stage": output.stage,

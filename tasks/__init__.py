@@ -1,12 +1,15 @@
 """Luigi tasks of the pipeline: `luigi --module tasks RunAll`."""
 import luigi.interface
 
-from tasks.base import Rerunnable, Stage, layout
-from tasks.stages import ConvertShard, Convert, Download, Evaluate, PlanConversion, Predict, RunAll, Train
+from tasks.base import Rerunnable, Stage, layout, tensorboard
+from tasks.stages import (ConvertShard, Convert, Download, Evaluate, PlanConversion, Predict, Report, RunAll,
+                          Train)
 
-# luigi.cfg's [core] RPC settings are read by luigi.rpc, not by the `core` config class, which
-# would otherwise warn on every run that they are unused.
-luigi.interface.core.ignore_unconsumed = {"rpc_connect_timeout", "rpc_retry_attempts", "rpc_retry_wait"}
+# luigi.cfg's [core] RPC settings are read by luigi.rpc, and the scheduler address through
+# config_path aliases, not under these names by the `core` config class, which would otherwise
+# warn on every run that they are unused.
+luigi.interface.core.ignore_unconsumed = {"rpc_connect_timeout", "rpc_retry_attempts", "rpc_retry_wait",
+                                          "default_scheduler_host", "default_scheduler_port"}
 
-__all__ = ["Rerunnable", "Stage", "layout", "Download", "PlanConversion", "ConvertShard", "Convert", "Train",
-           "Evaluate", "Predict", "RunAll"]
+__all__ = ["Rerunnable", "Stage", "layout", "tensorboard", "Download", "PlanConversion", "ConvertShard", "Convert",
+           "Train", "Evaluate", "Predict", "Report", "RunAll"]

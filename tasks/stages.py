@@ -13,10 +13,11 @@ import luigi
 from luigi.util import inherits
 
 from pipeline import download
-from pipeline.convert import PLAN_FILE, SPLITS, report_name, shard_name
+from pipeline.convert import PLAN_FILE, SPLITS, report_name, shard_name, shard_paths
 from pipeline.fileio import read_json, remove_tree
 from pipeline.models import resolve_model_file
-from tasks.base import Rerunnable, Stage
+from pipeline.services import tensorboard_url
+from tasks.base import Rerunnable, Stage, TaskProgress, layout, tensorboard
 
 
 class Download(Stage):
@@ -27,13 +28,15 @@ class Download(Stage):
     source_url = luigi.Parameter(description="http(s) or file URL of an archive (.tar.gz, .tgz, .tar, .zip) whose "
                                              "top folders are the classes, or of a CSV manifest of url,label lines")
     sha256 = luigi.Parameter(default="", description="Expected sha256 of the archive or manifest; empty skips the check")
-    workers = luigi.IntParameter(default=8, significant=False,
-                                 description="Images fetched at once from a manifest")
+    # Not `workers`: that would clash with Luigi's own --workers when Download is the task named.
+    parallel_fetches = luigi.IntParameter(default=8, significant=False,
+                                          description="Images fetched at once from a manifest")
 
     def run(self):
         out = self.stage_output
-        download.download_dataset(self.source_url, self.sha256 or None, out.directory, out.marker.name,
-                                  workers=self.workers)
+        with TaskProgress(self) as progress:
+            download.download_dataset(self.source_url, self.sha256 or None, out.directory, out.marker.name,
+                                      workers=self.parallel_fetches, progress=progress)
 
 
 class Convert(Stage):
@@ -104,9 +107,10 @@ class ConvertShard(Rerunnable):
         from pipeline.convert import write_shard
 
         report = Path(self.output().path)
-        write_shard(Path(self.input()["raw"].path).parent, Path(self.input()["plan"].path), self.split, self.index,
-                    report.with_name(shard_name(self.split, self.index, self.num_shards)), report,
-                    image_size=self.image_size, channels=self.channels)
+        with TaskProgress(self) as progress:
+            write_shard(Path(self.input()["raw"].path).parent, Path(self.input()["plan"].path), self.split,
+                        self.index, report.with_name(shard_name(self.split, self.index, self.num_shards)), report,
+                        image_size=self.image_size, channels=self.channels, progress=progress)
 
 
 class Train(Stage):
@@ -138,13 +142,16 @@ class Train(Stage):
         if self.rerun:
             remove_tree(out.directory)
         convert = self.upstream()[0].stage_output
-        train_model(resolve_model_file(self.model_def), self.significant_values()["params"], convert.directory,
-                    convert.marker, out.directory, out.marker, max_steps=self.max_steps, batch_size=self.batch_size,
-                    run_config={"tf_random_seed": self.tf_random_seed,
-                                "save_summary_steps": self.save_summary_steps,
-                                "save_checkpoints_steps": self.save_checkpoints_steps,
-                                "keep_checkpoint_max": self.keep_checkpoint_max,
-                                "log_step_count_steps": self.log_step_count_steps})
+        self.set_tracking_url(tensorboard_url(tensorboard().url, Path(layout().results_root), out.directory))
+        with TaskProgress(self) as progress:
+            train_model(resolve_model_file(self.model_def), self.significant_values()["params"], convert.directory,
+                        convert.marker, out.directory, out.marker, max_steps=self.max_steps,
+                        batch_size=self.batch_size, progress=progress,
+                        run_config={"tf_random_seed": self.tf_random_seed,
+                                    "save_summary_steps": self.save_summary_steps,
+                                    "save_checkpoints_steps": self.save_checkpoints_steps,
+                                    "keep_checkpoint_max": self.keep_checkpoint_max,
+                                    "log_step_count_steps": self.log_step_count_steps})
 
 
 class Evaluate(Stage):
@@ -162,15 +169,18 @@ class Evaluate(Stage):
 
         out = self.stage_output
         train, convert = (task.stage_output for task in self.upstream())
-        evaluate_model(train.directory, convert.directory, convert.marker, self.split, out.directory, out.marker,
-                       batch_size=self.batch_size)
+        with TaskProgress(self) as progress:
+            evaluate_model(train.directory, convert.directory, convert.marker, self.split, out.directory, out.marker,
+                           batch_size=self.batch_size, progress=progress)
 
 
 class Predict(Stage):
-    """Batch prediction with the exported SavedModel on the test split or a folder: predictions.csv."""
+    """Batch prediction with the exported SavedModel on a split or a folder: predictions.csv."""
 
     stage = "predict"
-    input_dir = luigi.Parameter(default="", description="Folder of images to predict; empty predicts the test split")
+    input_dir = luigi.Parameter(default="", description="Folder of images to predict; empty predicts `split`")
+    split = luigi.ChoiceParameter(default="test", choices=SPLITS,
+                                  description="Split predicted when input_dir is empty")
     batch_size = luigi.IntParameter(default=256, significant=False, description="Images per prediction batch")
 
     def upstream(self):
@@ -190,13 +200,35 @@ class Predict(Stage):
         out = self.stage_output
         train, convert = (task.stage_output for task in self.upstream())
         export_dir = train.directory / read_json(train.marker)["export_dir"]
-        predict_to_csv(export_dir, read_json(convert.marker), out.marker, convert_dir=convert.directory,
-                       input_dir=Path(self.input_dir) if self.input_dir else None, batch_size=self.batch_size)
+        with TaskProgress(self) as progress:
+            predict_to_csv(export_dir, read_json(convert.marker), out.marker, convert_dir=convert.directory,
+                           split=self.split, input_dir=Path(self.input_dir) if self.input_dir else None,
+                           batch_size=self.batch_size, progress=progress)
+
+
+class Report(Stage):
+    """report.html for the configured evaluation, beside its metrics.json; the leaderboard links to it."""
+
+    stage = "report"
+
+    def upstream(self):
+        evaluate = Evaluate()
+        return [evaluate, Predict(input_dir="", split=evaluate.split), Train(), Convert(), Download()]
+
+    def run(self):
+        from pipeline.report import write_report
+
+        evaluate, predict, train, convert, download = (task.stage_output for task in self.upstream())
+        write_report(train.directory, train.marker, evaluate.marker, predict.marker,
+                     shard_paths(convert.directory, read_json(convert.marker), read_json(evaluate.marker)["split"]),
+                     self.stage_output.marker,
+                     versions={"download": download.version, "convert (data)": convert.version,
+                               "train": train.version, "evaluate": evaluate.version})
 
 
 class RunAll(luigi.WrapperTask):
-    """The whole pipeline for the configuration in luigi.cfg: evaluation and batch prediction."""
+    """The whole pipeline for the configuration in luigi.cfg: evaluation, its report, and batch prediction."""
 
     def requires(self):
-        return [Evaluate(), Predict()]
+        return [Evaluate(), Report(), Predict()]
 

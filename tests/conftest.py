@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import configparser
+import csv
 import http.server
 import io
 import os
+import socket
+import subprocess
+import sys
 import tarfile
 import threading
 from collections import defaultdict
@@ -67,21 +72,60 @@ def luigi_config():
     Call the returned function with {section: {key: value}} to set the configuration.
     """
     original = luigi.configuration.LuigiConfigParser.instance()
-
-    def install(sections: dict[str, dict[str, str]]) -> None:
-        config = luigi.configuration.LuigiConfigParser()
-        for section, values in sections.items():
-            config.add_section(section)
-            for key, value in values.items():
-                config.set(section, key, value)
-        luigi.configuration.LuigiConfigParser._instance = config
-        Register.clear_instance_cache()
-
     Register.clear_instance_cache()
     STARTED.clear()
-    yield install
+    yield install_luigi_config
+    restore_luigi_config(original)
+
+
+def install_luigi_config(sections: dict[str, dict[str, str]]) -> None:
+    config = luigi.configuration.LuigiConfigParser()
+    for section, values in sections.items():
+        config.add_section(section)
+        for key, value in values.items():
+            config.set(section, key, value)
+    luigi.configuration.LuigiConfigParser._instance = config
+    Register.clear_instance_cache()
+
+
+def restore_luigi_config(original: luigi.configuration.LuigiConfigParser) -> None:
     luigi.configuration.LuigiConfigParser._instance = original
     Register.clear_instance_cache()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (the OS will not hand it out again at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def repo_config() -> dict[str, dict[str, str]]:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(REPO / "luigi.cfg")
+    return {name: dict(parser[name]) for name in parser.sections()}
+
+
+def write_config(path: Path, sections: dict) -> Path:
+    parser = configparser.ConfigParser()
+    parser.read_dict(sections)
+    with open(path, "w") as handle:
+        parser.write(handle)
+    return path
+
+
+def luigi_command(cwd: Path, config_path: Path, *args: str, local_scheduler: bool = True,
+                  timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """The real `luigi` command line, with `config_path` as its only configuration file."""
+    env = {**os.environ, "LUIGI_CONFIG_PATH": str(config_path)}
+    command = [str(Path(sys.executable).with_name("luigi")), "--module", "tasks", *args]
+    return subprocess.run(command + (["--local-scheduler"] if local_scheduler else []), cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
 
 
 def run_tasks(*tasks) -> list[str]:

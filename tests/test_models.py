@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from pipeline import models, training
 from pipeline.errors import ConfigError, ModelDefinitionError
+from pipeline.fileio import write_json_atomic
 
 N_CLASSES = 3
 SHAPE = (28, 28, 1)
@@ -109,3 +110,27 @@ def test_model_file_without_model_fn_is_rejected(tmp_path):
 def test_training_params_must_be_positive():
     with pytest.raises(ConfigError, match="max_steps=0"):
         training.validate_training_params(0, 8, {key: 1 for key in training.RUN_CONFIG_KEYS})
+
+
+@pytest.mark.parametrize("name", ["cnn", "premade_dnn"])
+def test_training_progress_counts_global_steps_across_a_resume(name, tmp_path):
+    module, params = load(name)
+    model_dir = tmp_path / "model_dir"
+    model_dir.mkdir()
+    (model_dir / training.MODEL_FILE).write_bytes(models.resolve_model_file(name).read_bytes())
+    write_json_atomic(model_dir / training.PARAMS_FILE, params)
+    write_json_atomic(model_dir / training.RUN_CONFIG_FILE, {"tf_random_seed": 1, "save_checkpoints_steps": 3})
+    reports = []
+    estimator = training.build_estimator(
+        model_dir, lambda loss: [training.ProgressHook(lambda *report: reports.append(report), 5, loss)])
+    images = np.random.default_rng(0).random((8, *SHAPE), dtype=np.float32)
+    labels = np.arange(8) % N_CLASSES
+
+    def input_fn():
+        return tf.data.Dataset.from_tensor_slices(({"image": images}, labels)).repeat().batch(4)
+
+    estimator.train(input_fn, max_steps=3)
+    estimator.train(input_fn, max_steps=5)  # resumes from the checkpoint at step 3
+
+    assert [(done, total, unit) for done, total, unit, _ in reports] == [(step, 5, "steps") for step in range(1, 6)]
+    assert all(detail.startswith("loss ") and float(detail[5:]) >= 0 for *_, detail in reports)

@@ -1,18 +1,13 @@
 """End to end: the whole DAG into tmp_path, reruns, the luigi command, and the default configuration."""
-import configparser
-import csv
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from pipeline.fileio import read_json
-from tasks import Convert, Evaluate, Predict, RunAll, Train
-from tests.conftest import REPO, run_tasks, tiny_config
+from tasks import Convert, Evaluate, Predict, Report, RunAll, Train
+from tests.conftest import REPO, luigi_command, read_csv, repo_config, run_tasks, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +18,7 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
     config = tiny_config(tmp_path, mnist_subset.as_uri())
     luigi_config(config)
 
-    assert run_tasks(RunAll()) == sorted(["Download", *CONVERT_STEPS, "Train", "Evaluate", "Predict"])
+    assert run_tasks(RunAll()) == sorted(["Download", *CONVERT_STEPS, "Train", "Evaluate", "Predict", "Report"])
 
     train = Train().stage_output
     model_dir = train.directory / "model_dir"
@@ -44,8 +39,7 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
     assert sum(map(sum, metrics["confusion_matrix"])) == 18
     assert Image.open(Evaluate().stage_output.directory / "confusion_matrix.png").size[0] > 100
 
-    with open(Predict().stage_output.marker, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_csv(Predict().stage_output.marker)
     assert len(rows) == 18 and set(rows[0]) == {"key", "true_label", "predicted_label", "predicted_id",
                                                 "p_0", "p_1", "p_2"}
     assert all(abs(sum(float(r[f"p_{c}"]) for c in "012") - 1) < 1e-4 for r in rows)
@@ -54,7 +48,13 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
 
     index = read_json(tmp_path / "results" / "index.json")
     assert sorted(entry["stage"] for entry in index.values()) == sorted(
-        ["download", "convert", "train", "evaluate", "predict"])
+        ["download", "convert", "train", "evaluate", "predict", "report"])
+    report = Report().stage_output.marker
+    assert report.parent == Evaluate().stage_output.directory and report.name == "report.html"
+    assert f"{metrics['accuracy']:.4f}" in report.read_text()
+    board = read_csv(tmp_path / "results" / "leaderboard.csv")
+    assert [(row["run"], row["report"]) for row in board] == [
+        (train.directory.name, str(report.relative_to(tmp_path / "results")))]
 
     # Nothing changed: nothing runs.
     assert run_tasks(RunAll()) == []
@@ -68,13 +68,22 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
     # A params change reruns training and what reads it, in new folders beside the old ones.
     config["Train"]["params"] = '{"conv_filters": [8], "dense_units": 24}'
     luigi_config(config)
-    assert run_tasks(RunAll()) == ["Evaluate", "Predict", "Train"]
+    assert run_tasks(RunAll()) == ["Evaluate", "Predict", "Report", "Train"]
     assert Train().stage_output.directory != train.directory and train.marker.exists()
+    # The rerun above removed the first run's evaluation with its old weights.
+    second_run = Train().stage_output.directory.name
+    assert [row["run"] for row in read_csv(tmp_path / "results" / "leaderboard.csv")] == [second_run]
 
+    metadata_version = Convert().stage_output.version
     # A convert change reruns conversion and everything after it, not the download.
     config["Convert"]["split_seed"] = "8"
     luigi_config(config)
-    assert run_tasks(RunAll()) == sorted([*CONVERT_STEPS, "Train", "Evaluate", "Predict"])
+    assert run_tasks(RunAll()) == sorted([*CONVERT_STEPS, "Train", "Evaluate", "Predict", "Report"])
+    board = read_csv(tmp_path / "results" / "leaderboard.csv")
+    assert sorted(row["run"] for row in board) == sorted([second_run, Train().stage_output.directory.name])
+    assert {row["data_version"] for row in board} == {metadata_version, Convert().stage_output.version}
+    ranked = [(-float(row["accuracy"]), float(row["loss"])) for row in board]
+    assert ranked == sorted(ranked) and [row["rank"] for row in board] == ["1", "2"]
 
 
 def test_predict_on_a_folder_of_new_images(luigi_config, mnist_subset, tmp_path):
@@ -90,30 +99,9 @@ def test_predict_on_a_folder_of_new_images(luigi_config, mnist_subset, tmp_path)
 
     assert run_tasks(Predict(input_dir=str(tmp_path / "new"))) == ["Predict"]
 
-    with open(Predict(input_dir=str(tmp_path / "new")).stage_output.marker, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_csv(Predict(input_dir=str(tmp_path / "new")).stage_output.marker)
     assert [r["path"] for r in rows] == ["nested/one.png", "nested/zero_big.jpg"]
     assert all(r["true_label"] == "" and r["predicted_label"] in {"0", "1", "2"} for r in rows)
-
-
-def repo_config() -> dict[str, dict[str, str]]:
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(REPO / "luigi.cfg")
-    return {name: dict(parser[name]) for name in parser.sections()}
-
-
-def write_config(path: Path, sections: dict) -> Path:
-    parser = configparser.ConfigParser()
-    parser.read_dict(sections)
-    with open(path, "w") as handle:
-        parser.write(handle)
-    return path
-
-
-def luigi_command(tmp_path, config_path, *args):
-    env = {**os.environ, "LUIGI_CONFIG_PATH": str(config_path)}
-    return subprocess.run([Path(sys.executable).with_name("luigi"), "--module", "tasks", *args, "--local-scheduler"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_luigi_command_runs_shards_in_parallel_and_exits_non_zero_on_failure(mnist_subset, tmp_path):

@@ -1,0 +1,217 @@
+"""Report stage: one self-contained `report.html` per evaluation, readable offline.
+
+It shows the metrics, the confusion matrix, per-class precision and recall, the loss and
+accuracy curves read from the run's TensorBoard event files, the model file and its code
+hash, the params, the data version, and some misclassified images with their labels. Images
+are inlined as data URIs and the curves drawn as inline SVG, so the file can be mailed alone.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import datetime
+import hashlib
+import html
+import json
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from pipeline import training
+from pipeline.evaluation import CONFUSION_MATRIX_PNG
+from pipeline.fileio import read_json, write_bytes_atomic
+
+Series = Sequence[tuple[int, float]]
+# Tags charted, and the label of each; a model that does not log one simply has no such curve.
+CHARTED_TAGS = {"loss": "loss", "accuracy": "accuracy"}
+MISCLASSIFIED_SHOWN = 12
+_COLOURS = {"train": "#1f77b4", "eval": "#d62728"}
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; } td, th { padding: 3px 10px; border-bottom: 1px solid #eee; text-align: left; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+.cards { display: flex; gap: 1em; flex-wrap: wrap; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: .6em 1em; }
+.card b { display: block; font-size: 1.4em; }
+.charts { display: flex; gap: 1.5em; flex-wrap: wrap; }
+.gallery { display: flex; gap: 1em; flex-wrap: wrap; }
+.gallery figure { margin: 0; text-align: center; font-size: .85em; }
+.gallery img { width: 84px; height: 84px; image-rendering: pixelated; border: 1px solid #ccc; }
+pre { background: #f6f6f6; padding: .6em; overflow-x: auto; }
+code { font-size: .9em; }
+"""
+
+
+def read_scalars(event_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in the TensorBoard event files directly inside `event_dir`."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    if not Path(event_dir).is_dir():
+        return {}
+    accumulator = event_accumulator.EventAccumulator(str(event_dir), size_guidance={event_accumulator.SCALARS: 0})
+    accumulator.Reload()
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
+
+
+def svg_chart(title: str, series: Mapping[str, Series], width: int = 460, height: int = 260) -> str:
+    """An inline SVG line chart: one polyline per series (a single point is drawn as a dot)."""
+    points = [point for values in series.values() for point in values]
+    if not points:
+        return ""
+    left, right, top, bottom = 64, 12, 28, 34
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    x_min, x_max = min(xs), max(xs)
+    y_min, y_max = min(ys), max(ys)
+    if x_max == x_min:
+        x_max = x_min + 1
+    if y_max == y_min:
+        y_max = y_min + 1e-9 + abs(y_min) * 0.01
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x_min) / (x_max - x_min) * (width - left - right),
+                height - bottom - (y - y_min) / (y_max - y_min) * (height - top - bottom))
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{html.escape(title)}">',
+             f'<text x="{left}" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>',
+             f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
+             'fill="none" stroke="#bbb"/>']
+    for fraction in (0.0, 0.5, 1.0):
+        y_value = y_min + fraction * (y_max - y_min)
+        _, y = at(x_min, y_value)
+        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{y_value:.3g}</text>')
+        x_value = x_min + fraction * (x_max - x_min)
+        x, _ = at(x_value, y_min)
+        parts.append(f'<text x="{x:.1f}" y="{height - bottom + 14}" font-size="10" '
+                     f'text-anchor="middle">{x_value:.0f}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 4}" font-size="10" '
+                 'text-anchor="middle">global step</text>')
+    for row, (name, values) in enumerate(series.items()):
+        colour = _COLOURS.get(name, "#2ca02c")
+        coordinates = [at(x, y) for x, y in values]
+        if len(coordinates) > 1:
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in coordinates)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        for x, y in coordinates[-1:] if len(coordinates) > 1 else coordinates:
+            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{colour}"/>')
+        last = values[-1][1]
+        parts.append(f'<text x="{width - right - 4}" y="{top + 14 + 13 * row}" font-size="11" text-anchor="end" '
+                     f'fill="{colour}">{html.escape(name)} {last:.4g}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def misclassified(predictions_csv: Path, limit: int = MISCLASSIFIED_SHOWN) -> list[dict]:
+    """The most confidently wrong predictions: key, true and predicted label, and that probability."""
+    wrong = []
+    with open(predictions_csv, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row["true_label"] and row["true_label"] != row["predicted_label"]:
+                wrong.append({"key": row["key"], "true_label": row["true_label"],
+                              "predicted_label": row["predicted_label"],
+                              "probability": float(row[f"p_{row['predicted_label']}"])})
+    wrong.sort(key=lambda item: (-item["probability"], item["key"]))
+    return wrong[:limit]
+
+
+def _encoded_images(shard_files: Sequence[str], keys: Iterable[str]) -> dict[str, bytes]:
+    """The stored (already normalised) PNG of each key, read back from the TFRecord shards."""
+    import tensorflow as tf
+
+    from pipeline import schema
+
+    wanted = set(keys)
+    found: dict[str, bytes] = {}
+    if not wanted:
+        return found
+    for record in tf.data.TFRecordDataset(list(shard_files)).map(schema.parse_example).as_numpy_iterator():
+        key = record[schema.KEY].decode("utf-8")
+        if key in wanted:
+            found[key] = bytes(record[schema.ENCODED])
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[object]], numeric: bool = True) -> str:
+    """A table whose columns after the first are right-aligned when `numeric`."""
+    def cell(tag: str, index: int, value: object) -> str:
+        css = ' class="num"' if numeric and index > 0 else ""
+        return f"<{tag}{css}>{html.escape(str(value))}</{tag}>"
+    head = "".join(cell("th", i, h) for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_report(*, title: str, metrics: dict, train: dict, versions: Mapping[str, str], model_file: str,
+                  model_sha256: str, confusion_png: bytes, curves: Mapping[str, Mapping[str, Series]],
+                  examples: Sequence[dict]) -> str:
+    """The HTML of one report, from plain values (see `write_report` for where they come from)."""
+    cards = "".join(f'<div class="card">{html.escape(label)}<b>{html.escape(value)}</b></div>' for label, value in (
+        ("accuracy", f"{metrics['accuracy']:.4f}"), ("loss", f"{metrics['loss']:.4f}"),
+        ("examples", str(metrics["examples"])), ("global step", str(metrics["global_step"]))))
+    per_class = _table(("class", "precision", "recall", "F1", "support"),
+                       ((name, f"{s['precision']:.4f}", f"{s['recall']:.4f}", f"{s['f1']:.4f}", s["support"])
+                        for name, s in metrics["per_class"].items()))
+    charts = "".join(svg_chart(name, series) for name, series in curves.items()) or "<p>No curves were logged.</p>"
+    gallery = "".join(
+        f'<figure><img src="{_data_uri(e["png"])}" alt="{html.escape(e["key"])}">'
+        f'<figcaption>true <b>{html.escape(e["true_label"])}</b><br>predicted <b>{html.escape(e["predicted_label"])}'
+        f'</b> ({e["probability"]:.2f})<br><code>{html.escape(e["key"])}</code></figcaption></figure>'
+        for e in examples) or "<p>No misclassified images.</p>"
+    run = _table(("", "value"), [("model file", model_file), ("model code sha256", model_sha256),
+                                 *((f"{stage} version", version) for stage, version in versions.items()),
+                                 ("checkpoint", metrics["checkpoint"]), ("max_steps", train["max_steps"]),
+                                 ("batch_size", train["batch_size"]),
+                                 ("tf_random_seed", train["run_config"]["tf_random_seed"])], numeric=False)
+    generated = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<section id="metrics"><h2>Metrics on the {html.escape(metrics['split'])} split</h2><div class="cards">{cards}</div></section>
+<section id="confusion"><h2>Confusion matrix</h2>
+<img id="confusion-matrix" src="{_data_uri(confusion_png)}" alt="confusion matrix"></section>
+<section id="per-class"><h2>Per class</h2>{per_class}</section>
+<section id="curves"><h2>Training curves</h2><div class="charts">{charts}</div></section>
+<section id="misclassified"><h2>Misclassified {html.escape(metrics['split'])} images (most confident first)</h2>
+<div class="gallery">{gallery}</div></section>
+<section id="run"><h2>Run</h2>{run}<h3>params</h3><pre>{html.escape(json.dumps(train['params'], indent=2, sort_keys=True))}</pre></section>
+<p><small>Generated {generated}.</small></p>
+</body></html>
+"""
+
+
+def write_report(run_dir: Path, train_marker: Path, metrics_path: Path, predictions_csv: Path,
+                 shard_files: Sequence[str], report_path: Path, *, versions: Mapping[str, str]) -> None:
+    """Gather one evaluation's results and write its report.html atomically.
+
+    `versions` maps stage names to the versions shown (data and run); `shard_files` are the
+    TFRecords of the evaluated split, where misclassified images are read back from.
+    """
+    run_dir, metrics_path = Path(run_dir), Path(metrics_path)
+    metrics = read_json(metrics_path)
+    train = read_json(train_marker)
+    model_dir = run_dir / training.MODEL_DIR
+    train_scalars = read_scalars(model_dir)
+    eval_scalars = read_scalars(model_dir / f"eval_{metrics['split']}")
+    curves = {label: {name: scalars[tag] for name, scalars in (("train", train_scalars), ("eval", eval_scalars))
+                      if tag in scalars}
+              for tag, label in CHARTED_TAGS.items()}
+    examples = misclassified(predictions_csv)
+    images = _encoded_images(shard_files, (e["key"] for e in examples))
+    examples = [{**e, "png": images[e["key"]]} for e in examples if e["key"] in images]
+    model_source = (model_dir / training.MODEL_FILE).read_bytes()
+    page = render_report(
+        title=f"{run_dir.parent.name} / {run_dir.name}: {train['model_file']} on {metrics['split']}",
+        metrics=metrics, train=train, versions=versions, model_file=train["model_file"],
+        model_sha256=hashlib.sha256(model_source).hexdigest(),
+        confusion_png=(metrics_path.parent / CONFUSION_MATRIX_PNG).read_bytes(),
+        curves={label: series for label, series in curves.items() if series}, examples=examples)
+    write_bytes_atomic(report_path, page.encode("utf-8"))
