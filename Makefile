@@ -10,7 +10,7 @@ SCHEDULER_DIR := .luigid
 SCHEDULER_PORT ?= 8082
 TENSORBOARD_PORT ?= 6006
 
-.PHONY: run test venv clean ui ui-stop tensorboard
+.PHONY: run test venv clean ui ui-stop tensorboard crash-trials
 
 run: ui
 	$(BIN)/luigi --module tasks RunAll --scheduler-host 127.0.0.1 --scheduler-port $(SCHEDULER_PORT) $(ARGS)
@@ -29,6 +29,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)
+
+# 25 SIGKILL trials, 5 inside each stage; `make test` runs one per stage.
+crash-trials: $(STAMP)
+	CRASH_TRIALS=5 $(BIN)/python -m pytest -s tests/test_crashes.py $(PYTEST_ARGS)
 
 # Rebuilt whenever the dependencies change. The version check runs first, so a wrong Python
 # stops set-up before anything is created.

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.errors import ConfigError, DatasetError, StageOutputError
@@ -106,6 +107,10 @@ def plan_conversion(raw_dir: Path, plan_path: Path, *, validation_fraction: floa
     return plan
 
 
+# Greyscale modes wider than 8 bits, as Pillow opens 16-bit PNGs and TIFFs.
+_WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def load_image(path: Path, image_size: int, channels: int) -> bytes:
     """Decode any image Pillow reads into `channels` at `image_size` square, as PNG bytes.
 
@@ -116,6 +121,10 @@ def load_image(path: Path, image_size: int, channels: int) -> bytes:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as opened:
             image = ImageOps.exif_transpose(opened)
+            if image.mode in _WIDE_GREY_MODES:
+                # Pillow clips these to 8 bits (most pixels turn white); scale the 16-bit range instead.
+                pixels = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) // 257
+                image = Image.fromarray(pixels.astype(np.uint8), mode="L")
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 rgba = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
@@ -204,7 +213,22 @@ def finalize_conversion(out_dir: Path, reports: Iterable[Path], metadata_path: P
 
 
 def shard_paths(convert_dir: Path, metadata: dict, split: str) -> list[str]:
-    """The shard files of one split, from metadata written by `finalize_conversion`."""
+    """The shard files of one split, from metadata written by `finalize_conversion`, each checked
+    against the sha256 recorded there.
+
+    A missing or corrupt shard raises DatasetError naming it, and its report (the shard task's
+    marker) is removed, so that the next run rebuilds that shard and nothing else.
+    """
     if split not in metadata["splits"]:
         raise ConfigError(f"split={split!r}; expected one of {', '.join(metadata['splits'])}")
-    return [str(Path(convert_dir) / shard["file"]) for shard in metadata["splits"][split]["shards"]]
+    paths = []
+    for shard in metadata["splits"][split]["shards"]:
+        path = Path(convert_dir) / shard["file"]
+        actual = sha256_file(path) if path.is_file() else None
+        if actual != shard["sha256"]:
+            path.with_name(path.name.removesuffix(".tfrecord") + ".json").unlink(missing_ok=True)
+            found = f"its sha256 is {actual}" if actual else "it is missing"
+            raise DatasetError(f"{path}: {found}, but metadata.json records {shard['sha256']}. The shard is "
+                               "corrupt; its report was removed, so the next run rebuilds it")
+        paths.append(str(path))
+    return paths

@@ -7,7 +7,6 @@ with `download.json` already inside, so a crash never leaves a folder that looks
 from __future__ import annotations
 
 import csv
-import hashlib
 import http.client
 import logging
 import os
@@ -23,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path, PurePosixPath
 
 from pipeline.errors import ChecksumMismatch, ConfigError, DatasetError, DownloadError, UnsafeArchiveError
-from pipeline.fileio import TEMP_INFIX, atomic_path, remove_tree, write_json_atomic
+from pipeline.fileio import TEMP_INFIX, atomic_path, remove_tree, sha256_file, write_json_atomic
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -32,6 +31,9 @@ SCHEMES = ("http", "https", "file")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 MANIFEST_SUFFIX = ".csv"
 _CHUNK = 1 << 16
+# Caps on what an archive may extract to: a bomb is refused before anything is written.
+MAX_EXTRACTED_BYTES = 20 << 30
+MAX_COMPRESSION_RATIO = 100.0
 
 
 def _check_scheme(url: str) -> urllib.parse.SplitResult:
@@ -56,54 +58,73 @@ def fetch(url: str, destination: Path, sha256: str | None = None, *, retries: in
           backoff_s: float = 0.5, timeout_s: float = 60.0, progress: Progress | None = None) -> str:
     """Stream `url` into `destination` atomically and return its sha256.
 
-    Connection errors and 5xx replies are retried with exponential backoff; any other HTTP
-    error (a 404 above all) fails at once. A digest mismatch leaves nothing at `destination`.
+    Connection errors, stalls longer than `timeout_s`, bodies shorter than their Content-Length
+    and 5xx replies are retried with exponential backoff. A retry after part of the body arrived
+    asks for the rest with a `Range` request (and starts over if the server ignores it). Any
+    other HTTP error (a 404 above all) fails at once. A digest mismatch leaves nothing at
+    `destination`.
     """
     _check_scheme(url)
-    for attempt in range(retries + 1):
-        try:
-            digest = _fetch_once(url, Path(destination), timeout_s, progress)
-            break
-        except urllib.error.HTTPError as error:
-            if error.code < 500 or attempt == retries:
-                raise DownloadError(f"{url}: HTTP {error.code} {error.reason}") from error
-            reason = f"HTTP {error.code}"
-        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as error:
-            if attempt == retries:
-                raise DownloadError(f"{url}: {error} (gave up after {retries + 1} attempts)") from error
-            reason = str(error)
-        delay = backoff_s * 2 ** attempt
-        log.warning("fetching %s failed (%s); retrying in %.1f s", url, reason, delay)
-        time.sleep(delay)
-    if sha256 and digest != sha256.lower():
-        Path(destination).unlink(missing_ok=True)
-        raise ChecksumMismatch(f"{url}: sha256 is {digest}, expected {sha256.lower()}")
+    destination = Path(destination)
+    with atomic_path(destination) as partial:
+        for attempt in range(retries + 1):
+            try:
+                _fetch_into(url, partial, timeout_s, progress)
+                break
+            except urllib.error.HTTPError as error:
+                if error.code < 500 or attempt == retries:
+                    raise DownloadError(f"{url}: HTTP {error.code} {error.reason}") from error
+                reason = f"HTTP {error.code}"
+            except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as error:
+                reason = _describe(error, timeout_s)
+                if attempt == retries:
+                    raise DownloadError(f"{url}: {reason} (gave up after {retries + 1} attempts)") from error
+            delay = backoff_s * 2 ** attempt
+            log.warning("fetching %s failed (%s); retrying in %.1f s, resuming after %d bytes",
+                        url, reason, delay, partial.stat().st_size)
+            time.sleep(delay)
+        digest = sha256_file(partial)
+        if sha256 and digest != sha256.lower():
+            raise ChecksumMismatch(f"{url}: sha256 is {digest}, expected {sha256.lower()}")
     return digest
 
 
-def _fetch_once(url: str, destination: Path, timeout_s: float, progress: Progress | None) -> str:
-    digest = hashlib.sha256()
-    received = 0
-    with urllib.request.urlopen(url, timeout=timeout_s) as response, atomic_path(destination) as temp:
+def _describe(error: BaseException, timeout_s: float) -> str:
+    reason = getattr(error, "reason", error)
+    if isinstance(reason, TimeoutError):
+        return f"no data for {timeout_s:g} s (timed out)"
+    if isinstance(error, http.client.IncompleteRead):
+        return f"the body ended {error.expected} bytes short of its Content-Length"
+    return f"{type(reason).__name__}: {reason}"
+
+
+def _fetch_into(url: str, partial: Path, timeout_s: float, progress: Progress | None) -> None:
+    """Fetch `url` into `partial`, continuing after the bytes already there when the server allows."""
+    have = partial.stat().st_size
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        resumed = have > 0 and getattr(response, "status", 200) == 206 and \
+            response.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+        received = have if resumed else 0
         length = response.headers.get("Content-Length")
-        expected = int(length) if length is not None else None
-        with open(temp, "wb") as out:
+        expected = received + int(length) if length is not None else None
+        with open(partial, "ab" if resumed else "wb") as out:
             while chunk := response.read(_CHUNK):
                 out.write(chunk)
-                digest.update(chunk)
                 received += len(chunk)
                 if progress:
                     progress(received, expected, "bytes", PurePosixPath(urllib.parse.urlsplit(url).path).name)
         if expected is not None and received != expected:
             raise http.client.IncompleteRead(b"", expected - received)
-    return digest.hexdigest()
 
 
 def download_dataset(source_url: str, sha256: str | None, target: Path, marker_name: str, *,
-                     workers: int = 8, retries: int = 4, backoff_s: float = 0.5,
-                     progress: Progress | None = None) -> dict:
+                     workers: int = 8, retries: int = 4, backoff_s: float = 0.5, timeout_s: float = 60.0,
+                     skip_failed_images: bool = False, progress: Progress | None = None) -> dict:
     """Fetch `source_url` into `target/<class>/<file>` and write `target/<marker_name>` inside it.
 
+    In a manifest, an image that cannot be fetched fails the download, naming its URL, unless
+    `skip_failed_images`: then it is left out and listed under "failed" in the marker.
     Returns the summary written to the marker.
     """
     target = Path(target)
@@ -115,20 +136,24 @@ def download_dataset(source_url: str, sha256: str | None, target: Path, marker_n
         tree = work / "tree"
         if kind == "archive":
             archive = work / PurePosixPath(urllib.parse.urlsplit(source_url).path).name
-            digest = fetch(source_url, archive, sha256, retries=retries, backoff_s=backoff_s, progress=progress)
+            digest = fetch(source_url, archive, sha256, retries=retries, backoff_s=backoff_s,
+                           timeout_s=timeout_s, progress=progress)
             extract_archive(archive, tree)
             root = class_root(tree)
+            failed = []
         else:
             manifest = work / "manifest.csv"
-            digest = fetch(source_url, manifest, sha256, retries=retries, backoff_s=backoff_s)
+            digest = fetch(source_url, manifest, sha256, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s)
             root = tree
-            fetch_manifest(manifest, source_url, root, workers=workers, retries=retries, backoff_s=backoff_s,
-                           progress=progress)
+            failed = fetch_manifest(manifest, source_url, root, workers=workers, retries=retries,
+                                    backoff_s=backoff_s, timeout_s=timeout_s, skip_failed=skip_failed_images,
+                                    progress=progress)
         counts = {c.name: sum(1 for f in c.rglob("*") if f.is_file()) for c in sorted(root.iterdir()) if c.is_dir()}
         if len(counts) < 2:
             raise DatasetError(f"{source_url}: found class folders {sorted(counts)}; expected at least two "
                                "top-level folders, one per class, each holding images")
-        summary = {"source_url": source_url, "sha256": digest, "kind": kind, "images_per_class": counts}
+        summary = {"source_url": source_url, "sha256": digest, "kind": kind, "images_per_class": counts,
+                   "failed": failed}
         write_json_atomic(root / marker_name, summary)
         remove_tree(target)
         os.rename(root, target)
@@ -142,17 +167,23 @@ def _inside(root: Path, name: str) -> bool:
     return resolved == root or root in resolved.parents
 
 
-def extract_archive(archive: Path, target: Path) -> None:
-    """Extract a tar or zip archive into `target`, refusing any member that is not a plain file or
-    folder or that would land outside `target`; the error names the member."""
+def extract_archive(archive: Path, target: Path, *, max_bytes: int = MAX_EXTRACTED_BYTES,
+                    max_ratio: float = MAX_COMPRESSION_RATIO) -> None:
+    """Extract a tar or zip archive into `target`, refusing, before anything is written, any member
+    that is not a plain file or folder, that would land outside `target`, or that takes the
+    extracted total past `max_bytes` or past `max_ratio` times the archive's size (a bomb). The
+    error names the member."""
     target.mkdir(parents=True, exist_ok=True)
     root = target.resolve()
+    budget = _ExtractionBudget(archive, max_bytes, max_ratio)
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zipped:
             for info in zipped.infolist():
                 if stat.S_ISLNK(info.external_attr >> 16) or not _inside(root, info.filename):
                     raise UnsafeArchiveError(f"{archive.name}: member {info.filename!r} is a link or points "
                                              f"outside the extraction folder")
+                budget.add(info.filename, info.file_size)
+            # zipfile stops each member at its declared size, so the checked sizes are the written ones.
             zipped.extractall(target)
         return
     try:
@@ -164,8 +195,25 @@ def extract_archive(archive: Path, target: Path) -> None:
             if not (member.isfile() or member.isdir()) or not _inside(root, member.name):
                 raise UnsafeArchiveError(f"{archive.name}: member {member.name!r} is not a plain file or folder "
                                          "inside the extraction folder")
+            budget.add(member.name, member.size)
         # The 'data' filter re-checks paths and drops modes and owners a dataset has no use for.
         tar.extractall(target, filter="data")
+
+
+class _ExtractionBudget:
+    """Running total of an archive's declared member sizes, against the caps on size and ratio."""
+
+    def __init__(self, archive: Path, max_bytes: int, max_ratio: float):
+        self._archive, self._total = archive, 0
+        self._limit = min(max_bytes, max_ratio * max(archive.stat().st_size, 1))
+        self._why = (f"more than {max_bytes} bytes" if max_bytes <= self._limit else
+                     f"more than {max_ratio:g} times the archive's {archive.stat().st_size} bytes")
+
+    def add(self, member: str, size: int) -> None:
+        self._total += size
+        if self._total > self._limit:
+            raise UnsafeArchiveError(f"{self._archive.name}: member {member!r} takes the extracted size to "
+                                     f"{self._total} bytes, {self._why} (a decompression bomb?)")
 
 
 def class_root(tree: Path) -> Path:
@@ -198,8 +246,13 @@ def read_manifest(manifest: Path, manifest_url: str) -> list[tuple[str, str]]:
 
 
 def fetch_manifest(manifest: Path, manifest_url: str, target: Path, *, workers: int, retries: int,
-                   backoff_s: float, progress: Progress | None = None) -> None:
-    """Fetch every image the manifest lists, in parallel, into `target/<label>/<file>`."""
+                   backoff_s: float, timeout_s: float = 60.0, skip_failed: bool = False,
+                   progress: Progress | None = None) -> list[dict[str, str]]:
+    """Fetch every image the manifest lists, in parallel, into `target/<label>/<file>`.
+
+    Returns the images skipped (url, label, error) when `skip_failed`; otherwise the first
+    failure is raised, naming its URL.
+    """
     jobs = []
     taken: set[tuple[str, str]] = set()
     for index, (url, label) in enumerate(read_manifest(manifest, manifest_url)):
@@ -207,10 +260,22 @@ def fetch_manifest(manifest: Path, manifest_url: str, target: Path, *, workers: 
         if (label, name) in taken:
             name = f"{index:06d}-{name}"
         taken.add((label, name))
-        jobs.append((url, target / label / name))
+        jobs.append((url, label, target / label / name))
+    failed = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(fetch, url, path, retries=retries, backoff_s=backoff_s) for url, path in jobs]
+        futures = {pool.submit(fetch, url, path, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s):
+                   (url, label) for url, label, path in jobs}
         for done, future in enumerate(as_completed(futures), start=1):
-            future.result()
+            try:
+                future.result()
+            except DownloadError as error:
+                if not skip_failed:
+                    for pending in futures:
+                        pending.cancel()
+                    raise
+                url, label = futures[future]
+                log.warning("skipping %s (label %s): %s", url, label, error)
+                failed.append({"url": url, "label": label, "error": str(error)})
             if progress:
-                progress(done, len(futures), "files", "")
+                progress(done, len(futures), "files", f"{len(failed)} failed" if failed else "")
+    return sorted(failed, key=lambda item: item["url"])

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+log = logging.getLogger(__name__)
 
 # Temporary siblings carry this infix, so that what a crash left is recognisable as such.
 TEMP_INFIX = ".tmp-"
@@ -49,6 +53,37 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: Path, holder: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (created if missing), across processes; blocks until
+    free, saying first what it waits for when `holder` describes it."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if holder:
+                log.warning("waiting for another process, which is producing %s", holder)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def remove_temporaries(patterns: Iterable[Path]) -> list[Path]:
+    """Remove what matches the glob `patterns` (files or folders a crashed run left); returns them."""
+    removed = []
+    for pattern in patterns:
+        pattern = Path(pattern)
+        for leftover in sorted(pattern.parent.glob(pattern.name)) if pattern.parent.is_dir() else []:
+            log.warning("removing %s, left by an interrupted run", leftover)
+            remove_tree(leftover)
+            removed.append(leftover)
+    return removed
 
 
 def remove_tree(path: Path) -> None:

@@ -5,6 +5,7 @@ A model file is a standalone Python module exposing `model_fn(features, labels, 
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import json
@@ -15,8 +16,13 @@ from typing import Any, Mapping
 from pipeline.errors import ConfigError, ModelDefinitionError
 
 MODEL_DEFS_DIR = Path(__file__).resolve().parent.parent / "model_defs"
+# A run's Estimator model_dir, inside its run folder: checkpoints, events and the model snapshot.
+MODEL_DIR = "model_dir"
 # Params the pipeline fills in from the dataset; a user cannot set them through --params.
 DATASET_PARAMS = ("n_classes",)
+# RunConfig settings a run takes, beside max_steps and batch_size.
+RUN_CONFIG_KEYS = ("tf_random_seed", "save_summary_steps", "save_checkpoints_steps", "keep_checkpoint_max",
+                   "log_step_count_steps")
 
 
 def available_models(model_defs_dir: Path = MODEL_DEFS_DIR) -> list[str]:
@@ -45,15 +51,43 @@ def load_model_module(model_file: Path) -> ModuleType:
     return module
 
 
+def declared_param_keys(model_file: Path) -> set[str] | None:
+    """The keys of a model file's `PARAMS = {...}` literal, read without importing the file (and
+    so without TensorFlow); None when PARAMS is not written as a literal dict."""
+    tree = ast.parse(Path(model_file).read_text(encoding="utf-8"), filename=str(model_file))
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+                and any(isinstance(target, ast.Name) and target.id == "PARAMS" for target in node.targets)
+                and all(isinstance(key, ast.Constant) and isinstance(key.value, str) for key in node.value.keys)):
+            return {key.value for key in node.value.keys}
+    return None
+
+
+def check_param_overrides(model_file: Path, known: set[str] | Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Refuse --params keys the model does not declare, and those taken from the dataset."""
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ConfigError(f"--params names {unknown}, unknown to {Path(model_file).name}; its params are "
+                          f"{', '.join(sorted(k for k in known if k not in DATASET_PARAMS))}")
+    fixed = sorted(set(overrides) & set(DATASET_PARAMS))
+    if fixed:
+        raise ConfigError(f"--params sets {fixed}, which the pipeline takes from the dataset; remove them")
+
+
 def merge_params(model_file: Path, defaults: Mapping[str, Any], overrides: Mapping[str, Any],
                  dataset_values: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """PARAMS with `overrides` laid over them, then the values that come from the dataset."""
     overrides = json.loads(json.dumps(overrides))
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ConfigError(f"--params names {unknown}, unknown to {Path(model_file).name}; its params are "
-                          f"{', '.join(sorted(k for k in defaults if k not in DATASET_PARAMS))}")
-    fixed = sorted(set(overrides) & set(DATASET_PARAMS))
-    if fixed:
-        raise ConfigError(f"--params sets {fixed}, which the pipeline takes from the dataset; remove them")
+    check_param_overrides(model_file, defaults, overrides)
     return {**defaults, **overrides, **(dataset_values or {})}
+
+
+def require_positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name}={value}; expected a positive integer")
+
+
+def validate_training_settings(max_steps: int, batch_size: int, run_config: Mapping[str, Any]) -> None:
+    for name, value in (("max_steps", max_steps), ("batch_size", batch_size),
+                        *((key, run_config[key]) for key in RUN_CONFIG_KEYS if key != "tf_random_seed")):
+        require_positive(name, value)

@@ -17,22 +17,20 @@ from typing import Any, Callable, Mapping, Sequence
 import tensorflow as tf
 
 from pipeline import models, schema
+from pipeline.models import MODEL_DIR
 from pipeline.convert import shard_paths
-from pipeline.errors import ConfigError, StageOutputError
+from pipeline.errors import StageOutputError
 from pipeline.fileio import read_json, remove_tree, write_json_atomic
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
-MODEL_DIR = "model_dir"
 EXPORT_DIR = "export"
 # The snapshot that makes a model_dir self-describing; evaluation rebuilds the Estimator from it.
 MODEL_FILE = "model_def.py"
 PARAMS_FILE = "params.json"
 RUN_CONFIG_FILE = "run_config.json"
 VERSIONS_FILE = "versions.json"
-RUN_CONFIG_KEYS = ("tf_random_seed", "save_summary_steps", "save_checkpoints_steps", "keep_checkpoint_max",
-                   "log_step_count_steps")
 _SHUFFLE_BUFFER = 10_000
 _PACKAGES = ("tensorflow", "tensorflow-estimator", "keras", "numpy", "pillow", "luigi")
 
@@ -52,13 +50,6 @@ def input_fn(files: Sequence[str], image_shape: Sequence[int], batch_size: int, 
     dataset = dataset.map(lambda serialized: schema.parse_training_example(serialized, image_shape),
                           num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def validate_training_params(max_steps: int, batch_size: int, run_config: Mapping[str, Any]) -> None:
-    for name, value in (("max_steps", max_steps), ("batch_size", batch_size),
-                        *((key, run_config[key]) for key in RUN_CONFIG_KEYS if key != "tf_random_seed")):
-        if value <= 0:
-            raise ConfigError(f"{name}={value}; expected a positive integer")
 
 
 class ProgressHook(tf.estimator.SessionRunHook):
@@ -137,7 +128,7 @@ def train_model(model_file: Path, params_overrides: Mapping[str, Any], convert_d
                 run_config: Mapping[str, Any], hooks: Sequence[tf.estimator.SessionRunHook] = (),
                 progress: Progress | None = None) -> dict:
     """Train to `max_steps` (resuming from model_dir), export a SavedModel, write the marker last."""
-    validate_training_params(max_steps, batch_size, run_config)
+    models.validate_training_settings(max_steps, batch_size, run_config)
     run_dir = Path(run_dir)
     metadata = read_json(metadata_path)
     module = models.load_model_module(model_file)

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from pipeline.errors import ConfigError
-from pipeline.fileio import read_json, write_json_atomic
+from pipeline.fileio import file_lock, read_json, write_json_atomic
 
 VERSION_LENGTH = 12
 INDEX_FILE = "index.json"
@@ -45,12 +44,17 @@ class StageOutput:
         return self.directory / MARKERS[self.stage]
 
 
-def _significant(params: Mapping[str, Any], key: str) -> str:
-    value = str(params[key])
+def safe_name(key: str, value: Any) -> str:
+    """`value` as a folder name; ConfigError unless it is a plain name."""
+    value = str(value)
     if not _SAFE_NAME.match(value):
         raise ConfigError(f"{key}={value!r} must be a plain name of letters, digits, '_', '.' or '-' "
                           "(it becomes a folder name)")
     return value
+
+
+def _significant(params: Mapping[str, Any], key: str) -> str:
+    return safe_name(key, params[key])
 
 
 MARKERS = {
@@ -94,18 +98,10 @@ def stage_output(stage: str, significant: Mapping[str, Any], upstream: Sequence[
     return StageOutput(stage=stage, version=version, directory=directory, dataset=dataset)
 
 
-@contextlib.contextmanager
-def index_lock(index_path: Path) -> Iterator[None]:
+def index_lock(index_path: Path) -> contextlib.AbstractContextManager:
     """Held while the index, or a view rebuilt from it, is read and rewritten, across processes."""
     index_path = Path(index_path)
-    lock_path = index_path.with_name(index_path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return file_lock(index_path.with_name(index_path.name + ".lock"))
 
 
 def record_version(index_path: Path, output: StageOutput, significant: Mapping[str, Any],

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import luigi
@@ -13,6 +15,10 @@ import luigi.rpc
 from tqdm import tqdm
 
 from pipeline import leaderboard, versioning
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.fileio import TEMP_INFIX, file_lock, remove_temporaries
+
+logger = logging.getLogger("luigi-interface")
 
 
 class layout(luigi.Config):  # noqa: N801 - Luigi names a config section after its class
@@ -84,11 +90,45 @@ class Rerunnable(luigi.Task):
             return False
         return not self.rerun or modified_ns >= self._scheduled_ns
 
+    def run(self):
+        """Produce the output while holding its lock.
+
+        A second pipeline process that reaches the same output (another `--local-scheduler` run,
+        say) waits here, then finds it complete and does nothing, instead of writing beside this
+        one. Under the lock, what an interrupted run left is removed first.
+        """
+        output = Path(self.output().path).resolve()
+        lock_name = hashlib.sha256(str(output).encode()).hexdigest()[:20]
+        with file_lock(Path(layout().data_root) / ".locks" / f"{lock_name}.lock", holder=str(self)):
+            if self.complete():
+                logger.info("%s was completed by another process while this one waited", self)
+                return
+            remove_temporaries(self.temporaries())
+            self.produce()
+
+    def produce(self) -> None:
+        """Write the output: unpack the inputs and call one `pipeline` function."""
+        raise NotImplementedError
+
+    def temporaries(self) -> list[Path]:
+        """Glob patterns of what an interrupted run of this task may have left."""
+        return [Path(f"{self.output().path}{TEMP_INFIX}*")]
+
 
 class Stage(Rerunnable):
     """A pipeline stage. Subclasses set `stage`, list `upstream()` and implement `run()`."""
 
     stage: str = ""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Checked as each task is made, its upstream made with it: a bad value anywhere in the
+        # DAG fails when the root task is built, before any stage is scheduled or run.
+        self.validate()
+        self.upstream()
+
+    def validate(self) -> None:
+        """Raise ConfigError for a parameter value this stage cannot use, naming the valid ones."""
 
     def upstream(self) -> list[Stage]:
         """The stages whose versions this one's version depends on; the first is the one it reads or nests in."""
@@ -119,6 +159,10 @@ class Stage(Rerunnable):
     def output(self) -> luigi.LocalTarget:
         return luigi.LocalTarget(str(self.stage_output.marker))
 
+    def temporaries(self) -> list[Path]:
+        # A stage's folder is its own (nested stages live in subfolders), so anything temporary in it is stale.
+        return [self.stage_output.directory / f"*{TEMP_INFIX}*"]
+
 
 class tensorboard(luigi.Config):  # noqa: N801 - Luigi names a config section after its class
     url = luigi.Parameter(default="http://127.0.0.1:6006",
@@ -134,20 +178,51 @@ def _record_in_index(task: Stage) -> None:
     leaderboard.rebuild_leaderboard(results_root)
 
 
-class _SchedulerHint(logging.Filter):
-    """Turns Luigi's traceback for an unreachable central scheduler into one line saying what to do."""
+class _OneLineErrors(logging.Filter):
+    """Turns Luigi's traceback for a bad parameter or an unreachable central scheduler into one
+    line that says what to do: the traceback would only show Luigi's internals."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        cause = _pipeline_error(error)
         if isinstance(error, luigi.rpc.RPCError):
             record.msg = ("%s. Start the central scheduler with `make ui` (or `luigid`), "
                           "or pass --local-scheduler to run without one.")
             record.args = (error,)
-            record.exc_info = record.exc_text = None
+        elif cause is not None:
+            record.msg, record.args = "%s", (cause,)
+        elif isinstance(error, ValueError) and isinstance(error.__cause__, ValueError):
+            # Luigi's "Error when parsing the value of 'split'", caused by "holdout is not a valid choice ...".
+            record.msg, record.args = "%s: %s", (error, error.__cause__)
+        else:
+            return True
+        record.exc_info = record.exc_text = None
         return True
 
 
-logging.getLogger("luigi-interface").addFilter(_SchedulerHint())
+def _pipeline_error(error: BaseException | None) -> PipelineError | None:
+    """The pipeline's own error behind `error`, which Luigi may have wrapped (a parameter's parse)."""
+    while error is not None and not isinstance(error, PipelineError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+logging.getLogger("luigi-interface").addFilter(_OneLineErrors())
+
+
+class ParamsParameter(luigi.DictParameter):
+    """A JSON object on the command line; anything else is refused with the value and an example."""
+
+    def parse(self, source):
+        try:
+            value = super().parse(source)
+        except ValueError as error:
+            raise ConfigError(f"--params {source!r} is not valid JSON ({error}); expected a JSON object "
+                              """such as '{"learning_rate": 0.0005}'""") from None
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"--params {source!r} is a JSON {type(value).__name__}; expected a JSON object "
+                              "of the model's PARAMS keys")
+        return value
 
 
 @Rerunnable.event_handler(luigi.Event.START)

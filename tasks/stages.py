@@ -12,12 +12,14 @@ from pathlib import Path
 import luigi
 from luigi.util import inherits
 
-from pipeline import download
-from pipeline.convert import PLAN_FILE, SPLITS, report_name, shard_name, shard_paths
-from pipeline.fileio import read_json, remove_tree
-from pipeline.models import resolve_model_file
+from pipeline import download, versioning
+from pipeline.convert import PLAN_FILE, SPLITS, report_name, shard_name, shard_paths, validate_conversion_params
+from pipeline.errors import ConfigError
+from pipeline.fileio import TEMP_INFIX, read_json, remove_tree
+from pipeline.models import (MODEL_DIR, RUN_CONFIG_KEYS, check_param_overrides, declared_param_keys,
+                             require_positive, resolve_model_file, validate_training_settings)
 from pipeline.services import tensorboard_url
-from tasks.base import Rerunnable, Stage, TaskProgress, layout, tensorboard
+from tasks.base import ParamsParameter, Rerunnable, Stage, TaskProgress, layout, tensorboard
 
 
 class Download(Stage):
@@ -28,15 +30,30 @@ class Download(Stage):
     source_url = luigi.Parameter(description="http(s) or file URL of an archive (.tar.gz, .tgz, .tar, .zip) whose "
                                              "top folders are the classes, or of a CSV manifest of url,label lines")
     sha256 = luigi.Parameter(default="", description="Expected sha256 of the archive or manifest; empty skips the check")
+    skip_failed_images = luigi.BoolParameter(
+        default=False, description="In a manifest, leave out images that cannot be fetched (listed in "
+                                   "download.json) instead of failing the download")
     # Not `workers`: that would clash with Luigi's own --workers when Download is the task named.
     parallel_fetches = luigi.IntParameter(default=8, significant=False,
                                           description="Images fetched at once from a manifest")
+    timeout_s = luigi.FloatParameter(default=60.0, significant=False,
+                                     description="Seconds without data before a fetch is retried")
 
-    def run(self):
+    def validate(self):
+        download.source_kind(self.source_url)
+        versioning.safe_name("dataset", self.dataset)
+
+    def temporaries(self):
+        # The work folder beside the version's folder; see download.download_dataset.
+        folder = self.stage_output.directory
+        return [folder.parent / f"{folder.name}{TEMP_INFIX}*"]
+
+    def produce(self):
         out = self.stage_output
         with TaskProgress(self) as progress:
             download.download_dataset(self.source_url, self.sha256 or None, out.directory, out.marker.name,
-                                      workers=self.parallel_fetches, progress=progress)
+                                      workers=self.parallel_fetches, timeout_s=self.timeout_s,
+                                      skip_failed_images=self.skip_failed_images, progress=progress)
 
 
 class Convert(Stage):
@@ -54,11 +71,20 @@ class Convert(Stage):
     def upstream(self):
         return [Download()]
 
+    def validate(self):
+        validate_conversion_params(self.image_size, self.channels, self.validation_fraction, self.test_fraction,
+                                   self.num_shards, self.max_bad_fraction)
+
     def requires(self):
         return [self.clone(ConvertShard, split=split, index=index)
                 for split in SPLITS for index in range(self.num_shards)]
 
-    def run(self):
+    def complete(self):
+        # A shard found corrupt loses its report (see convert.shard_paths): then Convert reruns
+        # to rebuild that shard and check it against the others.
+        return super().complete() and all(shard.complete() for shard in self.requires())
+
+    def produce(self):
         from pipeline.convert import finalize_conversion
 
         out = self.stage_output
@@ -79,11 +105,9 @@ class PlanConversion(Rerunnable):
     def output(self):
         return luigi.LocalTarget(str(self.clone(Convert).stage_output.directory / PLAN_FILE))
 
-    def run(self):
-        from pipeline.convert import plan_conversion, validate_conversion_params
+    def produce(self):
+        from pipeline.convert import plan_conversion
 
-        validate_conversion_params(self.image_size, self.channels, self.validation_fraction, self.test_fraction,
-                                   self.num_shards, self.max_bad_fraction)
         plan_conversion(Path(self.input().path).parent, Path(self.output().path),
                         validation_fraction=self.validation_fraction, test_fraction=self.test_fraction,
                         split_seed=self.split_seed, num_shards=self.num_shards)
@@ -103,13 +127,18 @@ class ConvertShard(Rerunnable):
         folder = self.clone(Convert).stage_output.directory
         return luigi.LocalTarget(str(folder / report_name(self.split, self.index, self.num_shards)))
 
-    def run(self):
+    def shard_path(self) -> Path:
+        return Path(self.output().path).with_name(shard_name(self.split, self.index, self.num_shards))
+
+    def temporaries(self):
+        return [*super().temporaries(), Path(f"{self.shard_path()}{TEMP_INFIX}*")]
+
+    def produce(self):
         from pipeline.convert import write_shard
 
-        report = Path(self.output().path)
         with TaskProgress(self) as progress:
             write_shard(Path(self.input()["raw"].path).parent, Path(self.input()["plan"].path), self.split,
-                        self.index, report.with_name(shard_name(self.split, self.index, self.num_shards)), report,
+                        self.index, self.shard_path(), Path(self.output().path),
                         image_size=self.image_size, channels=self.channels, progress=progress)
 
 
@@ -118,7 +147,7 @@ class Train(Stage):
 
     stage = "train"
     model_def = luigi.Parameter(description="Model file: a name in model_defs/ (e.g. cnn) or a path to a .py file")
-    params = luigi.DictParameter(default={}, description="JSON object laid over the model file's PARAMS")
+    params = ParamsParameter(default={}, description="JSON object laid over the model file's PARAMS")
     max_steps = luigi.IntParameter(description="Global step to train to; a rerun resumes from the last checkpoint")
     batch_size = luigi.IntParameter(description="Examples per training step")
     tf_random_seed = luigi.IntParameter(description="RunConfig.tf_random_seed: seeds initialisation and shuffling")
@@ -130,10 +159,24 @@ class Train(Stage):
     def upstream(self):
         return [Convert()]
 
+    def validate(self):
+        model_file = resolve_model_file(self.model_def)
+        known = declared_param_keys(model_file)
+        if known is not None:  # otherwise checked once the model file is loaded, in run()
+            check_param_overrides(model_file, known, self.params)
+        validate_training_settings(self.max_steps, self.batch_size, self.run_config())
+
+    def run_config(self) -> dict:
+        return {key: getattr(self, key) for key in RUN_CONFIG_KEYS}
+
     def content(self):
         return resolve_model_file(self.model_def).read_bytes()
 
-    def run(self):
+    def temporaries(self):
+        # A checkpoint save cut short leaves TensorFlow's own temporary shard folder.
+        return [*super().temporaries(), self.stage_output.directory / MODEL_DIR / "model.ckpt-*_temp*"]
+
+    def produce(self):
         from pipeline.training import train_model
 
         # Estimator reports loss and global_step/sec at INFO, below TensorFlow's default level.
@@ -146,12 +189,7 @@ class Train(Stage):
         with TaskProgress(self) as progress:
             train_model(resolve_model_file(self.model_def), self.significant_values()["params"], convert.directory,
                         convert.marker, out.directory, out.marker, max_steps=self.max_steps,
-                        batch_size=self.batch_size, progress=progress,
-                        run_config={"tf_random_seed": self.tf_random_seed,
-                                    "save_summary_steps": self.save_summary_steps,
-                                    "save_checkpoints_steps": self.save_checkpoints_steps,
-                                    "keep_checkpoint_max": self.keep_checkpoint_max,
-                                    "log_step_count_steps": self.log_step_count_steps})
+                        batch_size=self.batch_size, run_config=self.run_config(), progress=progress)
 
 
 class Evaluate(Stage):
@@ -164,7 +202,10 @@ class Evaluate(Stage):
     def upstream(self):
         return [Train(), Convert()]
 
-    def run(self):
+    def validate(self):
+        require_positive("batch_size", self.batch_size)
+
+    def produce(self):
         from pipeline.evaluation import evaluate_model
 
         out = self.stage_output
@@ -186,6 +227,12 @@ class Predict(Stage):
     def upstream(self):
         return [Train(), Convert()]
 
+    def validate(self):
+        require_positive("batch_size", self.batch_size)
+        if self.input_dir and not Path(self.input_dir).is_dir():
+            raise ConfigError(f"input_dir={self.input_dir!r} is not a folder; expected a folder of images, "
+                              "or empty to predict a split")
+
     def content(self):
         if not self.input_dir:
             return b""
@@ -194,7 +241,7 @@ class Predict(Stage):
                          for p in Path(self.input_dir).rglob("*") if p.is_file())
         return hashlib.sha256("\n".join(listing).encode()).digest()
 
-    def run(self):
+    def produce(self):
         from pipeline.prediction import predict_to_csv
 
         out = self.stage_output
@@ -215,7 +262,7 @@ class Report(Stage):
         evaluate = Evaluate()
         return [evaluate, Predict(input_dir="", split=evaluate.split), Train(), Convert(), Download()]
 
-    def run(self):
+    def produce(self):
         from pipeline.report import write_report
 
         evaluate, predict, train, convert, download = (task.stage_output for task in self.upstream())
@@ -228,6 +275,11 @@ class Report(Stage):
 
 class RunAll(luigi.WrapperTask):
     """The whole pipeline for the configuration in luigi.cfg: evaluation, its report, and batch prediction."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Builds, and so checks, the whole DAG now: a bad parameter fails before anything is scheduled.
+        self.requires()
 
     def requires(self):
         return [Evaluate(), Report(), Predict()]

@@ -5,11 +5,14 @@ import csv
 import http.server
 import io
 import os
+import re
 import socket
+import struct
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -140,7 +143,42 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server's naming
         server: FileServer = self.server.owner
         server.requests[self.path] += 1
-        status, body = server.reply(self.path)
+        server.ranges[self.path].append(self.headers.get("Range"))
+        fault = server.faults[self.path].pop(0) if server.faults[self.path] else None
+        if fault == "503":
+            return self._reply(503, b"busy")
+        if self.path not in server.files:
+            return self._reply(404, b"not found")
+        body = server.files[self.path]
+        start = int(match.group(1)) if (match := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")) else 0
+        if fault == "stall":
+            time.sleep(server.stall_s)
+        if start:
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if fault in ("reset", "short"):
+            # Half the body, then the connection ends: abruptly (RST) for a reset, cleanly for a short body.
+            self.wfile.write(body[start:start + (len(body) - start) // 2])
+            self.wfile.flush()
+            if fault == "reset":
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            return
+        if server.slow:
+            # Twenty pieces over about a second, so that a kill can land mid-download.
+            step = max(1, (len(body) - start) // 20)
+            for offset in range(start, len(body), step):
+                self.wfile.write(body[offset:offset + step])
+                self.wfile.flush()
+                time.sleep(0.05)
+            return
+        self.wfile.write(body[start:])
+
+    def _reply(self, status: int, body: bytes) -> None:
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -151,23 +189,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class FileServer:
-    """An HTTP server on 127.0.0.1 serving `files`; `failures[path]` 503 replies come first."""
+    """An HTTP server on 127.0.0.1 serving `files`, with Range requests.
+
+    `faults[path]` lists what the next requests of `path` get, one each: "503"; "reset" or
+    "short" (half the body, then the connection is reset, or closed); "stall" (`stall_s` of
+    silence first). With `slow`, every body trickles out over about a second. `requests` and
+    `ranges` record what was asked.
+    """
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
-        self.failures: dict[str, int] = defaultdict(int)
+        self.faults: dict[str, list[str]] = defaultdict(list)
         self.requests: dict[str, int] = defaultdict(int)
+        self.ranges: dict[str, list[str | None]] = defaultdict(list)
+        self.stall_s = 2.0
+        self.slow = False
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.daemon_threads = True
         self._server.owner = self
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def reply(self, path: str) -> tuple[int, bytes]:
-        if self.failures[path] > 0:
-            self.failures[path] -= 1
-            return 503, b"busy"
-        if path not in self.files:
-            return 404, b"not found"
-        return 200, self.files[path]
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}{path}"
@@ -187,11 +227,14 @@ def file_server():
         yield server
 
 
-def tar_bytes(members: dict[str, bytes]) -> bytes:
+def tar_bytes(members: dict[str, bytes], special: tuple[tarfile.TarInfo, ...] = ()) -> bytes:
+    """A .tar.gz of plain files, then `special` members (links, devices...) as given."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+        for info in special:
+            tar.addfile(info, io.BytesIO(bytes(info.size)) if info.size else None)
     return buffer.getvalue()

@@ -1,11 +1,17 @@
 import io
+import struct
+import subprocess
+import sys
+import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline import convert
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.fileio import read_json
+from tests.conftest import REPO
 
 
 def write_images(root, per_class=10, classes=("a", "b")):
@@ -14,6 +20,20 @@ def write_images(root, per_class=10, classes=("a", "b")):
         for index in range(per_class):
             Image.new("RGB", (9, 7), (index * 20, 40, 80)).save(root / label / f"{index:02d}.png")
     return root
+
+
+def write_all_shards(raw, out, *, test_fraction, num_shards, image_size, channels):
+    """Plan, then write every shard as the ConvertShard tasks do; returns the reports."""
+    convert.plan_conversion(raw, out / convert.PLAN_FILE, validation_fraction=0.0, test_fraction=test_fraction,
+                            split_seed=1, num_shards=num_shards)
+    reports = []
+    for split in convert.SPLITS:
+        for index in range(num_shards):
+            reports.append(out / convert.report_name(split, index, num_shards))
+            convert.write_shard(raw, out / convert.PLAN_FILE, split, index,
+                                out / convert.shard_name(split, index, num_shards), reports[-1],
+                                image_size=image_size, channels=channels)
+    return reports
 
 
 def test_split_is_deterministic_disjoint_and_sized_by_fraction():
@@ -46,15 +66,7 @@ def test_shards_hold_every_good_image_and_metadata_lists_the_bad_one(tmp_path):
     (raw / "b" / "broken.png").write_bytes(b"not a png at all")
     (raw / "b" / ".DS_Store").write_bytes(b"\0")
     out = tmp_path / "tfrecords"
-    convert.plan_conversion(raw, out / convert.PLAN_FILE, validation_fraction=0.0, test_fraction=0.3,
-                            split_seed=1, num_shards=2)
-    reports = []
-    for split in convert.SPLITS:
-        for index in range(2):
-            report = out / convert.report_name(split, index, 2)
-            convert.write_shard(raw, out / convert.PLAN_FILE, split, index,
-                                out / convert.shard_name(split, index, 2), report, image_size=5, channels=3)
-            reports.append(report)
+    reports = write_all_shards(raw, out, test_fraction=0.3, num_shards=2, image_size=5, channels=3)
 
     metadata = convert.finalize_conversion(out, reports, out / "metadata.json", image_size=5, channels=3,
                                            max_bad_fraction=0.1, source={})
@@ -100,3 +112,140 @@ def test_bad_conversion_params_are_named(kwargs, message):
               "num_shards": 2, "max_bad_fraction": 0.0, **kwargs}
     with pytest.raises(ConfigError, match=message):
         convert.validate_conversion_params(**params)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims `width` x `height` pixels."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height, after signature and chunk head
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def _jpeg(image: Image.Image, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, **save)
+    return buffer.getvalue()
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _difficult_source(raw):
+    """Every kind of good and bad file the issue lists, in one source. Returns (good keys, bad keys)."""
+    left_dark = Image.new("RGB", (20, 10), "white")
+    left_dark.paste((0, 0, 0), (0, 0, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the dark half ends up on top
+    wide = np.linspace(0, 65535, 64, dtype="<u2").reshape(8, 8)
+    good = {
+        "a cat/upper.PNG": _png(Image.new("RGB", (9, 9), (200, 30, 30))),
+        "a cat/cmyk.jpg": _jpeg(Image.new("CMYK", (9, 9), (0, 255, 255, 0))),
+        "a cat/wide.png": _png(Image.frombytes("I;16", (8, 8), wide.tobytes())),
+        "a cat/palette.gif": _png(Image.new("P", (9, 9), 3)),
+        "a cat/alpha.png": _png(Image.new("RGBA", (9, 9), (0, 0, 0, 0))),
+        "dog/bilevel.bmp": None,
+        "dog/grey-alpha.png": _png(Image.new("LA", (9, 9), (0, 255))),
+        "dog/rotated.JPG": _jpeg(left_dark, exif=exif),
+        "dog/nested/deeper/inner.png": _png(Image.new("L", (9, 9), 90)),
+        "ñandú/uno.png": _png(Image.new("L", (9, 9), 10)),
+        "ñandú/dos.jpeg": _jpeg(Image.new("L", (9, 9), 250)),
+    }
+    full_jpeg, full_png = _jpeg(Image.new("RGB", (64, 64), "blue")), _png(Image.effect_noise((64, 64), 40))
+    bad = {
+        "dog/empty.png": b"",
+        "dog/truncated.jpg": full_jpeg[: len(full_jpeg) // 2],
+        "a cat/truncated.png": full_png[: len(full_png) // 2],
+        "ñandú/notes.jpg": b"these are my notes, not a picture\n",
+        "ñandú/bomb.png": _png_claiming(50000, 50000),
+    }
+    hidden = {"dog/.DS_Store": b"\0\0\0\1Bud1", "a cat/._upper.PNG": b"\0\5\26\7AppleDouble", ".DS_Store": b"\0"}
+    for key, data in {**good, **bad, **hidden}.items():
+        (raw / key).parent.mkdir(parents=True, exist_ok=True)
+        if data is None:
+            Image.new("1", (9, 9), 1).save(raw / key)
+        else:
+            (raw / key).write_bytes(data)
+    return set(good), set(bad)
+
+
+def test_a_difficult_source_converts_every_good_image_and_reports_every_bad_one(tmp_path):
+    import tensorflow as tf
+
+    from pipeline import schema
+
+    raw = tmp_path / "raw"
+    good, bad = _difficult_source(raw)
+    out = tmp_path / "tfrecords"
+    reports = write_all_shards(raw, out, test_fraction=0.0, num_shards=1, image_size=8, channels=1)
+
+    metadata = convert.finalize_conversion(out, reports, out / "metadata.json", image_size=8, channels=1,
+                                           max_bad_fraction=0.5, source={})
+
+    assert metadata["class_names"] == ["a cat", "dog", "ñandú"]
+    records = {record[schema.KEY].decode(): Image.open(io.BytesIO(record[schema.ENCODED]))
+               for record in tf.data.TFRecordDataset([str(out / convert.shard_name("train", 0, 1))])
+               .map(schema.parse_example).as_numpy_iterator()}
+    assert set(records) == good and metadata["splits"]["train"]["count"] == len(good)
+    reasons = {item["key"]: item["reason"] for item in metadata["bad_images"]}
+    assert set(reasons) == bad
+    assert "DecompressionBomb" in reasons["ñandú/bomb.png"] and "runcated" in reasons["dog/truncated.jpg"]
+    assert "UnidentifiedImageError" in reasons["ñandú/notes.jpg"] and reasons["dog/empty.png"]
+
+    rotated = np.asarray(records["dog/rotated.JPG"], dtype=float)
+    assert rotated[:3].mean() < 60 and rotated[-3:].mean() > 200, "EXIF orientation is applied"
+    wide = np.asarray(records["a cat/wide.png"], dtype=int)
+    assert wide.min() < 30 and wide.max() > 220 and len(np.unique(wide)) > 20, "16-bit grey is scaled, not clipped"
+    assert set(np.asarray(records["a cat/alpha.png"]).ravel()) == {255}, "transparency is flattened onto white"
+
+    with pytest.raises(DatasetError, match=r"5 of 16 images could not be decoded .31\.2%., more than "
+                                           r"max_bad_fraction=10\.0%"):
+        convert.finalize_conversion(out, reports, tmp_path / "strict.json", image_size=8, channels=1,
+                                    max_bad_fraction=0.1, source={})
+    assert not (tmp_path / "strict.json").exists()
+
+
+def test_a_decompression_bomb_is_refused_without_allocating_its_size(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_claiming(50000, 50000))  # 2.5 GB as 8-bit grey
+    probe = (
+        "import resource, sys\n"
+        "from PIL import Image\n"
+        "from pipeline.convert import load_image\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        f"    load_image({str(bomb)!r}, 28, 1)\n"
+        "except Image.DecompressionBombError:\n"
+        "    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) < 50 << 20, "peak memory grew by more than 50 MB"
+
+
+def test_a_corrupt_shard_is_named_and_its_report_removed(tmp_path):
+    raw = write_images(tmp_path / "raw", per_class=4)
+    out = tmp_path / "tfrecords"
+    reports = write_all_shards(raw, out, test_fraction=0.0, num_shards=2, image_size=4, channels=1)
+    metadata = convert.finalize_conversion(out, reports, out / "metadata.json", image_size=4, channels=1,
+                                           max_bad_fraction=0.0, source={})
+    assert len(convert.shard_paths(out, metadata, "train")) == 2
+
+    shard = out / convert.shard_name("train", 1, 2)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+
+    with pytest.raises(DatasetError, match=r"train-00001-of-00002.tfrecord: its sha256 is [0-9a-f]{64}, but "
+                                           r"metadata.json records"):
+        convert.shard_paths(out, metadata, "train")
+    assert not (out / convert.report_name("train", 1, 2)).exists()
+    assert (out / convert.report_name("train", 0, 2)).exists(), "the intact shard keeps its report"
+
+    shard.unlink()
+    with pytest.raises(DatasetError, match="train-00001-of-00002.tfrecord: it is missing"):
+        convert.shard_paths(out, metadata, "train")

@@ -1,7 +1,9 @@
 import hashlib
 import io
 import json
+import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -23,7 +25,7 @@ DATASET = {"cat/a.png": png(10), "cat/b.png": png(20), "dog/c.png": png(200)}
 def test_archive_over_http_retries_after_503_and_verifies_sha256(file_server, tmp_path):
     archive = tar_bytes(DATASET)
     file_server.files["/set.tar.gz"] = archive
-    file_server.failures["/set.tar.gz"] = 2
+    file_server.faults["/set.tar.gz"] = ["503", "503"]
     target = tmp_path / "raw"
 
     summary = download.download_dataset(file_server.url("/set.tar.gz"), hashlib.sha256(archive).hexdigest(),
@@ -52,7 +54,7 @@ def test_404_fails_at_once_naming_the_url(file_server, tmp_path):
 
 def test_persistent_503_gives_up_after_the_retries(file_server, tmp_path):
     file_server.files["/set.tar.gz"] = tar_bytes(DATASET)
-    file_server.failures["/set.tar.gz"] = 10
+    file_server.faults["/set.tar.gz"] = ["503"] * 10
     with pytest.raises(DownloadError, match="HTTP 503"):
         download.fetch(file_server.url("/set.tar.gz"), tmp_path / "f", retries=2, backoff_s=0.01)
     assert file_server.requests["/set.tar.gz"] == 3
@@ -117,3 +119,106 @@ def test_archive_with_one_class_is_rejected(tmp_path):
 def test_unsupported_sources_are_refused_before_any_fetch(url, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         download.download_dataset(url, None, tmp_path / "raw", "download.json")
+
+
+def test_connection_reset_mid_body_resumes_with_a_range_request(file_server, tmp_path):
+    archive = tar_bytes(DATASET) * 3
+    file_server.files["/set.tar.gz"] = archive
+    file_server.faults["/set.tar.gz"] = ["reset"]
+
+    digest = download.fetch(file_server.url("/set.tar.gz"), tmp_path / "set.tar.gz", backoff_s=0.01)
+
+    assert (tmp_path / "set.tar.gz").read_bytes() == archive and digest == hashlib.sha256(archive).hexdigest()
+    [first, second] = file_server.ranges["/set.tar.gz"]
+    assert first is None and second == f"bytes={len(archive) // 2}-"
+    assert [p.name for p in tmp_path.iterdir()] == ["set.tar.gz"]
+
+
+def test_body_shorter_than_its_content_length_is_detected(file_server, tmp_path):
+    file_server.files["/set.tar.gz"] = tar_bytes(DATASET)
+    file_server.faults["/set.tar.gz"] = ["short"] * 3
+    with pytest.raises(DownloadError, match=r"body ended \d+ bytes short of its Content-Length .gave up after 2"):
+        download.fetch(file_server.url("/set.tar.gz"), tmp_path / "f", retries=1, backoff_s=0.01)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stalled_server_times_out_with_a_clear_error(file_server, tmp_path):
+    file_server.files["/set.tar.gz"] = tar_bytes(DATASET)
+    file_server.faults["/set.tar.gz"] = ["stall"] * 2
+    file_server.stall_s = 3
+    with pytest.raises(DownloadError, match=r"no data for 0.3 s \(timed out\) \(gave up after 2 attempts\)"):
+        download.fetch(file_server.url("/set.tar.gz"), tmp_path / "f", retries=1, backoff_s=0.01, timeout_s=0.3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_can_skip_a_failing_image_and_lists_it(file_server, tmp_path):
+    lines = []
+    for name, data in DATASET.items():
+        file_server.files[f"/img/{name}"] = data
+        lines.append(f"img/{name},{name.split('/')[0]}")
+    lines.append("img/dog/gone.png,dog")
+    file_server.files["/list.csv"] = "\n".join(lines).encode()
+
+    summary = download.download_dataset(file_server.url("/list.csv"), None, tmp_path / "raw", "download.json",
+                                        backoff_s=0.01, skip_failed_images=True)
+
+    assert summary["images_per_class"] == {"cat": 2, "dog": 1}
+    [failed] = summary["failed"]
+    assert failed["url"] == file_server.url("/img/dog/gone.png") and "HTTP 404" in failed["error"]
+    assert json.loads((tmp_path / "raw" / "download.json").read_text())["failed"] == summary["failed"]
+
+
+def tar_with(name: str, kind: bytes, linkname: str = "", size: int = 0) -> bytes:
+    """The dataset plus one member of `kind`; a regular one holds `size` zero bytes."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, linkname, size
+    return tar_bytes(DATASET, (info,))
+
+
+def zip_with(name: str, data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for member, content in DATASET.items():
+            zipped.writestr(member, content)
+        zipped.writestr(name, data)
+    return buffer.getvalue()
+
+
+ZEROS = bytes(4 << 20)
+HOSTILE = {
+    "absolute path": (lambda: tar_with("/tmp/absolute.png", tarfile.REGTYPE, size=3), "'/tmp/absolute.png'"),
+    "symlink outside": (lambda: tar_with("cat/link.png", tarfile.SYMTYPE, "../../../etc/passwd"), "'cat/link.png'"),
+    "symlink inside": (lambda: tar_with("cat/same.png", tarfile.SYMTYPE, "a.png"), "'cat/same.png'"),
+    "hard link outside": (lambda: tar_with("cat/hard.png", tarfile.LNKTYPE, "/etc/passwd"), "'cat/hard.png'"),
+    "character device": (lambda: tar_with("cat/null", tarfile.CHRTYPE), "'cat/null'"),
+    "fifo": (lambda: tar_with("cat/pipe", tarfile.FIFOTYPE), "'cat/pipe'"),
+    "tar bomb": (lambda: tar_with("dog/zeros.png", tarfile.REGTYPE, size=len(ZEROS)),
+                 r"'dog/zeros.png' takes the extracted size to \d+ bytes, more than 100 times"),
+    "zip bomb": (lambda: zip_with("dog/zeros.png", ZEROS),
+                 r"'dog/zeros.png' takes the extracted size to \d+ bytes, more than 100 times"),
+    "zip parent path": (lambda: zip_with("../escaped.png", b"x"), r"'\.\./escaped\.png'"),
+    "zip absolute path": (lambda: zip_with("/tmp/zipabs.png", b"x"), "'/tmp/zipabs.png'"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_archive_is_refused_naming_the_member_and_writes_nothing_outside(case, tmp_path):
+    make, member = HOSTILE[case]
+    suffix = ".zip" if case.startswith("zip") else ".tar.gz"
+    source = tmp_path / "source" / f"hostile{suffix}"
+    source.parent.mkdir()
+    source.write_bytes(make())
+    out = tmp_path / "out"
+    with pytest.raises(UnsafeArchiveError, match=member):
+        download.download_dataset(source.as_uri(), None, out / "raw", "download.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
+    assert list(out.iterdir()) == [], "the work folder is removed"
+    assert not Path("/tmp/absolute.png").exists() and not Path("/tmp/zipabs.png").exists()
+
+
+def test_extracted_size_cap_names_the_member_that_passes_it(tmp_path):
+    archive = tmp_path / "set.tar.gz"
+    archive.write_bytes(tar_bytes(DATASET))
+    with pytest.raises(UnsafeArchiveError, match=r"member 'dog/c.png' takes the extracted size to \d+ bytes, "
+                                                 r"more than 200 bytes"):
+        download.extract_archive(archive, tmp_path / "out", max_bytes=200)

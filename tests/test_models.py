@@ -109,7 +109,7 @@ def test_model_file_without_model_fn_is_rejected(tmp_path):
 
 def test_training_params_must_be_positive():
     with pytest.raises(ConfigError, match="max_steps=0"):
-        training.validate_training_params(0, 8, {key: 1 for key in training.RUN_CONFIG_KEYS})
+        models.validate_training_settings(0, 8, {key: 1 for key in models.RUN_CONFIG_KEYS})
 
 
 @pytest.mark.parametrize("name", ["cnn", "premade_dnn"])

@@ -1,0 +1,88 @@
+"""Two `luigi` processes at once: on one central scheduler, and each with its own local scheduler."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pipeline.services import start_scheduler, stop_scheduler
+from tests.conftest import free_port, read_csv, repo_config, tiny_config, write_config
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("Download", "PlanConversion", "ConvertShard", "Convert", "Train", "Evaluate", "Predict", "Report")
+
+
+def start_luigi(folder: Path, config: Path, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
+    log = folder / f"{name}.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen([str(Path(sys.executable).with_name("luigi")), "--module", "tasks", "RunAll", *args],
+                                   cwd=folder, env={**os.environ, "LUIGI_CONFIG_PATH": str(config)},
+                                   stdout=handle, stderr=subprocess.STDOUT)
+    return process, log
+
+
+def produced(log_text: str) -> Counter:
+    """Task ids whose work this process did: it ran them and another process had not finished them."""
+    ran = Counter(re.findall(r"\) running\s+(\w+\(.*?\))\n", log_text))
+    ran.subtract(Counter(re.findall(r"(\w+\(.*?\)) was completed by another process", log_text)))
+    return Counter({task: count for task, count in ran.items() if count > 0 and not task.startswith("RunAll(")})
+
+
+def check_outputs_intact(folder: Path) -> None:
+    [metrics] = (folder / "results").glob("*/*/evaluate-*/metrics.json")
+    [predictions] = (folder / "results").glob("*/*/predict-*/predictions.csv")
+    assert len(read_csv(predictions)) == 18 and metrics.stat().st_size > 0
+    [leaderboard] = [read_csv(folder / "results" / "leaderboard.csv")]
+    assert len(leaderboard) == 1
+
+
+def run_pair(folder: Path, config: Path, first_args: list[str], second_args: list[str]) -> tuple[list, list]:
+    pair = [start_luigi(folder, config, "first", *first_args), start_luigi(folder, config, "second", *second_args)]
+    codes = [process.wait(timeout=600) for process, _ in pair]
+    return codes, [log.read_text() for _, log in pair]
+
+
+def test_two_runs_on_one_central_scheduler_run_every_task_once(mnist_subset, tmp_path):
+    port = free_port()
+    start_scheduler(tmp_path / "luigid", port=port)
+    sections = tiny_config(tmp_path, mnist_subset.as_uri())
+    sections["core"] = {**repo_config()["core"], "default-scheduler-port": str(port)}
+    sections["worker"] = repo_config()["worker"]
+    sections["retcode"] = repo_config()["retcode"]
+    config = write_config(tmp_path / "luigi.cfg", sections)
+    try:
+        codes, logs = run_pair(tmp_path, config, ["--workers", "2"], ["--workers", "2"])
+    finally:
+        stop_scheduler(tmp_path / "luigid")
+
+    # Luigi's exit code counts what each process ran itself: 10 or 25 say another process ran some
+    # of its tasks (see luigi.cfg [retcode]); a failure would be 20, 30, 35 or 40.
+    assert set(codes) <= {0, 10, 25}, "\n".join(log[-2000:] for log in logs)
+    assert not any(re.search(r"^\* \d+ failed", log, re.MULTILINE) for log in logs)
+    ran = produced(logs[0]) + produced(logs[1])
+    assert all(count == 1 for count in ran.values()), ran
+    assert Counter(task.split("(")[0] for task in ran) == {**{stage: 1 for stage in STAGES}, "ConvertShard": 6}
+    check_outputs_intact(tmp_path)
+
+
+def test_two_runs_on_local_schedulers_wait_for_each_other(mnist_subset, tmp_path):
+    sections = tiny_config(tmp_path, mnist_subset.as_uri())
+    sections["core"] = {"no_lock": repo_config()["core"]["no_lock"]}
+    sections["retcode"] = repo_config()["retcode"]
+    config = write_config(tmp_path / "luigi.cfg", sections)
+
+    codes, logs = run_pair(tmp_path, config, ["--local-scheduler"], ["--local-scheduler", "--workers", "2"])
+
+    assert codes == [0, 0], "\n".join(log[-2000:] for log in logs)
+    ran = produced(logs[0]) + produced(logs[1])
+    assert all(count == 1 for count in ran.values()), ran
+    assert Counter(task.split("(")[0] for task in ran) == {**{stage: 1 for stage in STAGES}, "ConvertShard": 6}
+    waited = "".join(logs).count("waiting for another process, which is producing")
+    assert waited >= 1, "neither process ever waited for the other"
+    check_outputs_intact(tmp_path)

@@ -1,0 +1,174 @@
+"""Crash trials: SIGKILL the real `luigi` command at a random point inside a stage, then rerun it.
+
+After every kill, no stage may look complete with partial output; the rerun must finish, leave
+no temporary files, and produce what an uninterrupted run produces: the same TFRecords, and the
+same metrics for the checkpoint it evaluated. Training must resume from its last checkpoint.
+
+CI runs one trial per stage. `CRASH_TRIALS=N make test PYTEST_ARGS=tests/test_crashes.py` runs N
+per stage (`make crash-trials` runs 5, 25 in all); each trial prints where its kill landed.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline.convert import SPLITS, shard_paths
+from pipeline.fileio import TEMP_INFIX, read_json, sha256_file
+from tests.conftest import FileServer, luigi_command, read_csv, repo_config, tiny_config, write_config
+
+pytestmark = pytest.mark.slow
+
+# Seconds after a stage starts within which its kill is drawn: about how long the stage runs here.
+STAGE_WINDOWS = {"Download": 1.2, "ConvertShard": 4.0, "Train": 9.0, "Evaluate": 3.5, "Predict": 3.5}
+TRIALS_PER_STAGE = int(os.environ.get("CRASH_TRIALS", "1"))
+TRAIN_STEPS = 200
+
+
+def crash_config(folder: Path, source_url: str) -> Path:
+    sections = tiny_config(folder, source_url)
+    # Long enough to be killed inside training, between checkpoints and while saving one.
+    sections["Train"].update(max_steps=str(TRAIN_STEPS), save_checkpoints_steps="25", keep_checkpoint_max="3")
+    sections["retcode"] = repo_config()["retcode"]
+    return write_config(folder / "luigi.cfg", sections)
+
+
+@pytest.fixture(scope="module")
+def slow_source(mnist_subset):
+    """The subset served over HTTP slowly enough that a kill can land inside Download."""
+    with FileServer() as server:
+        server.files["/subset.tar.gz"] = mnist_subset.read_bytes()
+        server.slow = True
+        yield server, server.url("/subset.tar.gz")
+
+
+@dataclass
+class Outputs:
+    shards: dict[str, str]
+    metrics: dict
+    predictions: list[dict]
+    global_step: int
+    folder: Path
+
+
+def collect(folder: Path) -> Outputs:
+    [metadata_path] = (folder / "data" / "tfrecords").glob("*/*/metadata.json")
+    metadata = read_json(metadata_path)
+    [train_marker] = (folder / "results").glob("*/*/train.json")
+    [metrics_path] = train_marker.parent.glob("evaluate-*/metrics.json")
+    [predictions] = train_marker.parent.glob("predict-*/predictions.csv")
+    shards = {shard["file"]: shard["sha256"] for split in SPLITS for shard in metadata["splits"][split]["shards"]}
+    return Outputs(shards, read_json(metrics_path), read_csv(predictions), read_json(train_marker)["global_step"],
+                   train_marker.parent)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, slow_source):
+    folder = tmp_path_factory.mktemp("reference")
+    result = luigi_command(folder, crash_config(folder, slow_source[1]), "RunAll")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return collect(folder)
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if TEMP_INFIX in path.name or re.search(r"_temp\b", path.name)]
+
+
+def check_nothing_partial_is_complete(folder: Path) -> None:
+    """Every marker on disk vouches for complete output."""
+    for report in (folder / "data" / "tfrecords").glob("*/*/*-of-*.json"):
+        shard = report.with_name(report.name.removesuffix(".json") + ".tfrecord")
+        assert sha256_file(shard) == read_json(report)["sha256"], f"{report} vouches for a partial shard"
+    for metadata_path in (folder / "data" / "tfrecords").glob("*/*/metadata.json"):
+        metadata = read_json(metadata_path)
+        for split in SPLITS:
+            shard_paths(metadata_path.parent, metadata, split)
+    for marker in (folder / "data" / "raw").glob("*/*/download.json"):
+        counts = read_json(marker)["images_per_class"]
+        assert {c: len(list((marker.parent / c).iterdir())) for c in counts} == counts
+    for marker in (folder / "results").glob("*/*/train.json"):
+        assert (marker.parent / read_json(marker)["export_dir"] / "saved_model.pb").is_file()
+    for marker in (folder / "results").glob("*/*/evaluate-*/metrics.json"):
+        assert (marker.parent / "confusion_matrix.png").is_file() and "accuracy" in read_json(marker)
+    for marker in (folder / "results").glob("*/*/predict-*/predictions.csv"):
+        assert len(read_csv(marker)) == 18
+
+
+def latest_checkpoint_step(folder: Path) -> int | None:
+    """The step of the newest checkpoint the `checkpoint` file names, after checking it loads."""
+    import tensorflow as tf
+
+    model_dirs = list((folder / "results").glob("*/*/model_dir"))
+    latest = tf.train.latest_checkpoint(str(model_dirs[0])) if model_dirs else None
+    if latest is None:
+        return None
+    return int(tf.train.load_checkpoint(latest).get_tensor("global_step"))
+
+
+def kill_inside(folder: Path, config: Path, stage: str, delay_s: float, workers: int) -> tuple[str, str]:
+    """Start RunAll, SIGKILL its process group `delay_s` after `stage` starts; return (log, running stage)."""
+    log_path = folder / "killed.log"
+    env = {**os.environ, "LUIGI_CONFIG_PATH": str(config)}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("luigi")), "--module", "tasks", "RunAll", "--local-scheduler",
+             "--workers", str(workers)], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    started = re.compile(rf"running\s+{stage}\(")
+    deadline = time.monotonic() + 300
+    while not started.search(log_path.read_text()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{stage} never started:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.01)
+    time.sleep(delay_s)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    text = log_path.read_text()
+    running = {m.group(1) for m in re.finditer(r"running\s+(\w+)\(", text)}
+    done = {m.group(1) for m in re.finditer(r"done\s+(\w+)\(", text)}
+    return text, ",".join(sorted(running - done)) or "between stages"
+
+
+TRIALS = [(stage, trial) for stage in STAGE_WINDOWS for trial in range(TRIALS_PER_STAGE)]
+
+
+@pytest.mark.parametrize("stage, trial", TRIALS)
+def test_killed_run_resumes_to_the_uninterrupted_result(stage, trial, reference, slow_source, tmp_path):
+    rng = random.Random(f"{stage}/{trial}/{os.environ.get('CRASH_SEED', '')}")
+    delay_s = rng.uniform(0.0, STAGE_WINDOWS[stage])
+    workers = rng.choice([1, 2])
+    config = crash_config(tmp_path, slow_source[1])
+
+    _, landed = kill_inside(tmp_path, config, stage, delay_s, workers)
+    print(f"trial {stage}/{trial}: killed {delay_s:.2f} s into {stage} (workers={workers}), "
+          f"while running: {landed}")
+    check_nothing_partial_is_complete(tmp_path)
+    step_at_kill = latest_checkpoint_step(tmp_path)
+
+    rerun = luigi_command(tmp_path, config, "RunAll")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    if step_at_kill is not None and step_at_kill < TRAIN_STEPS:
+        assert re.search(rf"Restoring parameters from \S+model\.ckpt-{step_at_kill}\b", rerun.stderr), \
+            "training did not resume from its last checkpoint"
+    outputs = collect(tmp_path)
+    assert outputs.shards == reference.shards, "the TFRecords differ from an uninterrupted run's"
+    assert outputs.global_step == TRAIN_STEPS
+    assert leftovers(tmp_path) == []
+    if step_at_kill is None or step_at_kill == TRAIN_STEPS:
+        # Training ran whole, as in the reference: the same weights give the same results.
+        assert outputs.metrics == reference.metrics
+        assert outputs.predictions == reference.predictions
+    else:
+        # Training was cut and resumed: other weights, but the metrics must be those of its checkpoint.
+        assert outputs.metrics["checkpoint"] == f"model.ckpt-{TRAIN_STEPS}"
+        again = luigi_command(tmp_path, config, "Evaluate", "--rerun")
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert collect(tmp_path).metrics == outputs.metrics
