@@ -10,7 +10,7 @@ SCHEDULER_DIR := .luigid
 SCHEDULER_PORT ?= 8082
 TENSORBOARD_PORT ?= 6006
 
-.PHONY: run test venv clean ui ui-stop tensorboard crash-trials
+.PHONY: run test venv clean ui ui-stop tensorboard crash-trials bench
 
 run: ui
 	$(BIN)/luigi --module tasks RunAll --scheduler-host 127.0.0.1 --scheduler-port $(SCHEDULER_PORT) $(ARGS)
@@ -29,6 +29,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)
+
+# Every benchmark prints its ratios against a baseline measured in the same run; see bench/RESULTS.md.
+BENCHMARKS := noop train predict convert
+bench: $(STAMP)
+	@nproc | xargs echo "cores:"; free -g | awk '/Mem:/ {print "memory: " $$2 " GiB"}'
+	@mkdir -p build/bench
+	@for name in $(BENCHMARKS); do \
+		echo "== bench/$$name.py (log: build/bench/$$name.log)"; \
+		TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python bench/$$name.py 2> build/bench/$$name.log || { tail -30 build/bench/$$name.log; exit 1; }; \
+	done
 
 # 25 SIGKILL trials, 5 inside each stage; `make test` runs one per stage.
 crash-trials: $(STAMP)

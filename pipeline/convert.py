@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from pipeline.errors import ConfigError, DatasetError, StageOutputError
 from pipeline.fileio import atomic_path, read_json, sha256_file, write_json_atomic
@@ -120,7 +120,9 @@ def load_image(path: Path, image_size: int, channels: int) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
+            # exif_transpose copies every image; most have no orientation to apply.
+            rotated = opened.getexif().get(ExifTags.Base.Orientation, 1) not in (1, None)
+            image = ImageOps.exif_transpose(opened) if rotated else opened
             if image.mode in _WIDE_GREY_MODES:
                 # Pillow clips these to 8 bits (most pixels turn white); scale the 16-bit range instead.
                 pixels = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) // 257
@@ -164,6 +166,20 @@ def write_shard(raw_dir: Path, plan_path: Path, split: str, index: int, shard_pa
               "sha256": sha256_file(shard_path), "per_class": dict(sorted(per_class.items())), "bad": bad}
     write_json_atomic(report_path, report)
     return report
+
+
+def write_all_shards(raw_dir: Path, out_dir: Path, *, num_shards: int, image_size: int,
+                     channels: int) -> list[Path]:
+    """Every shard of the plan in `out_dir`, one after another in this process (the ConvertShard
+    tasks write them in parallel); returns the reports, for `finalize_conversion`."""
+    reports = []
+    for split in SPLITS:
+        for index in range(num_shards):
+            reports.append(Path(out_dir) / report_name(split, index, num_shards))
+            write_shard(raw_dir, Path(out_dir) / PLAN_FILE, split, index,
+                        Path(out_dir) / shard_name(split, index, num_shards), reports[-1],
+                        image_size=image_size, channels=channels)
+    return reports
 
 
 def finalize_conversion(out_dir: Path, reports: Iterable[Path], metadata_path: Path, *, image_size: int,

@@ -38,11 +38,14 @@ def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     return tf.io.parse_single_example(serialized, FEATURE_SPEC)
 
 
-def decode_stored_image(encoded: tf.Tensor, image_shape: Sequence[int]) -> tf.Tensor:
-    """Decode a stored image, which conversion already brought to `image_shape`, into [0, 1] floats."""
-    image = tf.io.decode_png(encoded, channels=image_shape[-1])
-    image = tf.ensure_shape(image, image_shape)
-    return tf.cast(image, tf.float32) / 255.0
+def decode_stored_pixels(encoded: tf.Tensor, image_shape: Sequence[int]) -> tf.Tensor:
+    """Decode a stored image, which conversion already brought to `image_shape`, as uint8 pixels."""
+    return tf.ensure_shape(tf.io.decode_png(encoded, channels=image_shape[-1]), image_shape)
+
+
+def scale_pixels(pixels: tf.Tensor) -> tf.Tensor:
+    """uint8 pixels (one image or a batch) as the model's float32 input in [0, 1]."""
+    return tf.cast(pixels, tf.float32) / 255.0
 
 
 def decode_any_image(encoded: tf.Tensor, image_shape: Sequence[int]) -> tf.Tensor:
@@ -52,9 +55,10 @@ def decode_any_image(encoded: tf.Tensor, image_shape: Sequence[int]) -> tf.Tenso
     return tf.ensure_shape(image, image_shape)
 
 
-def parse_training_example(serialized: tf.Tensor, image_shape: Sequence[int]) -> tuple[dict, tf.Tensor]:
+def parse_training_example(serialized: tf.Tensor, image_shape: Sequence[int]) -> tuple[tf.Tensor, tf.Tensor]:
+    """(uint8 pixels, label) of one record; `scale_pixels` turns pixels into the model's input."""
     parsed = parse_example(serialized)
-    return {IMAGE: decode_stored_image(parsed[ENCODED], image_shape)}, parsed[LABEL]
+    return decode_stored_pixels(parsed[ENCODED], image_shape), parsed[LABEL]
 
 
 def serving_input_receiver_fn(image_shape: Sequence[int]):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import sys
@@ -83,12 +84,21 @@ class Rerunnable(luigi.Task):
         super().__init__(*args, **kwargs)
         self._scheduled_ns = time.time_ns()
 
+    # Whether produce() uses TensorFlow.
+    uses_tensorflow = False
+
     def complete(self) -> bool:
         try:
             modified_ns = Path(self.output().path).stat().st_mtime_ns
         except FileNotFoundError:
-            return False
-        return not self.rerun or modified_ns >= self._scheduled_ns
+            modified_ns = None
+        done = modified_ns is not None and (not self.rerun or modified_ns >= self._scheduled_ns)
+        if not done and self.uses_tensorflow:
+            # Luigi checks completeness while scheduling, in the process that later forks one
+            # worker process per task under --workers N. Importing TensorFlow there once, and
+            # only when a task that needs it will run, spares each fork its ~3 s import.
+            importlib.import_module("tensorflow")
+        return done
 
     def run(self):
         """Produce the output while holding its lock.

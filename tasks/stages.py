@@ -117,6 +117,7 @@ class PlanConversion(Rerunnable):
 class ConvertShard(Rerunnable):
     """Write one TFRecord shard; its JSON report, written after it, is the target."""
 
+    uses_tensorflow = True
     split = luigi.ChoiceParameter(choices=SPLITS, description="Split this shard belongs to")
     index = luigi.IntParameter(description="Shard number within the split")
 
@@ -146,6 +147,7 @@ class Train(Stage):
     """Train an Estimator from a model file; results/<dataset>/<model>-<version>/ holds model_dir and export."""
 
     stage = "train"
+    uses_tensorflow = True
     model_def = luigi.Parameter(description="Model file: a name in model_defs/ (e.g. cnn) or a path to a .py file")
     params = ParamsParameter(default={}, description="JSON object laid over the model file's PARAMS")
     max_steps = luigi.IntParameter(description="Global step to train to; a rerun resumes from the last checkpoint")
@@ -196,6 +198,7 @@ class Evaluate(Stage):
     """Evaluate a run on one split: metrics.json and confusion_matrix.png."""
 
     stage = "evaluate"
+    uses_tensorflow = True
     split = luigi.ChoiceParameter(choices=SPLITS, description="Split to evaluate on")
     batch_size = luigi.IntParameter(default=256, significant=False, description="Examples per evaluation batch")
 
@@ -219,6 +222,7 @@ class Predict(Stage):
     """Batch prediction with the exported SavedModel on a split or a folder: predictions.csv."""
 
     stage = "predict"
+    uses_tensorflow = True
     input_dir = luigi.Parameter(default="", description="Folder of images to predict; empty predicts `split`")
     split = luigi.ChoiceParameter(default="test", choices=SPLITS,
                                   description="Split predicted when input_dir is empty")
@@ -257,6 +261,7 @@ class Report(Stage):
     """report.html for the configured evaluation, beside its metrics.json; the leaderboard links to it."""
 
     stage = "report"
+    uses_tensorflow = True
 
     def upstream(self):
         evaluate = Evaluate()

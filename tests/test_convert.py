@@ -23,17 +23,9 @@ def write_images(root, per_class=10, classes=("a", "b")):
 
 
 def write_all_shards(raw, out, *, test_fraction, num_shards, image_size, channels):
-    """Plan, then write every shard as the ConvertShard tasks do; returns the reports."""
     convert.plan_conversion(raw, out / convert.PLAN_FILE, validation_fraction=0.0, test_fraction=test_fraction,
                             split_seed=1, num_shards=num_shards)
-    reports = []
-    for split in convert.SPLITS:
-        for index in range(num_shards):
-            reports.append(out / convert.report_name(split, index, num_shards))
-            convert.write_shard(raw, out / convert.PLAN_FILE, split, index,
-                                out / convert.shard_name(split, index, num_shards), reports[-1],
-                                image_size=image_size, channels=channels)
-    return reports
+    return convert.write_all_shards(raw, out, num_shards=num_shards, image_size=image_size, channels=channels)
 
 
 def test_split_is_deterministic_disjoint_and_sized_by_fraction():

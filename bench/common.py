@@ -1,0 +1,71 @@
+"""Shared by the benchmarks: the embedded sample converted once, timing, and printing ratios.
+
+Every figure is a ratio against a baseline measured in the same run: absolute times on these
+shared machines mean little. Each side is measured `REPEATS` times, interleaved, and the medians
+are compared.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / "build" / "bench"
+EMBEDDED = REPO / "data" / "mnist_5k.tar.gz"
+REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+
+sys.path.insert(0, str(REPO))
+
+
+def converted_sample(num_shards: int = 4) -> tuple[Path, dict]:
+    """The embedded sample downloaded and converted with luigi.cfg's settings, once; (folder, metadata)."""
+    from pipeline import convert, download
+    from pipeline.fileio import read_json
+
+    out = CACHE / f"tfrecords-{num_shards}"
+    if not (out / "metadata.json").is_file():
+        raw = CACHE / "raw"
+        if not (raw / "download.json").is_file():
+            download.download_dataset(EMBEDDED.as_uri(), None, raw, "download.json")
+        convert.plan_conversion(raw, out / convert.PLAN_FILE, validation_fraction=0.1, test_fraction=0.15,
+                                split_seed=1234, num_shards=num_shards)
+        reports = convert.write_all_shards(raw, out, num_shards=num_shards, image_size=28, channels=1)
+        convert.finalize_conversion(out, reports, out / "metadata.json", image_size=28, channels=1,
+                                    max_bad_fraction=0.01, source={})
+    return out, read_json(out / "metadata.json")
+
+
+def split_arrays(convert_dir: Path, metadata: dict, split: str):
+    """A split as in-memory NumPy arrays: float32 images in [0, 1] and int64 labels."""
+    import numpy as np
+    import tensorflow as tf
+
+    from pipeline import schema
+    from pipeline.convert import shard_paths
+
+    images, labels = [], []
+    dataset = tf.data.TFRecordDataset(shard_paths(convert_dir, metadata, split)).map(
+        lambda s: schema.parse_training_example(s, metadata["image_shape"]))
+    for pixels, label in dataset.as_numpy_iterator():
+        images.append(pixels)
+        labels.append(label)
+    return np.stack(images).astype(np.float32) / 255.0, np.asarray(labels, dtype=np.int64)
+
+
+def timed(function: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def report(figure: str, measured: list[float], baseline: list[float], unit: str, target: str) -> float:
+    """Print one figure: both medians and their ratio, measured / baseline."""
+    mine, theirs = statistics.median(measured), statistics.median(baseline)
+    ratio = mine / theirs
+    print(f"{figure}: {mine:.1f} vs {theirs:.1f} {unit} -> ratio {ratio:.3f} (target {target}); "
+          f"runs {[round(v, 1) for v in measured]} vs {[round(v, 1) for v in baseline]}", flush=True)
+    return ratio

@@ -1,0 +1,128 @@
+"""Train steps/s through the Train stage's own code, against (a) a bare Estimator on the same
+model_fn and (b) Keras Model.fit on the same architecture, both fed from in-memory NumPy arrays.
+
+The default `cnn` model, batch 64, the run settings of luigi.cfg. Steps/s is taken between step
+WARMUP and step STEPS, so graph building, the first steps and the export are left out.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPEATS, converted_sample, report, split_arrays
+
+STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "600"))
+WARMUP = 100
+BATCH = 64
+RUN_CONFIG = {"tf_random_seed": 42, "save_summary_steps": 50, "save_checkpoints_steps": 500,
+              "keep_checkpoint_max": 3, "log_step_count_steps": 100}
+
+
+def steady_rate(times: dict[int, float]) -> float:
+    return (STEPS - WARMUP) / (times[STEPS] - times[WARMUP])
+
+
+def step_timer(times: dict[int, float]):
+    import tensorflow as tf
+
+    class StepTimer(tf.estimator.SessionRunHook):
+        def begin(self):
+            self._step = tf.compat.v1.train.get_global_step()
+
+        def before_run(self, run_context):
+            return tf.estimator.SessionRunArgs(self._step)
+
+        def after_run(self, run_context, run_values):
+            step = int(run_values.results) + 1
+            if step in (WARMUP, STEPS):
+                times[step] = time.perf_counter()
+
+    return StepTimer()
+
+
+def pipeline_rate(convert_dir: Path, metadata_path: Path) -> float:
+    from pipeline import models, training
+
+    times: dict[int, float] = {}
+    with tempfile.TemporaryDirectory() as run_dir:
+        training.train_model(models.resolve_model_file("cnn"), {}, convert_dir, metadata_path, Path(run_dir),
+                             Path(run_dir) / "train.json", max_steps=STEPS, batch_size=BATCH,
+                             run_config=RUN_CONFIG, hooks=[step_timer(times)],
+                             progress=lambda done, total, unit, detail: None)
+    return steady_rate(times)
+
+
+def bare_estimator_rate(images, labels) -> float:
+    import tensorflow as tf
+
+    from pipeline import models
+
+    model_file = models.resolve_model_file("cnn")
+    module = models.load_model_module(model_file)
+    params = models.merge_params(model_file, module.PARAMS, {}, {"n_classes": 10})
+
+    def input_fn():
+        dataset = tf.data.Dataset.from_tensor_slices(({"image": images}, labels))
+        return dataset.shuffle(10_000, seed=42).repeat().batch(BATCH).prefetch(tf.data.AUTOTUNE)
+
+    times: dict[int, float] = {}
+    with tempfile.TemporaryDirectory() as model_dir:
+        tf.keras.utils.set_random_seed(42)
+        estimator = tf.estimator.Estimator(module.model_fn, params=params,
+                                           config=tf.estimator.RunConfig(model_dir=model_dir, **RUN_CONFIG))
+        estimator.train(input_fn, max_steps=STEPS, hooks=[step_timer(times)])
+    return steady_rate(times)
+
+
+def keras_rate(images, labels) -> float:
+    import tensorflow as tf
+
+    from pipeline import models
+
+    params = models.load_model_module(models.resolve_model_file("cnn")).PARAMS
+    tf.keras.utils.set_random_seed(42)
+    layers = [tf.keras.Input(images.shape[1:])]
+    for filters in params["conv_filters"]:
+        layers += [tf.keras.layers.Conv2D(filters, params["kernel_size"], padding="same", activation="relu"),
+                   tf.keras.layers.MaxPool2D(2, padding="same")]
+    layers += [tf.keras.layers.Flatten(), tf.keras.layers.Dense(params["dense_units"], activation="relu"),
+               tf.keras.layers.Dropout(params["dropout_rate"]), tf.keras.layers.Dense(10)]
+    model = tf.keras.Sequential(layers)
+    model.compile(optimizer=tf.keras.optimizers.Adam(params["learning_rate"]),
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    times: dict[int, float] = {}
+
+    class BatchTimer(tf.keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seen = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.seen += 1
+            if self.seen in (WARMUP, STEPS):
+                times[self.seen] = time.perf_counter()
+            if self.seen >= STEPS:
+                self.model.stop_training = True
+
+    epochs = -(-STEPS // -(-len(images) // BATCH))
+    model.fit(images, labels, batch_size=BATCH, epochs=epochs, shuffle=True, verbose=0, callbacks=[BatchTimer()])
+    return steady_rate(times)
+
+
+def main() -> None:
+    convert_dir, metadata = converted_sample()
+    images, labels = split_arrays(convert_dir, metadata, "train")
+    pipeline, bare, keras = [], [], []
+    for _ in range(REPEATS):
+        pipeline.append(pipeline_rate(convert_dir, convert_dir / "metadata.json"))
+        bare.append(bare_estimator_rate(images, labels))
+        keras.append(keras_rate(images, labels))
+    report("train steps/s, Train stage vs bare Estimator on NumPy", pipeline, bare, "steps/s", ">= 0.98")
+    report("train steps/s, Train stage vs Keras fit on NumPy", pipeline, keras, "steps/s", ">= 1.0")
+    report("train steps/s, bare Estimator vs Keras fit (context)", bare, keras, "steps/s", "none")
+
+
+if __name__ == "__main__":
+    main()
