@@ -79,13 +79,12 @@ class Rerunnable(luigi.Task):
     rerun = luigi.BoolParameter(default=False, significant=False,
                                 description="Ignore this stage's finished outputs and run it again; "
                                             "upstream stages are left as they are")
+    # Whether produce() uses TensorFlow.
+    uses_tensorflow = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._scheduled_ns = time.time_ns()
-
-    # Whether produce() uses TensorFlow.
-    uses_tensorflow = False
 
     def complete(self) -> bool:
         try:
@@ -126,7 +125,7 @@ class Rerunnable(luigi.Task):
 
 
 class Stage(Rerunnable):
-    """A pipeline stage. Subclasses set `stage`, list `upstream()` and implement `run()`."""
+    """A pipeline stage. Subclasses set `stage`, list `upstream()` and implement `produce()`."""
 
     stage: str = ""
 

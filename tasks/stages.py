@@ -1,7 +1,9 @@
-"""The pipeline's Luigi tasks. Each `run()` unpacks its inputs and calls one `pipeline` function.
+"""The pipeline's Luigi tasks. Each `produce()` (called by `run()` under the output's lock, see
+tasks.base) unpacks its inputs and calls one `pipeline` function.
 
-TensorFlow-backed library modules are imported inside `run()`, so that scheduling, `--help`
-and no-op reruns never load TensorFlow.
+TensorFlow-backed library modules are imported inside `produce()`, so that `--help` and no-op
+reruns never load TensorFlow; scheduling imports it only when such a task will run (see
+`Rerunnable.complete`).
 """
 from __future__ import annotations
 
@@ -164,7 +166,7 @@ class Train(Stage):
     def validate(self):
         model_file = resolve_model_file(self.model_def)
         known = declared_param_keys(model_file)
-        if known is not None:  # otherwise checked once the model file is loaded, in run()
+        if known is not None:  # otherwise checked once the model file is loaded, in produce()
             check_param_overrides(model_file, known, self.params)
         validate_training_settings(self.max_steps, self.batch_size, self.run_config())
 
