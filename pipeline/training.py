@@ -18,10 +18,10 @@ from typing import Any, Callable, Mapping, Sequence
 import tensorflow as tf
 
 from pipeline import models, schema
-from pipeline.models import MODEL_DIR
 from pipeline.convert import shard_paths
 from pipeline.errors import StageOutputError
 from pipeline.fileio import read_json, remove_tree, write_json_atomic
+from pipeline.models import MODEL_DIR
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ class ProgressHook(tf.estimator.SessionRunHook):
         if self._loss is None:
             self._progress(self._runs, self._total, "batches", "")
         else:
-            self._progress(self._first_step + self._runs, self._total, "steps", f"loss {float(run_values.results):.4f}")
+            loss = float(run_values.results)
+            self._progress(self._first_step + self._runs, self._total, "steps", f"loss {loss:.4f}")
 
 
 def _with_training_hooks(model_fn: Callable, hooks_for_loss: Callable[[tf.Tensor], list]) -> Callable:
