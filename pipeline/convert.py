@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from pipeline.errors import ConfigError, DatasetError, StageOutputError
@@ -124,9 +123,8 @@ def load_image(path: Path, image_size: int, channels: int) -> bytes:
             rotated = opened.getexif().get(ExifTags.Base.Orientation, 1) not in (1, None)
             image = ImageOps.exif_transpose(opened) if rotated else opened
             if image.mode in _WIDE_GREY_MODES:
-                # Pillow clips these to 8 bits (most pixels turn white); scale the 16-bit range instead.
-                pixels = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) // 257
-                image = Image.fromarray(pixels.astype(np.uint8), mode="L")
+                # Converting to "L" clips these to 8 bits (most pixels turn white); scale the 16-bit range first.
+                image = image.point(lambda value: value / 257).convert("L")
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 rgba = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)

@@ -98,8 +98,13 @@ def _describe(error: BaseException, timeout_s: float) -> str:
     return f"{type(reason).__name__}: {reason}"
 
 
+def _file_name(url: str) -> str:
+    return PurePosixPath(urllib.parse.urlsplit(url).path).name
+
+
 def _fetch_into(url: str, partial: Path, timeout_s: float, progress: Progress | None) -> None:
     """Fetch `url` into `partial`, continuing after the bytes already there when the server allows."""
+    name = _file_name(url)
     have = partial.stat().st_size
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -113,7 +118,7 @@ def _fetch_into(url: str, partial: Path, timeout_s: float, progress: Progress | 
                 out.write(chunk)
                 received += len(chunk)
                 if progress:
-                    progress(received, expected, "bytes", PurePosixPath(urllib.parse.urlsplit(url).path).name)
+                    progress(received, expected, "bytes", name)
         if expected is not None and received != expected:
             raise http.client.IncompleteRead(b"", expected - received)
 
@@ -135,7 +140,7 @@ def download_dataset(source_url: str, sha256: str | None, target: Path, marker_n
     try:
         tree = work / "tree"
         if kind == "archive":
-            archive = work / PurePosixPath(urllib.parse.urlsplit(source_url).path).name
+            archive = work / _file_name(source_url)
             digest = fetch(source_url, archive, sha256, retries=retries, backoff_s=backoff_s,
                            timeout_s=timeout_s, progress=progress)
             extract_archive(archive, tree)

@@ -74,16 +74,13 @@ def file_lock(lock_path: Path, holder: str = "") -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def remove_temporaries(patterns: Iterable[Path]) -> list[Path]:
-    """Remove what matches the glob `patterns` (files or folders a crashed run left); returns them."""
-    removed = []
+def remove_temporaries(patterns: Iterable[Path]) -> None:
+    """Remove what matches the glob `patterns`: files or folders a crashed run left."""
     for pattern in patterns:
         pattern = Path(pattern)
         for leftover in sorted(pattern.parent.glob(pattern.name)) if pattern.parent.is_dir() else []:
             log.warning("removing %s, left by an interrupted run", leftover)
             remove_tree(leftover)
-            removed.append(leftover)
-    return removed
 
 
 def remove_tree(path: Path) -> None:
