@@ -149,9 +149,8 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[object]], numeric: boo
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render_report(*, title: str, metrics: dict, train: dict, versions: Mapping[str, str], model_file: str,
-                  model_sha256: str, confusion_png: bytes, curves: Mapping[str, Mapping[str, Series]],
-                  examples: Sequence[dict]) -> str:
+def render_report(*, title: str, metrics: dict, train: dict, versions: Mapping[str, str], model_sha256: str,
+                  confusion_png: bytes, curves: Mapping[str, Mapping[str, Series]], examples: Sequence[dict]) -> str:
     """The HTML of one report, from plain values (see `write_report` for where they come from)."""
     cards = "".join(f'<div class="card">{html.escape(label)}<b>{html.escape(value)}</b></div>' for label, value in (
         ("accuracy", f"{metrics['accuracy']:.4f}"), ("loss", f"{metrics['loss']:.4f}"),
@@ -165,7 +164,7 @@ def render_report(*, title: str, metrics: dict, train: dict, versions: Mapping[s
         f'<figcaption>true <b>{html.escape(e["true_label"])}</b><br>predicted <b>{html.escape(e["predicted_label"])}'
         f'</b> ({e["probability"]:.2f})<br><code>{html.escape(e["key"])}</code></figcaption></figure>'
         for e in examples) or "<p>No misclassified images.</p>"
-    run = _table(("", "value"), [("model file", model_file), ("model code sha256", model_sha256),
+    run = _table(("", "value"), [("model file", train["model_file"]), ("model code sha256", model_sha256),
                                  *((f"{stage} version", version) for stage, version in versions.items()),
                                  ("checkpoint", metrics["checkpoint"]), ("max_steps", train["max_steps"]),
                                  ("batch_size", train["batch_size"]),
@@ -210,7 +209,7 @@ def write_report(run_dir: Path, train_marker: Path, metrics_path: Path, predicti
     model_source = (model_dir / training.MODEL_FILE).read_bytes()
     page = render_report(
         title=f"{run_dir.parent.name} / {run_dir.name}: {train['model_file']} on {metrics['split']}",
-        metrics=metrics, train=train, versions=versions, model_file=train["model_file"],
+        metrics=metrics, train=train, versions=versions,
         model_sha256=hashlib.sha256(model_source).hexdigest(),
         confusion_png=(metrics_path.parent / CONFUSION_MATRIX_PNG).read_bytes(),
         curves={label: series for label, series in curves.items() if series}, examples=examples)

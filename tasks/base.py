@@ -216,7 +216,7 @@ def _pipeline_error(error: BaseException | None) -> PipelineError | None:
     return error
 
 
-logging.getLogger("luigi-interface").addFilter(_OneLineErrors())
+logger.addFilter(_OneLineErrors())
 
 
 class ParamsParameter(luigi.DictParameter):
@@ -239,6 +239,5 @@ def _keep_luigi_lines_single(task: Rerunnable) -> None:
     # absl (inside TensorFlow) calls logging.basicConfig() on its first message, giving the root
     # logger a handler that repeats every line Luigi's own handler already printed. Luigi's
     # default setup gives "luigi-interface" that handler; a user's logging setup is left alone.
-    interface = logging.getLogger("luigi-interface")
-    if interface.handlers:
-        interface.propagate = False
+    if logger.handlers:
+        logger.propagate = False

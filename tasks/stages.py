@@ -15,7 +15,9 @@ import luigi
 from luigi.util import inherits
 
 from pipeline import download, versioning
-from pipeline.convert import PLAN_FILE, SPLITS, report_name, shard_name, shard_paths, validate_conversion_params
+# pipeline.convert imports TensorFlow only inside write_shard, so it is imported here whole.
+from pipeline.convert import (PLAN_FILE, SPLITS, finalize_conversion, plan_conversion, report_name, shard_name,
+                              shard_paths, validate_conversion_params, write_shard)
 from pipeline.errors import ConfigError
 from pipeline.fileio import TEMP_INFIX, read_json, remove_tree
 from pipeline.models import (MODEL_DIR, RUN_CONFIG_KEYS, check_param_overrides, declared_param_keys,
@@ -87,8 +89,6 @@ class Convert(Stage):
         return super().complete() and all(shard.complete() for shard in self.requires())
 
     def produce(self):
-        from pipeline.convert import finalize_conversion
-
         out = self.stage_output
         raw = self.upstream()[0].stage_output
         finalize_conversion(out.directory, [Path(target.path) for target in self.input()], out.marker,
@@ -108,8 +108,6 @@ class PlanConversion(Rerunnable):
         return luigi.LocalTarget(str(self.clone(Convert).stage_output.directory / PLAN_FILE))
 
     def produce(self):
-        from pipeline.convert import plan_conversion
-
         plan_conversion(Path(self.input().path).parent, Path(self.output().path),
                         validation_fraction=self.validation_fraction, test_fraction=self.test_fraction,
                         split_seed=self.split_seed, num_shards=self.num_shards)
@@ -137,8 +135,6 @@ class ConvertShard(Rerunnable):
         return [*super().temporaries(), Path(f"{self.shard_path()}{TEMP_INFIX}*")]
 
     def produce(self):
-        from pipeline.convert import write_shard
-
         with TaskProgress(self) as progress:
             write_shard(Path(self.input()["raw"].path).parent, Path(self.input()["plan"].path), self.split,
                         self.index, self.shard_path(), Path(self.output().path),
@@ -272,9 +268,10 @@ class Report(Stage):
     def produce(self):
         from pipeline.report import write_report
 
-        evaluate, predict, train, convert, download = (task.stage_output for task in self.upstream())
+        upstream = self.upstream()
+        evaluate, predict, train, convert, download = (task.stage_output for task in upstream)
         write_report(train.directory, train.marker, evaluate.marker, predict.marker,
-                     shard_paths(convert.directory, read_json(convert.marker), read_json(evaluate.marker)["split"]),
+                     shard_paths(convert.directory, read_json(convert.marker), upstream[0].split),
                      self.stage_output.marker,
                      versions={"download": download.version, "convert (data)": convert.version,
                                "train": train.version, "evaluate": evaluate.version})

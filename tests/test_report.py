@@ -39,11 +39,11 @@ def test_misclassified_lists_the_most_confident_mistakes_first(tmp_path):
 def test_report_escapes_what_it_shows():
     page = render_report(
         title="<run>", train={"params": {"note": "<script>"}, "max_steps": 2, "batch_size": 1,
-                              "run_config": {"tf_random_seed": 1}},
+                              "run_config": {"tf_random_seed": 1}, "model_file": "m.py"},
         metrics={"split": "test", "accuracy": 0.5, "loss": 1.25, "examples": 2, "global_step": 2,
                  "checkpoint": "model.ckpt-2", "per_class": {"<a>": {"precision": 1.0, "recall": 0.5, "f1": 0.6667,
                                                                     "support": 2}}},
-        versions={"train": "abc"}, model_file="m.py", model_sha256="0" * 64, confusion_png=b"\x89PNG",
+        versions={"train": "abc"}, model_sha256="0" * 64, confusion_png=b"\x89PNG",
         curves={}, examples=[])
     assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;a&gt;" in page
     assert "0.5000" in page and "1.2500" in page and "No misclassified images." in page
