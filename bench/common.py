@@ -21,6 +21,29 @@ REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 sys.path.insert(0, str(REPO))
 
 
+def bench_config(folder: Path, source_url: str) -> Path:
+    """luigi.cfg's settings with data and results in `folder` and the dataset from `source_url`;
+    returns the path of the configuration file written there."""
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(REPO / "luigi.cfg")
+    parser["layout"] = {"data_root": str(folder / "data"), "results_root": str(folder / "results")}
+    parser["Download"] = {"dataset": "bench", "source_url": source_url, "sha256": ""}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "luigi.cfg"
+    with open(path, "w") as handle:
+        parser.write(handle)
+    return path
+
+
+def luigi_env(config: Path) -> dict[str, str]:
+    return {**os.environ, "LUIGI_CONFIG_PATH": str(config)}
+
+
+LUIGI = str(Path(sys.executable).with_name("luigi"))
+
+
 def converted_sample(num_shards: int = 4) -> tuple[Path, dict]:
     """The embedded sample downloaded and converted with luigi.cfg's settings, once; (folder, metadata)."""
     from pipeline import convert, download

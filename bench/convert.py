@@ -4,7 +4,6 @@ images (the sample shifted and flipped) for peak memory and time per image again
 """
 from __future__ import annotations
 
-import configparser
 import json
 import os
 import subprocess
@@ -13,20 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import CACHE, EMBEDDED, REPEATS, REPO, report
+from common import CACHE, EMBEDDED, LUIGI, REPEATS, REPO, bench_config, luigi_env, report
 
 SCALES = [int(n) for n in os.environ.get("BENCH_CONVERT_SCALES", "5000,20000,50000").split(",")]
-
-
-def luigi_config(folder: Path, source_url: str) -> Path:
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(REPO / "luigi.cfg")
-    parser["layout"] = {"data_root": str(folder / "data"), "results_root": str(folder / "results")}
-    parser["Download"] = {"dataset": "bench", "source_url": source_url, "sha256": ""}
-    path = folder / "luigi.cfg"
-    with open(path, "w") as handle:
-        parser.write(handle)
-    return path
 
 
 # Runs a command and prints the peak RSS (KB) of the largest process among it and its workers.
@@ -37,10 +25,9 @@ _PEAK_RSS = ("import resource, subprocess, sys; "
 
 def luigi(config: Path, *args: str) -> tuple[float, float]:
     """Run the real `luigi` command; (wall seconds, peak RSS in MB of its largest process)."""
-    command = [sys.executable, "-c", _PEAK_RSS, str(Path(sys.executable).with_name("luigi")), "--module", "tasks",
-               *args, "--local-scheduler"]
+    command = [sys.executable, "-c", _PEAK_RSS, LUIGI, "--module", "tasks", *args, "--local-scheduler"]
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, "LUIGI_CONFIG_PATH": str(config)}, check=True,
+    result = subprocess.run(command, cwd=REPO, env=luigi_env(config), check=True,
                             capture_output=True, text=True)
     return time.perf_counter() - start, int(result.stdout) / 1024
 
@@ -49,7 +36,7 @@ def pipeline_run(source: Path, workers: int) -> tuple[float, float, int]:
     """`luigi ... Convert` with Download done beforehand: (seconds, peak RSS MB, images converted)."""
     with tempfile.TemporaryDirectory(dir=CACHE) as folder:
         folder = Path(folder)
-        config = luigi_config(folder, source.as_uri() if source.is_file() else f"file:{source}")
+        config = bench_config(folder, source.as_uri())
         luigi(config, "Download")
         seconds, peak_mb = luigi(config, "Convert", "--workers", str(workers))
         [metadata] = (folder / "data" / "tfrecords").glob("*/*/metadata.json")

@@ -3,13 +3,10 @@ imported TensorFlow. Baseline: starting Python and importing Luigi's command lin
 """
 from __future__ import annotations
 
-import configparser
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-from common import CACHE, EMBEDDED, REPEATS, REPO, report, timed
+from common import CACHE, EMBEDDED, LUIGI, REPEATS, REPO, bench_config, luigi_env, report, timed
 
 # Runs the luigi command in-process, then says whether TensorFlow was imported.
 _PROBE = ("import sys, luigi.cmdline\n"
@@ -21,20 +18,11 @@ ARGS = ["--module", "tasks", "RunAll", "--local-scheduler", "--Train-max-steps",
 
 
 def main() -> None:
-    folder = CACHE / "noop"
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(REPO / "luigi.cfg")
-    parser["layout"] = {"data_root": str(folder / "data"), "results_root": str(folder / "results")}
-    parser["Download"]["source_url"] = EMBEDDED.as_uri()
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "luigi.cfg", "w") as handle:
-        parser.write(handle)
-    env = {**os.environ, "LUIGI_CONFIG_PATH": str(folder / "luigi.cfg")}
-    luigi = str(Path(sys.executable).with_name("luigi"))
-    subprocess.run([luigi, *ARGS], cwd=REPO, env=env, check=True, capture_output=True)  # completes the tree
+    env = luigi_env(bench_config(CACHE / "noop", EMBEDDED.as_uri()))
+    subprocess.run([LUIGI, *ARGS], cwd=REPO, env=env, check=True, capture_output=True)  # completes the tree
 
     def rerun() -> None:
-        subprocess.run([luigi, *ARGS], cwd=REPO, env=env, check=True, capture_output=True)
+        subprocess.run([LUIGI, *ARGS], cwd=REPO, env=env, check=True, capture_output=True)
 
     def bare() -> None:
         subprocess.run([sys.executable, "-c", "import luigi.cmdline"], check=True)

@@ -117,13 +117,21 @@ def write_config(path: Path, sections: dict) -> Path:
     return path
 
 
+def luigi_argv(*args: str) -> list[str]:
+    """The real `luigi` command line for this project's tasks."""
+    return [str(Path(sys.executable).with_name("luigi")), "--module", "tasks", *args]
+
+
+def luigi_env(config_path: Path) -> dict[str, str]:
+    """The environment that makes `config_path` the only configuration file `luigi` reads."""
+    return {**os.environ, "LUIGI_CONFIG_PATH": str(config_path)}
+
+
 def luigi_command(cwd: Path, config_path: Path, *args: str, local_scheduler: bool = True,
                   timeout_s: float = 600) -> subprocess.CompletedProcess:
-    """The real `luigi` command line, with `config_path` as its only configuration file."""
-    env = {**os.environ, "LUIGI_CONFIG_PATH": str(config_path)}
-    command = [str(Path(sys.executable).with_name("luigi")), "--module", "tasks", *args]
-    return subprocess.run(command + (["--local-scheduler"] if local_scheduler else []), cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout_s)
+    """Run the real `luigi` command with `config_path` as its configuration; capture its output."""
+    return subprocess.run(luigi_argv(*args, *(["--local-scheduler"] if local_scheduler else [])), cwd=cwd,
+                          env=luigi_env(config_path), capture_output=True, text=True, timeout=timeout_s)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

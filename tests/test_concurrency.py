@@ -1,17 +1,15 @@
 """Two `luigi` processes at once: on one central scheduler, and each with its own local scheduler."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from pipeline.services import start_scheduler, stop_scheduler
-from tests.conftest import free_port, read_csv, repo_config, tiny_config, write_config
+from tests.conftest import free_port, luigi_argv, luigi_env, read_csv, repo_config, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +19,7 @@ STAGES = ("Download", "PlanConversion", "ConvertShard", "Convert", "Train", "Eva
 def start_luigi(folder: Path, config: Path, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
     log = folder / f"{name}.log"
     with open(log, "w") as handle:
-        process = subprocess.Popen([str(Path(sys.executable).with_name("luigi")), "--module", "tasks", "RunAll", *args],
-                                   cwd=folder, env={**os.environ, "LUIGI_CONFIG_PATH": str(config)},
+        process = subprocess.Popen(luigi_argv("RunAll", *args), cwd=folder, env=luigi_env(config),
                                    stdout=handle, stderr=subprocess.STDOUT)
     return process, log
 

@@ -14,7 +14,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,8 @@ import pytest
 
 from pipeline.convert import SPLITS, shard_paths
 from pipeline.fileio import TEMP_INFIX, read_json, sha256_file
-from tests.conftest import FileServer, luigi_command, read_csv, repo_config, tiny_config, write_config
+from tests.conftest import (FileServer, luigi_argv, luigi_command, luigi_env, read_csv, repo_config, tiny_config,
+                            write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -116,12 +116,9 @@ def latest_checkpoint_step(folder: Path) -> int | None:
 def kill_inside(folder: Path, config: Path, stage: str, delay_s: float, workers: int) -> tuple[str, str]:
     """Start RunAll, SIGKILL its process group `delay_s` after `stage` starts; return (log, running stage)."""
     log_path = folder / "killed.log"
-    env = {**os.environ, "LUIGI_CONFIG_PATH": str(config)}
     with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("luigi")), "--module", "tasks", "RunAll", "--local-scheduler",
-             "--workers", str(workers)], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+        process = subprocess.Popen(luigi_argv("RunAll", "--local-scheduler", "--workers", str(workers)), cwd=folder,
+                                   env=luigi_env(config), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     started = re.compile(rf"running\s+{stage}\(")
     deadline = time.monotonic() + 300
     while not started.search(log_path.read_text()):

@@ -4,11 +4,10 @@ import os
 import pty
 import struct
 import subprocess
-import sys
 import termios
 from pathlib import Path
 
-from tests.conftest import luigi_command, tiny_config, write_config
+from tests.conftest import luigi_argv, luigi_command, luigi_env, tiny_config, write_config
 
 
 def run_on_terminal(command: list[str], cwd: Path, env: dict, timeout_s: float = 120) -> tuple[int, str]:
@@ -38,8 +37,7 @@ def test_download_draws_a_bar_on_a_terminal_but_not_into_a_log(mnist_subset, tmp
     assert logged.returncode == 0, logged.stderr[-2000:]
     assert "%|" not in logged.stderr and "\r" not in logged.stderr
 
-    env = {**os.environ, "LUIGI_CONFIG_PATH": str(config)}
-    code, output = run_on_terminal([str(Path(sys.executable).with_name("luigi")), "--module", "tasks", "Download",
-                                    "--Download-dataset", "terminal", "--local-scheduler"], tmp_path, env)
+    code, output = run_on_terminal(luigi_argv("Download", "--Download-dataset", "terminal", "--local-scheduler"),
+                                   tmp_path, luigi_env(config))
     assert code == 0, output[-2000:]
     assert "Download:" in output and "%|" in output and "bytes" in output
