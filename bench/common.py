@@ -1,8 +1,9 @@
 """Shared by the benchmarks: the embedded sample converted once, timing, and printing ratios.
 
 Every figure is a ratio against a baseline measured in the same run: absolute times on these
-shared machines mean little. Each side is measured `REPEATS` times, interleaved, and the medians
-are compared.
+shared machines mean little. Each repetition measures both sides back to back, and the figure is
+the median of the repetitions' ratios, so that the machine's load, which drifts over minutes,
+weighs on both sides of each ratio alike.
 """
 from __future__ import annotations
 
@@ -86,9 +87,9 @@ def timed(function: Callable[[], object]) -> float:
 
 
 def report(figure: str, measured: list[float], baseline: list[float], unit: str, target: str) -> float:
-    """Print one figure: both medians and their ratio, measured / baseline."""
-    mine, theirs = statistics.median(measured), statistics.median(baseline)
-    ratio = mine / theirs
-    print(f"{figure}: {mine:.1f} vs {theirs:.1f} {unit} -> ratio {ratio:.3f} (target {target}); "
-          f"runs {[round(v, 1) for v in measured]} vs {[round(v, 1) for v in baseline]}", flush=True)
+    """Print one figure: the median of the paired ratios measured[i] / baseline[i], and each side's median."""
+    ratio = statistics.median(mine / theirs for mine, theirs in zip(measured, baseline, strict=True))
+    print(f"{figure}: {statistics.median(measured):.1f} vs {statistics.median(baseline):.1f} {unit} (medians) -> "
+          f"ratio {ratio:.3f} (target {target}); runs {[round(v, 1) for v in measured]} vs "
+          f"{[round(v, 1) for v in baseline]}", flush=True)
     return ratio

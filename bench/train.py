@@ -1,12 +1,15 @@
 """Train steps/s through the Train stage's own code, against (a) a bare Estimator on the same
 model_fn and (b) Keras Model.fit on the same architecture, both fed from in-memory NumPy arrays.
 
-The default `cnn` model, batch 64, the run settings of luigi.cfg. Steps/s is taken between step
-WARMUP and step STEPS, so graph building, the first steps and the export are left out.
+The default `cnn` model, batch 64, the run settings of luigi.cfg. Steps/s is taken from step
+WARMUP to step STEPS, so graph building, the first steps and the export are left out: it is the
+median over windows of WINDOW steps, so that a burst of load from elsewhere on the machine
+during one window does not decide the run.
 """
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -15,13 +18,15 @@ from common import REPEATS, converted_sample, report, split_arrays
 
 STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "600"))
 WARMUP = 100
+WINDOW = 50
+MARKS = range(WARMUP, STEPS + 1, WINDOW)
 BATCH = 64
 RUN_CONFIG = {"tf_random_seed": 42, "save_summary_steps": 50, "save_checkpoints_steps": 500,
               "keep_checkpoint_max": 3, "log_step_count_steps": 100}
 
 
 def steady_rate(times: dict[int, float]) -> float:
-    return (STEPS - WARMUP) / (times[STEPS] - times[WARMUP])
+    return statistics.median(WINDOW / (times[end] - times[start]) for start, end in zip(MARKS, MARKS[1:]))
 
 
 def step_timer(times: dict[int, float]):
@@ -36,7 +41,7 @@ def step_timer(times: dict[int, float]):
 
         def after_run(self, run_context, run_values):
             step = int(run_values.results) + 1
-            if step in (WARMUP, STEPS):
+            if step in MARKS:
                 times[step] = time.perf_counter()
 
     return StepTimer()
@@ -101,7 +106,7 @@ def keras_rate(images, labels) -> float:
 
         def on_train_batch_end(self, batch, logs=None):
             self.seen += 1
-            if self.seen in (WARMUP, STEPS):
+            if self.seen in MARKS:
                 times[self.seen] = time.perf_counter()
             if self.seen >= STEPS:
                 self.model.stop_training = True

@@ -8,6 +8,7 @@ the stage's marker, last.
 from __future__ import annotations
 
 import io
+import os
 import random
 import warnings
 from collections import Counter
@@ -57,11 +58,28 @@ def _visible(name: str) -> bool:
     return not name.startswith(_HIDDEN_PREFIXES)
 
 
+def _visible_keys(folder: Path) -> list[str]:
+    """Relative POSIX paths of every file below `folder`, leaving out hidden files and anything in
+    hidden folders; sorted by path components, as sorting `Path`s would. `os.scandir` rather than
+    `Path.rglob`: on 20k files, pathlib's per-file objects made listing cost more than a shard."""
+    keys, pending = [], [""]
+    while pending:
+        prefix = pending.pop()
+        with os.scandir(os.path.join(folder, prefix)) as entries:
+            for entry in entries:
+                if not _visible(entry.name):
+                    continue
+                key = f"{prefix}/{entry.name}" if prefix else entry.name
+                if entry.is_dir():
+                    pending.append(key)
+                elif entry.is_file():
+                    keys.append(key)
+    return sorted(keys, key=lambda key: key.split("/"))
+
+
 def list_visible_files(folder: Path) -> list[Path]:
     """Every file below `folder`, sorted, leaving out hidden files and anything in hidden folders."""
-    folder = Path(folder)
-    return sorted(f for f in folder.rglob("*")
-                  if f.is_file() and all(_visible(part) for part in f.relative_to(folder).parts))
+    return [Path(folder) / key for key in _visible_keys(folder)]
 
 
 def list_images(raw_dir: Path) -> dict[str, list[str]]:
@@ -70,8 +88,7 @@ def list_images(raw_dir: Path) -> dict[str, list[str]]:
     classes = sorted(d.name for d in raw_dir.iterdir() if d.is_dir() and _visible(d.name))
     if len(classes) < 2:
         raise DatasetError(f"{raw_dir}: found classes {classes}; expected at least two class folders")
-    return {name: [f.relative_to(raw_dir).as_posix() for f in list_visible_files(raw_dir / name)]
-            for name in classes}
+    return {name: [f"{name}/{key}" for key in _visible_keys(raw_dir / name)] for name in classes}
 
 
 def split_keys(keys: Sequence[str], validation_fraction: float, test_fraction: float, seed: str) -> dict[str, list[str]]:
@@ -110,17 +127,35 @@ def plan_conversion(raw_dir: Path, plan_path: Path, *, validation_fraction: floa
 _WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
+# (bit depth, colour type) in the IHDR of a PNG whose bytes can be stored as they are: 8-bit
+# greyscale or truecolour, as `tf.io.decode_png` reads them into `channels` unchanged.
+_STORABLE_PNG = {1: (8, 0), 3: (8, 2)}
+
+
 def load_image(path: Path, image_size: int, channels: int) -> bytes:
     """Decode any image Pillow reads into `channels` at `image_size` square, as PNG bytes.
 
     EXIF orientation is applied, transparency is flattened onto white, and Pillow's
-    decompression-bomb limit is an error rather than a warning.
+    decompression-bomb limit is an error rather than a warning. A PNG already in that form is
+    decoded and checked, so that a corrupt one fails here, and then kept byte for byte: encoding
+    it again would cost half of conversion's time.
     """
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), open(path, "rb") as handle:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as opened:
+        with Image.open(handle) as opened:
             # exif_transpose copies every image; most have no orientation to apply.
             rotated = opened.getexif().get(ExifTags.Base.Orientation, 1) not in (1, None)
+            if (opened.format == "PNG" and not rotated and opened.size == (image_size, image_size)
+                    and "transparency" not in opened.info):
+                handle.seek(0)
+                data = handle.read()
+                if (data[24], data[25]) == _STORABLE_PNG[channels]:
+                    # Pillow decodes some PNGs that TensorFlow refuses (one cut short of its
+                    # checksum); verify() checks every chunk's CRC up to IEND, as libpng does.
+                    opened.load()
+                    with Image.open(io.BytesIO(data), formats=["PNG"]) as again:
+                        again.verify()
+                    return data
             image = ImageOps.exif_transpose(opened) if rotated else opened
             if image.mode in _WIDE_GREY_MODES:
                 # Converting to "L" clips these to 8 bits (most pixels turn white); scale the 16-bit range first.
@@ -151,7 +186,7 @@ def write_shard(raw_dir: Path, plan_path: Path, split: str, index: int, shard_pa
         with tf.io.TFRecordWriter(str(temp)) as writer:
             for done, (key, label) in enumerate(items, start=1):
                 try:
-                    encoded = load_image(Path(raw_dir) / key, image_size, channels)
+                    encoded = load_image(os.path.join(raw_dir, key), image_size, channels)
                 except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
                         Image.DecompressionBombError) as error:
                     bad.append({"key": key, "reason": f"{type(error).__name__}: {error}"})

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import logging
+from contextlib import closing
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -24,15 +25,25 @@ from pipeline.progress import Progress
 log = logging.getLogger(__name__)
 
 
-def _record_batches(files: Sequence[str], batch_size: int) -> Iterator[tuple[list[str], list[int], list[bytes]]]:
-    dataset = tf.data.TFRecordDataset(list(files)).map(schema.parse_example).batch(batch_size)
-    for batch in dataset.as_numpy_iterator():
-        yield ([k.decode("utf-8") for k in batch[schema.KEY]], batch[schema.LABEL].tolist(),
-               list(batch[schema.ENCODED]))
+def _record_batches(files: Sequence[str], image_shape: Sequence[int], batch_size: int, *,
+                    pixels: bool) -> Iterator[tuple[list[str], list[int], dict[str, np.ndarray]]]:
+    """Batches of a split's records as (keys, labels, inputs of the serving signature): decoded
+    images for `schema.PIXELS_SIGNATURE` when `pixels`, else the stored PNG bytes. Records are
+    parsed and decoded in parallel, ahead of the model."""
+    def parse(serialized):
+        parsed = schema.parse_example(serialized)
+        image = schema.decode_stored_pixels(parsed[schema.ENCODED], image_shape) if pixels else parsed[schema.ENCODED]
+        return parsed[schema.KEY], parsed[schema.LABEL], image
+
+    dataset = (tf.data.TFRecordDataset(list(files)).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+               .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    for keys, labels, images in dataset.as_numpy_iterator():
+        inputs = {schema.IMAGE: schema.scale_pixels(images).numpy()} if pixels else {schema.SERVING_INPUT: images}
+        yield [k.decode("utf-8") for k in keys], labels.tolist(), inputs
 
 
 def _folder_batches(files: Sequence[Path], input_dir: Path, image_size: int, channels: int,
-                    batch_size: int) -> Iterator[tuple[list[str], list[None], list[bytes]]]:
+                    batch_size: int) -> Iterator[tuple[list[str], list[None], dict[str, list[bytes]]]]:
     paths, encoded = [], []
     for path in files:
         try:
@@ -42,10 +53,24 @@ def _folder_batches(files: Sequence[Path], input_dir: Path, image_size: int, cha
             continue
         paths.append(path.relative_to(input_dir).as_posix())
         if len(paths) == batch_size:
-            yield paths, [None] * len(paths), encoded
+            yield paths, [None] * len(paths), {schema.SERVING_INPUT: encoded}
             paths, encoded = [], []
     if paths:
-        yield paths, [None] * len(paths), encoded
+        yield paths, [None] * len(paths), {schema.SERVING_INPUT: encoded}
+
+
+def _load_for_serving(export_dir: Path) -> tuple[tf.compat.v1.Session, Mapping[str, Any]]:
+    """The SavedModel in a session of its own graph, and its signature defs.
+
+    Loaded the TF1 way, as the Estimator exported it: `tf.saved_model.load` costs twice the time
+    to load, and each of its signature calls fails to bind its keyword arguments and formats
+    the whole input batch into an error message before falling back.
+    """
+    graph = tf.Graph()
+    session = tf.compat.v1.Session(graph=graph)
+    with graph.as_default():
+        meta_graph = tf.compat.v1.saved_model.load(session, [tf.saved_model.SERVING], str(export_dir))
+    return session, meta_graph.signature_def
 
 
 def predict_to_csv(export_dir: Path, metadata: dict, output_csv: Path, *, convert_dir: Path | None = None,
@@ -54,27 +79,35 @@ def predict_to_csv(export_dir: Path, metadata: dict, output_csv: Path, *, conver
     """Write one row per image: key or path, true label (blank when unknown), predicted class
     name and id, and the probability of each class. Returns the number of rows."""
     class_names = metadata["class_names"]
-    height, _, channels = metadata["image_shape"]
+    image_shape = metadata["image_shape"]
     if input_dir is not None:
         input_dir = Path(input_dir)
         if not input_dir.is_dir():
             raise DatasetError(f"input_dir={str(input_dir)!r} is not a folder; expected a folder of images")
-        files = list_visible_files(input_dir)
-        batches, key_column = _folder_batches(files, input_dir, height, channels, batch_size), "path"
+        files, key_column = list_visible_files(input_dir), "path"
         images = len(files)
     else:
-        batches, key_column = _record_batches(shard_paths(convert_dir, metadata, split), batch_size), "key"
+        files, key_column = shard_paths(convert_dir, metadata, split), "key"
         images = metadata["splits"][split]["count"]
-    serve = tf.saved_model.load(str(export_dir)).signatures[tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY]
+    session, signatures = _load_for_serving(export_dir)
+    if input_dir is not None:
+        batches = _folder_batches(files, input_dir, image_shape[0], image_shape[-1], batch_size)
+        signature = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
+    else:
+        # Exports from before the pixels signature existed have only the encoded-bytes one.
+        pixels = schema.PIXELS_SIGNATURE in signatures
+        batches = _record_batches(files, image_shape, batch_size, pixels=pixels)
+        signature = schema.PIXELS_SIGNATURE if pixels else tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
+    feeds = {name: tensor.name for name, tensor in signatures[signature].inputs.items()}
+    fetch = signatures[signature].outputs["probabilities"].name
     total_batches = -(-images // batch_size)
     rows = 0
-    with atomic_path(output_csv) as temp, open(temp, "w", newline="", encoding="utf-8") as handle:
+    with closing(session), atomic_path(output_csv) as temp, open(temp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow([key_column, "true_label", "predicted_label", "predicted_id",
                          *(f"p_{name}" for name in class_names)])
-        for batch_number, (keys, labels, encoded) in enumerate(batches, start=1):
-            outputs = serve(**{schema.SERVING_INPUT: tf.constant(encoded)})
-            probabilities = outputs["probabilities"].numpy()
+        for batch_number, (keys, labels, inputs) in enumerate(batches, start=1):
+            probabilities = session.run(fetch, {feeds[name]: value for name, value in inputs.items()})
             predicted = np.argmax(probabilities, axis=1)
             for key, label, class_id, probs in zip(keys, labels, predicted, probabilities):
                 writer.writerow([key, "" if label is None else class_names[label], class_names[class_id],

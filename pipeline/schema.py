@@ -23,6 +23,10 @@ FEATURE_SPEC = {
 # The name of the image in a model's features and of the serving signature's input.
 IMAGE = "image"
 SERVING_INPUT = "image_bytes"
+# A second signature of every export takes the model's features directly (`IMAGE`: float32 in
+# [0, 1]), skipping the per-image decode of the default one. Estimator names a receiver
+# alternative's signature "<alternative>:<export output key>".
+PIXELS_SIGNATURE = "pixels:serving_default"
 
 
 def serialize_example(encoded_png: bytes, label: int, key: str) -> bytes:
@@ -62,13 +66,16 @@ def parse_training_example(serialized: tf.Tensor, image_shape: Sequence[int]) ->
 
 
 def serving_input_receiver_fn(image_shape: Sequence[int]):
-    """A receiver whose signature takes a batch of encoded image bytes under `SERVING_INPUT`."""
+    """A receiver whose default signature takes a batch of encoded image bytes under `SERVING_INPUT`,
+    and whose `PIXELS_SIGNATURE` takes decoded images under `IMAGE`."""
     image_shape = list(image_shape)
 
     def receiver() -> tf.estimator.export.ServingInputReceiver:
         encoded = tf.compat.v1.placeholder(tf.string, shape=[None], name=SERVING_INPUT)
         images = tf.map_fn(lambda one: decode_any_image(one, image_shape), encoded,
                            fn_output_signature=tf.TensorSpec(image_shape, tf.float32))
-        return tf.estimator.export.ServingInputReceiver({IMAGE: images}, {SERVING_INPUT: encoded})
+        return tf.estimator.export.ServingInputReceiver(
+            {IMAGE: images}, {SERVING_INPUT: encoded},
+            receiver_tensors_alternatives={PIXELS_SIGNATURE.split(":")[0]: {IMAGE: images}})
 
     return receiver

@@ -28,6 +28,17 @@ def write_all_shards(raw, out, *, test_fraction, num_shards, image_size, channel
     return convert.write_all_shards(raw, out, num_shards=num_shards, image_size=image_size, channels=channels)
 
 
+def converted_images(tmp_path, *, per_class, test_fraction, image_size):
+    """Grey images of two classes converted into tmp_path/tfrecords with two shards a split;
+    returns (that folder, its metadata)."""
+    raw = write_images(tmp_path / "raw", per_class=per_class)
+    out = tmp_path / "tfrecords"
+    reports = write_all_shards(raw, out, test_fraction=test_fraction, num_shards=2, image_size=image_size,
+                               channels=1)
+    return out, convert.finalize_conversion(out, reports, out / "metadata.json", image_size=image_size,
+                                            channels=1, max_bad_fraction=0.0, source={})
+
+
 def test_split_is_deterministic_disjoint_and_sized_by_fraction():
     keys = [f"c/{i:03d}.png" for i in range(100)]
     first = convert.split_keys(keys, 0.1, 0.2, "5/c")
@@ -91,6 +102,31 @@ def test_load_image_normalises_mode_size_and_exif_orientation(tmp_path):
 
     assert rotated.mode == "RGB" and rotated.size == (4, 4)
     assert clear.mode == "L" and set(clear.getdata()) == {255}, "transparency is flattened onto white"
+
+
+def test_a_png_already_in_the_dataset_form_is_kept_but_still_checked(tmp_path):
+    import tensorflow as tf
+
+    pixels = np.random.default_rng(2).integers(0, 256, (6, 6), dtype=np.uint8)
+    plain = _png(Image.fromarray(pixels))
+    (tmp_path / "plain.png").write_bytes(plain)
+    flipped = bytearray(plain)
+    flipped[plain.index(b"IDAT") + 10] ^= 1
+    corrupt = {"short.png": plain[:-20], "no-end.png": plain[:-12], "flipped.png": bytes(flipped)}
+    for name, data in corrupt.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "wide.png").write_bytes(_png(Image.frombytes("I;16", (6, 6), (pixels.astype("<u2") * 257).tobytes())))
+
+    assert convert.load_image(tmp_path / "plain.png", 6, 1) == plain
+    np.testing.assert_array_equal(tf.io.decode_png(plain, channels=1).numpy()[..., 0], pixels)
+    for name, data in corrupt.items():
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            tf.io.decode_png(data, channels=1)  # what training would meet, had it been stored
+        with pytest.raises((OSError, SyntaxError)):
+            convert.load_image(tmp_path / name, 6, 1)
+    rescaled = convert.load_image(tmp_path / "wide.png", 6, 1)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(rescaled))), pixels), "16-bit grey is re-encoded as 8 bits"
+    assert convert.load_image(tmp_path / "plain.png", 6, 3) != plain, "greyscale is re-encoded for 3 channels"
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -220,11 +256,7 @@ def test_a_decompression_bomb_is_refused_without_allocating_its_size(tmp_path):
 
 
 def test_a_corrupt_shard_is_named_and_its_report_removed(tmp_path):
-    raw = write_images(tmp_path / "raw", per_class=4)
-    out = tmp_path / "tfrecords"
-    reports = write_all_shards(raw, out, test_fraction=0.0, num_shards=2, image_size=4, channels=1)
-    metadata = convert.finalize_conversion(out, reports, out / "metadata.json", image_size=4, channels=1,
-                                           max_bad_fraction=0.0, source={})
+    out, metadata = converted_images(tmp_path, per_class=4, test_fraction=0.0, image_size=4)
     assert len(convert.shard_paths(out, metadata, "train")) == 2
 
     shard = out / convert.shard_name("train", 1, 2)
