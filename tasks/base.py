@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import importlib
 import json
@@ -92,11 +93,16 @@ class Rerunnable(luigi.Task):
         except FileNotFoundError:
             modified_ns = None
         done = modified_ns is not None and (not self.rerun or modified_ns >= self._scheduled_ns)
-        if not done and self.uses_tensorflow:
+        if not done and self.uses_tensorflow and "tensorflow" not in sys.modules:
             # Luigi checks completeness while scheduling, in the process that later forks one
             # worker process per task under --workers N. Importing TensorFlow there once, and
             # only when a task that needs it will run, spares each fork its ~3 s import.
             importlib.import_module("tensorflow")
+            # Frozen, TensorFlow's Python objects are left out of garbage collection. Otherwise
+            # every full collection walks them again: in a forked worker that walk copies each
+            # page it touches, and at exit it costs about a second. Convert at 5k images with 2
+            # workers took 9.0-12.9 s without this and 5.4-5.9 s with it.
+            gc.freeze()
         return done
 
     def run(self):
