@@ -4,9 +4,10 @@ images (the sample shifted and flipped) for peak memory and time per image again
 
 Both sides run as whole processes, so each pays an interpreter start and a TensorFlow import
 (about 3 s, more than converting 5k images takes). The compared figure is therefore the rate of
-further images: both sides convert the 5k and the 20k set, and (20k - 5k) images are divided
-by the difference in seconds, in which those fixed costs cancel. Whole-process rates are printed
-beside it.
+further images: in each repetition both sides convert every set, and the slope of a
+least-squares line through (images, seconds) gives the time each further image costs; the
+fixed costs are its intercept. Whole-process rates are printed beside it, and, as the ceiling
+for 2 workers, how two naive loops at once scale on this machine.
 """
 from __future__ import annotations
 
@@ -84,6 +85,18 @@ def naive_run(raw: Path) -> tuple[float, int, float]:
         return seconds, int(output), peak_mb
 
 
+def naive_pair(raw: Path) -> float:
+    """Seconds for two naive loops started together over the same folder, each writing its own file."""
+    with tempfile.TemporaryDirectory(dir=CACHE) as folder:
+        start = time.perf_counter()
+        loops = [subprocess.Popen([sys.executable, "-c", _NAIVE, str(raw), str(Path(folder) / f"naive-{i}.tfrecord")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}) for i in range(2)]
+        if any(loop.wait() for loop in loops):
+            raise RuntimeError("a naive loop failed")
+        return time.perf_counter() - start
+
+
 def scaled_source(count: int) -> tuple[Path, Path]:
     """`count` images made from the sample by shifts and flips: (image-folder tree, .tar of it)."""
     import tarfile
@@ -119,29 +132,32 @@ def main() -> None:
     from common import converted_sample
 
     converted_sample()  # leaves the sample's images in CACHE/raw, which scaled_source draws from
-    small, large = SCALES[:2]
     runs = defaultdict(list)  # (side, images) -> [(seconds, images, peak RSS MB)]
+    pairs = []  # (seconds of one naive loop, seconds of two at once) over the middle set
     for _ in range(REPEATS):
         for count in SCALES:
             root, archive = scaled_source(count)
-            if count in (small, large):
-                runs["naive", count].append(naive_run(root))
-                runs[1, count].append(pipeline_run(archive, 1))
+            runs["naive", count].append(naive_run(root))
+            runs[1, count].append(pipeline_run(archive, 1))
             runs[2, count].append(pipeline_run(archive, 2))
-
-    def whole(side, count) -> list[float]:
-        return [images / seconds for seconds, images, _ in runs[side, count]]
+        root, _ = scaled_source(SCALES[1])
+        pairs.append((runs["naive", SCALES[1]][-1][0], naive_pair(root)))
 
     def further(side) -> list[float]:
-        return [(big[1] - few[1]) / (big[0] - few[0]) for few, big in zip(runs[side, small], runs[side, large])]
+        """Images/s of each repetition's least-squares line through its (images, seconds) points."""
+        return [1 / statistics.linear_regression([run[1] for run in rep], [run[0] for run in rep]).slope
+                for rep in zip(*(runs[side, count] for count in SCALES))]
 
+    sets = "/".join(f"{count // 1000}k" for count in SCALES)
     for workers, target in ((1, ">= 0.9"), (2, ">= 1.8")):
-        report(f"convert images/s per further image ({small // 1000}k to {large // 1000}k), "
-               f"luigi Convert --workers {workers} vs naive loop", further(workers), further("naive"),
-               "images/s", target)
-        for count in (small, large):
-            report(f"convert images/s, whole process at {count // 1000}k, luigi Convert --workers {workers} "
-                   "vs naive loop (context)", whole(workers, count), whole("naive", count), "images/s", "none")
+        report(f"convert images/s per further image (slope over {sets}), luigi Convert --workers {workers} vs naive "
+               "loop", further(workers), further("naive"), "images/s", target)
+        for count in SCALES:
+            report(f"convert images/s, whole process at {count // 1000}k, luigi Convert --workers {workers} vs "
+                   "naive loop (context)", [images / seconds for seconds, images, _ in runs[workers, count]],
+                   [images / seconds for seconds, images, _ in runs["naive", count]], "images/s", "none")
+    report(f"this machine's ceiling for 2 workers: two naive loops at once over {SCALES[1] // 1000}k each vs one "
+           "(context)", [2 / both for _, both in pairs], [1 / one for one, _ in pairs], "loops/s", "none")
 
     rows = []
     for count in SCALES:
@@ -151,7 +167,7 @@ def main() -> None:
         print(f"convert at scale, --workers 2: {count} images in {seconds:.1f} s (median), "
               f"{seconds / count * 1000:.3f} ms/image, peak RSS {peak_mb:.0f} MB (target <= 400 MB, flat in N)",
               flush=True)
-    naive_peak = max(run[2] for count in (small, large) for run in runs["naive", count])
+    naive_peak = max(run[2] for count in SCALES for run in runs["naive", count])
     print(f"convert at scale: the naive loop's peak RSS {naive_peak:.0f} MB (context: its TensorFlow import)", flush=True)
     # The fixed part (interpreter, TensorFlow import, scheduling) shrinks per image as N grows;
     # what must stay flat is the time each further image costs.
