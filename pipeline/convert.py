@@ -138,7 +138,7 @@ def load_image(path: Path, image_size: int, channels: int) -> bytes:
     EXIF orientation is applied, transparency is flattened onto white, and Pillow's
     decompression-bomb limit is an error rather than a warning. A PNG already in that form is
     decoded and checked, so that a corrupt one fails here, and then kept byte for byte: encoding
-    it again would cost half of conversion's time.
+    it again took about 40% of the time spent per image.
     """
     with warnings.catch_warnings(), open(path, "rb") as handle:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
