@@ -80,6 +80,30 @@ def split_arrays(convert_dir: Path, metadata: dict, split: str):
     return np.stack(images).astype(np.float32) / 255.0, np.asarray(labels, dtype=np.int64)
 
 
+def cnn_params() -> dict:
+    from pipeline import models
+
+    return models.load_model_module(models.resolve_model_file("cnn")).PARAMS
+
+
+def keras_cnn(image_shape, *, training: bool):
+    """The default `cnn` model file's architecture in Keras, from its PARAMS: for training with
+    dropout and logits, for prediction with class probabilities."""
+    import tensorflow as tf
+
+    params = cnn_params()
+    layers = [tf.keras.Input(image_shape)]
+    for filters in params["conv_filters"]:
+        layers += [tf.keras.layers.Conv2D(filters, params["kernel_size"], padding="same", activation="relu"),
+                   tf.keras.layers.MaxPool2D(2, padding="same")]
+    layers += [tf.keras.layers.Flatten(), tf.keras.layers.Dense(params["dense_units"], activation="relu")]
+    if training:
+        layers += [tf.keras.layers.Dropout(params["dropout_rate"]), tf.keras.layers.Dense(10)]
+    else:
+        layers += [tf.keras.layers.Dense(10, activation="softmax")]
+    return tf.keras.Sequential(layers)
+
+
 def timed(function: Callable[[], object]) -> float:
     start = time.perf_counter()
     function()

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import CACHE, LUIGI, REPEATS, REPO, bench_config, luigi_env, report
+from common import CACHE, LUIGI, REPEATS, REPO, bench_config, converted_sample, luigi_env, report
 
 SCALES = [int(n) for n in os.environ.get("BENCH_CONVERT_SCALES", "5000,20000,50000").split(",")]
 
@@ -128,8 +128,6 @@ def scaled_source(count: int) -> tuple[Path, Path]:
 def main() -> None:
     import statistics
     from collections import defaultdict
-
-    from common import converted_sample
 
     converted_sample()  # leaves the sample's images in CACHE/raw, which scaled_source draws from
     runs = defaultdict(list)  # (side, images) -> [(seconds, images, peak RSS MB)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from common import CACHE, REPEATS, converted_sample, report, split_arrays, timed
+from common import CACHE, REPEATS, converted_sample, keras_cnn, report, split_arrays, timed
 
 BATCH = 256
 
@@ -31,25 +31,10 @@ def exported_model(convert_dir: Path) -> Path:
     return run_dir / read_json(run_dir / "train.json")["export_dir"]
 
 
-def keras_model(image_shape):
-    import tensorflow as tf
-
-    from pipeline import models
-
-    params = models.load_model_module(models.resolve_model_file("cnn")).PARAMS
-    layers = [tf.keras.Input(image_shape)]
-    for filters in params["conv_filters"]:
-        layers += [tf.keras.layers.Conv2D(filters, params["kernel_size"], padding="same", activation="relu"),
-                   tf.keras.layers.MaxPool2D(2, padding="same")]
-    layers += [tf.keras.layers.Flatten(), tf.keras.layers.Dense(params["dense_units"], activation="relu"),
-               tf.keras.layers.Dense(10, activation="softmax")]
-    return tf.keras.Sequential(layers)
-
-
 def saved_keras_model(image_shape) -> Path:
     path = CACHE / "predict-keras.keras"
     if not path.is_file():
-        keras_model(image_shape).save(path)
+        keras_cnn(image_shape, training=False).save(path)
     return path
 
 
@@ -60,7 +45,7 @@ def keras_from_file(images, path: Path) -> None:
 
 
 def keras_from_code(images) -> None:
-    keras_model(images.shape[1:]).predict(images, batch_size=BATCH, verbose=0)
+    keras_cnn(images.shape[1:], training=False).predict(images, batch_size=BATCH, verbose=0)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPEATS, converted_sample, report, split_arrays
+from common import REPEATS, cnn_params, converted_sample, keras_cnn, report, split_arrays
 
 STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "400"))
 WARMUP = 100
@@ -84,18 +84,9 @@ def bare_estimator_rate(images, labels) -> float:
 def keras_rate(images, labels) -> float:
     import tensorflow as tf
 
-    from pipeline import models
-
-    params = models.load_model_module(models.resolve_model_file("cnn")).PARAMS
     tf.keras.utils.set_random_seed(42)
-    layers = [tf.keras.Input(images.shape[1:])]
-    for filters in params["conv_filters"]:
-        layers += [tf.keras.layers.Conv2D(filters, params["kernel_size"], padding="same", activation="relu"),
-                   tf.keras.layers.MaxPool2D(2, padding="same")]
-    layers += [tf.keras.layers.Flatten(), tf.keras.layers.Dense(params["dense_units"], activation="relu"),
-               tf.keras.layers.Dropout(params["dropout_rate"]), tf.keras.layers.Dense(10)]
-    model = tf.keras.Sequential(layers)
-    model.compile(optimizer=tf.keras.optimizers.Adam(params["learning_rate"]),
+    model = keras_cnn(images.shape[1:], training=True)
+    model.compile(optimizer=tf.keras.optimizers.Adam(cnn_params()["learning_rate"]),
                   loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     times: dict[int, float] = {}
 
