@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 # The central scheduler: loopback only, since luigid has no authentication. Its pidfile, logs
 # and saved state live in $(SCHEDULER_DIR).
-SCHEDULER_DIR := .luigid
+SCHEDULER_DIR ?= .luigid
 SCHEDULER_PORT ?= 8082
 TENSORBOARD_PORT ?= 6006
 

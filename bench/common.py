@@ -30,7 +30,7 @@ def bench_config(folder: Path, source_url: str) -> Path:
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(REPO / "luigi.cfg")
     parser["layout"] = {"data_root": str(folder / "data"), "results_root": str(folder / "results")}
-    parser["Download"] = {"dataset": "bench", "source_url": source_url, "sha256": ""}
+    parser["Download"] = {"dataset": "bench", "source_url": source_url}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "luigi.cfg"
     with open(path, "w") as handle:

@@ -17,15 +17,13 @@ from typing import Iterable, Sequence
 
 from PIL import ExifTags, Image, ImageOps
 
-from pipeline.errors import ConfigError, DatasetError, StageOutputError
-from pipeline.fileio import atomic_path, read_json, sha256_file, write_json_atomic
+from pipeline.errors import ConfigError, DatasetError, StageOutputError, UnusableImage
+from pipeline.fileio import atomic_path, read_json, sha256_file, visible, visible_keys, write_json_atomic
 from pipeline.progress import Progress
 
 SPLITS = ("train", "validation", "test")
 PLAN_FILE = "plan.json"
 CHANNEL_MODES = {1: "L", 3: "RGB"}
-# Names that operating systems and archivers leave beside images (.DS_Store, AppleDouble ._*, __MACOSX).
-_HIDDEN_PREFIXES = (".", "__MACOSX")
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
@@ -54,41 +52,18 @@ def validate_conversion_params(image_size: int, channels: int, validation_fracti
         raise ConfigError(f"max_bad_fraction={max_bad_fraction}; expected a fraction in [0, 1]")
 
 
-def _visible(name: str) -> bool:
-    return not name.startswith(_HIDDEN_PREFIXES)
-
-
-def _visible_keys(folder: Path) -> list[str]:
-    """Relative POSIX paths of every file below `folder`, leaving out hidden files and anything in
-    hidden folders; sorted by path components, as sorting `Path`s would. `os.scandir` rather than
-    `Path.rglob`: on 20k files, pathlib's per-file objects made listing cost more than a shard."""
-    keys, pending = [], [""]
-    while pending:
-        prefix = pending.pop()
-        with os.scandir(os.path.join(folder, prefix)) as entries:
-            for entry in entries:
-                if not _visible(entry.name):
-                    continue
-                key = f"{prefix}/{entry.name}" if prefix else entry.name
-                if entry.is_dir():
-                    pending.append(key)
-                elif entry.is_file():
-                    keys.append(key)
-    return sorted(keys, key=lambda key: key.split("/"))
-
-
 def list_visible_files(folder: Path) -> list[Path]:
     """Every file below `folder`, sorted, leaving out hidden files and anything in hidden folders."""
-    return [Path(folder) / key for key in _visible_keys(folder)]
+    return [Path(folder) / key for key in visible_keys(folder)]
 
 
 def list_images(raw_dir: Path) -> dict[str, list[str]]:
     """Class name -> sorted keys (`<class>/<relative path>`) of every visible file in its folder."""
     raw_dir = Path(raw_dir)
-    classes = sorted(d.name for d in raw_dir.iterdir() if d.is_dir() and _visible(d.name))
+    classes = sorted(d.name for d in raw_dir.iterdir() if d.is_dir() and visible(d.name))
     if len(classes) < 2:
         raise DatasetError(f"{raw_dir}: found classes {classes}; expected at least two class folders")
-    return {name: [f"{name}/{key}" for key in _visible_keys(raw_dir / name)] for name in classes}
+    return {name: [f"{name}/{key}" for key in visible_keys(raw_dir / name)] for name in classes}
 
 
 def split_keys(keys: Sequence[str], validation_fraction: float, test_fraction: float, seed: str) -> dict[str, list[str]]:
@@ -132,14 +107,28 @@ _WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _STORABLE_PNG = {1: (8, 0), 3: (8, 2)}
 
 
+# What Pillow raises for a file that is no usable image: not an image at all (UnidentifiedImageError
+# is an OSError), truncated or corrupt (OSError, SyntaxError, ValueError), or a decompression bomb.
+_UNUSABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
+                          Image.DecompressionBombError)
+
+
 def load_image(path: Path, image_size: int, channels: int) -> bytes:
     """Decode any image Pillow reads into `channels` at `image_size` square, as PNG bytes.
 
     EXIF orientation is applied, transparency is flattened onto white, and Pillow's
     decompression-bomb limit is an error rather than a warning. A PNG already in that form is
     decoded and checked, so that a corrupt one fails here, and then kept byte for byte: encoding
-    it again took about 40% of the time spent per image.
+    it again took about 40% of the time spent per image. Raises UnusableImage for a file that
+    cannot be used, naming the underlying error.
     """
+    try:
+        return _normalised_png(path, image_size, channels)
+    except _UNUSABLE_IMAGE_ERRORS as error:
+        raise UnusableImage(f"{type(error).__name__}: {error}") from error
+
+
+def _normalised_png(path: Path, image_size: int, channels: int) -> bytes:
     with warnings.catch_warnings(), open(path, "rb") as handle:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(handle) as opened:
@@ -187,9 +176,8 @@ def write_shard(raw_dir: Path, plan_path: Path, split: str, index: int, shard_pa
             for done, (key, label) in enumerate(items, start=1):
                 try:
                     encoded = load_image(os.path.join(raw_dir, key), image_size, channels)
-                except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-                        Image.DecompressionBombError) as error:
-                    bad.append({"key": key, "reason": f"{type(error).__name__}: {error}"})
+                except UnusableImage as error:
+                    bad.append({"key": key, "reason": str(error)})
                 else:
                     writer.write(schema.serialize_example(encoded, label, key))
                     per_class[class_names[label]] += 1

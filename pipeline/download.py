@@ -10,6 +10,7 @@ import csv
 import http.client
 import logging
 import os
+import re
 import stat
 import tarfile
 import time
@@ -22,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path, PurePosixPath
 
 from pipeline.errors import ChecksumMismatch, ConfigError, DatasetError, DownloadError, UnsafeArchiveError
-from pipeline.fileio import TEMP_INFIX, atomic_path, remove_tree, sha256_file, write_json_atomic
+from pipeline.fileio import (TEMP_INFIX, atomic_path, flush_to_disk, remove_tree, sha256_file, visible, visible_keys,
+                             write_json_atomic)
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,21 @@ _CHUNK = 1 << 16
 # Caps on what an archive may extract to: a bomb is refused before anything is written.
 MAX_EXTRACTED_BYTES = 20 << 30
 MAX_COMPRESSION_RATIO = 100.0
+_CHECKSUM_FRAGMENT = re.compile(r"sha256=([0-9a-fA-F]{64})")
+
+
+def split_checksum(url: str) -> tuple[str, str | None]:
+    """(the URL to fetch, its expected sha256 or None) from a source URL that may end in
+    `#sha256=<64 hex digits>`, as pip's requirement URLs do: the checksum travels with the URL it
+    belongs to, so a changed URL is never checked against another one's checksum."""
+    base, _, fragment = url.partition("#")
+    if not fragment:
+        return url, None
+    match = _CHECKSUM_FRAGMENT.fullmatch(fragment)
+    if match is None:
+        raise ConfigError(f"source URL {url!r} ends in '#{fragment}'; the only fragment understood is "
+                          "'#sha256=' followed by the 64 hex digits of the file's sha256")
+    return base, match.group(1).lower()
 
 
 def _check_scheme(url: str) -> urllib.parse.SplitResult:
@@ -64,7 +81,7 @@ def fetch(url: str, destination: Path, sha256: str | None = None, *, retries: in
     other HTTP error (a 404 above all) fails at once. A digest mismatch leaves nothing at
     `destination`.
     """
-    _check_scheme(url)
+    local = _check_scheme(url).scheme == "file"
     destination = Path(destination)
     with atomic_path(destination) as partial:
         for attempt in range(retries + 1):
@@ -77,6 +94,8 @@ def fetch(url: str, destination: Path, sha256: str | None = None, *, retries: in
                 reason = f"HTTP {error.code}"
             except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as error:
                 reason = _describe(error, timeout_s)
+                if local:  # a file that cannot be read will not appear by waiting
+                    raise DownloadError(f"{url}: {reason}") from error
                 if attempt == retries:
                     raise DownloadError(f"{url}: {reason} (gave up after {retries + 1} attempts)") from error
             delay = backoff_s * 2 ** attempt
@@ -123,17 +142,20 @@ def _fetch_into(url: str, partial: Path, timeout_s: float, progress: Progress | 
             raise http.client.IncompleteRead(b"", expected - received)
 
 
-def download_dataset(source_url: str, sha256: str | None, target: Path, marker_name: str, *,
+def download_dataset(source_url: str, target: Path, marker_name: str, *,
                      workers: int = 8, retries: int = 4, backoff_s: float = 0.5, timeout_s: float = 60.0,
                      skip_failed_images: bool = False, progress: Progress | None = None) -> dict:
     """Fetch `source_url` into `target/<class>/<file>` and write `target/<marker_name>` inside it.
 
-    In a manifest, an image that cannot be fetched fails the download, naming its URL, unless
-    `skip_failed_images`: then it is left out and listed under "failed" in the marker.
+    A URL ending in `#sha256=<hex>` is checked against that sha256 (see `split_checksum`). In an
+    archive, files beside the class folders (a LICENSE, a README) are kept but listed under
+    "ignored". In a manifest, an image that cannot be fetched fails the download, naming its URL,
+    unless `skip_failed_images`: then it is left out and listed under "failed" in the marker.
     Returns the summary written to the marker.
     """
     target = Path(target)
     kind = source_kind(source_url)
+    source_url, sha256 = split_checksum(source_url)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = target.parent / f"{target.name}{TEMP_INFIX}{uuid.uuid4().hex[:8]}"
     work.mkdir()
@@ -144,24 +166,27 @@ def download_dataset(source_url: str, sha256: str | None, target: Path, marker_n
             digest = fetch(source_url, archive, sha256, retries=retries, backoff_s=backoff_s,
                            timeout_s=timeout_s, progress=progress)
             extract_archive(archive, tree)
-            root = class_root(tree)
+            root, ignored = class_root(tree)
             failed = []
         else:
             manifest = work / "manifest.csv"
             digest = fetch(source_url, manifest, sha256, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s)
-            root = tree
+            root, ignored = tree, []
             failed = fetch_manifest(manifest, source_url, root, workers=workers, retries=retries,
                                     backoff_s=backoff_s, timeout_s=timeout_s, skip_failed=skip_failed_images,
                                     progress=progress)
-        counts = {c.name: sum(1 for f in c.rglob("*") if f.is_file()) for c in sorted(root.iterdir()) if c.is_dir()}
+        counts = {c.name: len(visible_keys(c)) for c in sorted(root.iterdir()) if c.is_dir() and visible(c.name)}
         if len(counts) < 2:
             raise DatasetError(f"{source_url}: found class folders {sorted(counts)}; expected at least two "
-                               "top-level folders, one per class, each holding images")
+                               "folders, one per class, each holding images (beside them, loose files are "
+                               "ignored, and one wrapping folder is looked through)")
         summary = {"source_url": source_url, "sha256": digest, "kind": kind, "images_per_class": counts,
-                   "failed": failed}
+                   "ignored": ignored, "failed": failed}
+        flush_to_disk()
         write_json_atomic(root / marker_name, summary)
         remove_tree(target)
         os.rename(root, target)
+        flush_to_disk()
         return summary
     finally:
         remove_tree(work)
@@ -221,14 +246,23 @@ class _ExtractionBudget:
                                      f"{self._total} bytes, {self._why} (a decompression bomb?)")
 
 
-def class_root(tree: Path) -> Path:
-    """The folder whose sub-folders are the classes: `tree` itself, or its only child when an
-    archive wraps its class folders in one top folder (as many published archives do)."""
-    entries = [e for e in tree.iterdir() if not e.name.startswith((".", "__MACOSX"))]
-    if len(entries) == 1 and entries[0].is_dir() and all(e.is_dir() for e in entries[0].iterdir()
-                                                          if not e.name.startswith(".")):
-        return entries[0]
-    return tree
+def class_root(tree: Path) -> tuple[Path, list[str]]:
+    """The folder whose sub-folders are the classes, and the loose files passed on the way there.
+
+    Published archives often wrap their class folders in one top folder, with a LICENSE or README
+    beside them (TensorFlow's flower_photos.tgz does both). A folder holding a single visible
+    sub-folder cannot be the class root, so it is looked through; loose files beside the classes
+    are not images of any class, so they are ignored, as Keras' `image_dataset_from_directory`
+    ignores them. The ignored files are returned as paths relative to `tree`.
+    """
+    root, ignored = tree, []
+    while True:
+        entries = sorted(entry for entry in root.iterdir() if visible(entry.name))
+        folders = [entry for entry in entries if entry.is_dir()]
+        ignored += [entry.relative_to(tree).as_posix() for entry in entries if not entry.is_dir()]
+        if len(folders) != 1:
+            return root, ignored
+        root = folders[0]
 
 
 def read_manifest(manifest: Path, manifest_url: str) -> list[tuple[str, str]]:

@@ -25,6 +25,13 @@ class DatasetError(PipelineError):
     """The images or TFRecords on disk do not form a usable dataset."""
 
 
+class UnusableImage(DatasetError):
+    """One file cannot be used as an image: not an image, truncated, or a decompression bomb.
+
+    Conversion lists such files as bad and prediction skips them; the message starts with the
+    underlying error's type (e.g. "DecompressionBombError: ...")."""
+
+
 class ModelDefinitionError(PipelineError):
     """A model file is missing, or does not follow the model-file contract."""
 

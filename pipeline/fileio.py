@@ -16,11 +16,49 @@ log = logging.getLogger(__name__)
 
 # Temporary siblings carry this infix, so that what a crash left is recognisable as such.
 TEMP_INFIX = ".tmp-"
+# Names that operating systems and archivers leave beside data (.DS_Store, AppleDouble ._*, __MACOSX).
+_HIDDEN_PREFIXES = (".", "__MACOSX")
+
+
+def visible(name: str) -> bool:
+    """Whether a file or folder name is data rather than something an OS or archiver left."""
+    return not name.startswith(_HIDDEN_PREFIXES)
+
+
+def visible_keys(folder: Path) -> list[str]:
+    """Relative POSIX paths of every file below `folder`, leaving out hidden files and anything in
+    hidden folders; sorted by path components, as sorting `Path`s would. `os.scandir` rather than
+    `Path.rglob`: on 20k files, pathlib's per-file objects made listing cost more than a shard."""
+    keys, pending = [], [""]
+    while pending:
+        prefix = pending.pop()
+        with os.scandir(os.path.join(folder, prefix)) as entries:
+            for entry in entries:
+                if not visible(entry.name):
+                    continue
+                key = f"{prefix}/{entry.name}" if prefix else entry.name
+                if entry.is_dir():
+                    pending.append(key)
+                elif entry.is_file():
+                    keys.append(key)
+    return sorted(keys, key=lambda key: key.split("/"))
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `final`; rename it onto `final` only if the block succeeds."""
+    """Yield a temporary sibling of `final`; rename it onto `final` only if the block succeeds.
+
+    The file is flushed to disk before the rename and the rename before returning, so that
+    after a power loss `final` holds either its old content or the whole new one.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f"{final.name}{TEMP_INFIX}", dir=final.parent)
@@ -28,9 +66,17 @@ def atomic_path(final: Path) -> Iterator[Path]:
     temp = Path(temp_name)
     try:
         yield temp
+        _fsync(temp)
         os.replace(temp, final)
+        _fsync(final.parent)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def flush_to_disk() -> None:
+    """Flush everything written so far to disk. Called before a marker vouches for files that were
+    not written through `atomic_path`: an extracted archive, TensorFlow's checkpoints and export."""
+    os.sync()
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -14,11 +14,10 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 
 from pipeline import schema
 from pipeline.convert import list_visible_files, load_image, shard_paths
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, UnusableImage
 from pipeline.fileio import atomic_path
 from pipeline.progress import Progress
 
@@ -48,8 +47,8 @@ def _folder_batches(files: Sequence[Path], input_dir: Path, image_size: int, cha
     for path in files:
         try:
             encoded.append(load_image(path, image_size, channels))
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            log.warning("skipping %s: %s: %s", path, type(error).__name__, error)
+        except UnusableImage as error:
+            log.warning("skipping %s: %s", path, error)
             continue
         paths.append(path.relative_to(input_dir).as_posix())
         if len(paths) == batch_size:

@@ -20,7 +20,7 @@ import tensorflow as tf
 from pipeline import models, schema
 from pipeline.convert import shard_paths
 from pipeline.errors import StageOutputError
-from pipeline.fileio import read_json, remove_tree, write_json_atomic
+from pipeline.fileio import flush_to_disk, read_json, remove_tree, write_json_atomic
 from pipeline.models import MODEL_DIR
 from pipeline.progress import Progress
 
@@ -169,6 +169,7 @@ def train_model(model_file: Path, params_overrides: Mapping[str, Any], convert_d
         str(export_root), schema.serving_input_receiver_fn(metadata["image_shape"])).decode())
     if not (export_dir / "saved_model.pb").is_file():
         raise StageOutputError(f"{export_dir}: export_saved_model returned but wrote no saved_model.pb")
+    flush_to_disk()  # TensorFlow writes checkpoints and the export without flushing them
     summary = {"global_step": global_step, "export_dir": str(export_dir.relative_to(run_dir)),
                "model_dir": MODEL_DIR, "model_file": Path(model_file).name, "params": params,
                "run_config": dict(run_config), "max_steps": max_steps, "batch_size": batch_size}

@@ -1,6 +1,9 @@
 """Luigi tasks of the pipeline: `luigi --module tasks RunAll`."""
 import luigi.interface
 
+# First, before anything loads TensorFlow: how much of its logging a run prints, the console
+# filter and the run's notes.
+from tasks import console
 from tasks.base import Rerunnable, Stage, layout, tensorboard
 from tasks.stages import (ConvertShard, Convert, Download, Evaluate, PlanConversion, Predict, Report, RunAll,
                           Train)
@@ -11,5 +14,5 @@ from tasks.stages import (ConvertShard, Convert, Download, Evaluate, PlanConvers
 luigi.interface.core.ignore_unconsumed = {"rpc_connect_timeout", "rpc_retry_attempts", "rpc_retry_wait",
                                           "default_scheduler_host", "default_scheduler_port"}
 
-__all__ = ["Rerunnable", "Stage", "layout", "tensorboard", "Download", "PlanConversion", "ConvertShard", "Convert",
-           "Train", "Evaluate", "Predict", "Report", "RunAll"]
+__all__ = ["console", "Rerunnable", "Stage", "layout", "tensorboard", "Download", "PlanConversion", "ConvertShard",
+           "Convert", "Train", "Evaluate", "Predict", "Report", "RunAll"]

@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import luigi
-import luigi.rpc
 from tqdm import tqdm
 
 from pipeline import leaderboard, versioning
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError
 from pipeline.fileio import TEMP_INFIX, file_lock, remove_temporaries
+from tasks.console import pipeline_error
 
 logger = logging.getLogger("luigi-interface")
 
@@ -125,6 +125,11 @@ class Rerunnable(luigi.Task):
         """Write the output: unpack the inputs and call one `pipeline` function."""
         raise NotImplementedError
 
+    def on_failure(self, exception: BaseException) -> str:
+        # What the scheduler keeps as the failure's explanation (the UI shows it, and another
+        # process waiting for this task prints it): the pipeline's own message, or a bug's traceback.
+        return str(pipeline_error(exception) or super().on_failure(exception))
+
     def temporaries(self) -> list[Path]:
         """Glob patterns of what an interrupted run of this task may have left."""
         return [Path(f"{self.output().path}{TEMP_INFIX}*")]
@@ -193,38 +198,6 @@ def _record_in_index(task: Stage) -> None:
     leaderboard.rebuild_leaderboard(results_root)
 
 
-class _OneLineErrors(logging.Filter):
-    """Turns Luigi's traceback for a bad parameter or an unreachable central scheduler into one
-    line that says what to do: the traceback would only show Luigi's internals."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        cause = _pipeline_error(error)
-        if isinstance(error, luigi.rpc.RPCError):
-            record.msg = ("%s. Start the central scheduler with `make ui` (or `luigid`), "
-                          "or pass --local-scheduler to run without one.")
-            record.args = (error,)
-        elif cause is not None:
-            record.msg, record.args = "%s", (cause,)
-        elif isinstance(error, ValueError) and isinstance(error.__cause__, ValueError):
-            # Luigi's "Error when parsing the value of 'split'", caused by "holdout is not a valid choice ...".
-            record.msg, record.args = "%s: %s", (error, error.__cause__)
-        else:
-            return True
-        record.exc_info = record.exc_text = None
-        return True
-
-
-def _pipeline_error(error: BaseException | None) -> PipelineError | None:
-    """The pipeline's own error behind `error`, which Luigi may have wrapped (a parameter's parse)."""
-    while error is not None and not isinstance(error, PipelineError):
-        error = error.__cause__ or error.__context__
-    return error
-
-
-logger.addFilter(_OneLineErrors())
-
-
 class ParamsParameter(luigi.DictParameter):
     """A JSON object on the command line; anything else is refused with the value and an example."""
 
@@ -238,12 +211,3 @@ class ParamsParameter(luigi.DictParameter):
             raise ConfigError(f"--params {source!r} is a JSON {type(value).__name__}; expected a JSON object "
                               "of the model's PARAMS keys")
         return value
-
-
-@Rerunnable.event_handler(luigi.Event.START)
-def _keep_luigi_lines_single(task: Rerunnable) -> None:
-    # absl (inside TensorFlow) calls logging.basicConfig() on its first message, giving the root
-    # logger a handler that repeats every line Luigi's own handler already printed. Luigi's
-    # default setup gives "luigi-interface" that handler; a user's logging setup is left alone.
-    if logger.handlers:
-        logger.propagate = False

@@ -8,7 +8,6 @@ reruns never load TensorFlow; scheduling imports it only when such a task will r
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 
 import luigi
@@ -24,6 +23,7 @@ from pipeline.models import (MODEL_DIR, RUN_CONFIG_KEYS, check_param_overrides, 
                              require_positive, resolve_model_file, validate_training_settings)
 from pipeline.services import tensorboard_url
 from tasks.base import ParamsParameter, Rerunnable, Stage, TaskProgress, layout, tensorboard
+from tasks.console import run_notes
 
 
 class Download(Stage):
@@ -32,8 +32,8 @@ class Download(Stage):
     stage = "download"
     dataset = luigi.Parameter(description="Dataset name; names its folders under data/")
     source_url = luigi.Parameter(description="http(s) or file URL of an archive (.tar.gz, .tgz, .tar, .zip) whose "
-                                             "top folders are the classes, or of a CSV manifest of url,label lines")
-    sha256 = luigi.Parameter(default="", description="Expected sha256 of the archive or manifest; empty skips the check")
+                                             "folders are the classes, or of a CSV manifest of url,label lines; "
+                                             "end it in #sha256=<hex> to have the file checked")
     skip_failed_images = luigi.BoolParameter(
         default=False, description="In a manifest, leave out images that cannot be fetched (listed in "
                                    "download.json) instead of failing the download")
@@ -45,6 +45,7 @@ class Download(Stage):
 
     def validate(self):
         download.source_kind(self.source_url)
+        download.split_checksum(self.source_url)
         versioning.safe_name("dataset", self.dataset)
 
     def temporaries(self):
@@ -55,7 +56,7 @@ class Download(Stage):
     def produce(self):
         out = self.stage_output
         with TaskProgress(self) as progress:
-            download.download_dataset(self.source_url, self.sha256 or None, out.directory, out.marker.name,
+            download.download_dataset(self.source_url, out.directory, out.marker.name,
                                       workers=self.parallel_fetches, timeout_s=self.timeout_s,
                                       skip_failed_images=self.skip_failed_images, progress=progress)
 
@@ -179,8 +180,6 @@ class Train(Stage):
     def produce(self):
         from pipeline.training import train_model
 
-        # Estimator reports loss and global_step/sec at INFO, below TensorFlow's default level.
-        logging.getLogger("tensorflow").setLevel(logging.INFO)
         out = self.stage_output
         if self.rerun:
             remove_tree(out.directory)
@@ -287,4 +286,17 @@ class RunAll(luigi.WrapperTask):
 
     def requires(self):
         return [Evaluate(), Report(), Predict()]
+
+    def result(self) -> str:
+        evaluate, report, predict = (task.stage_output for task in self.requires())
+        metrics = read_json(evaluate.marker)
+        return (f"RESULT {metrics['split']} accuracy {metrics['accuracy']:.4f} on {metrics['examples']} images\n"
+                f"    report:      {report.marker}\n    predictions: {predict.marker}")
+
+
+@RunAll.event_handler(luigi.Event.SUCCESS)
+@RunAll.event_handler(luigi.Event.DEPENDENCY_PRESENT)
+def _note_result(task: RunAll) -> None:
+    # DEPENDENCY_PRESENT: found complete when scheduled, so the run had nothing to do.
+    run_notes.add(task.task_id, task.result())
 

@@ -6,6 +6,7 @@ import http.server
 import io
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -13,15 +14,18 @@ import sys
 import tarfile
 import threading
 import time
+import zlib
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import luigi
 import luigi.configuration
 import pytest
 from luigi.task_register import Register
+from PIL import Image
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED_ARCHIVE = REPO / "data" / "mnist_5k.tar.gz"
@@ -57,7 +61,7 @@ def tiny_config(tmp_path: Path, source_url: str) -> dict[str, dict[str, str]]:
     """A configuration of every task that runs the whole pipeline in seconds."""
     return {
         "layout": {"data_root": str(tmp_path / "data"), "results_root": str(tmp_path / "results")},
-        "Download": {"dataset": "tiny", "source_url": source_url, "sha256": ""},
+        "Download": {"dataset": "tiny", "source_url": source_url},
         "Convert": {"image_size": "28", "channels": "1", "validation_fraction": "0.2", "test_fraction": "0.2",
                     "split_seed": "7", "num_shards": "2", "max_bad_fraction": "0.0"},
         "Train": {"model_def": "cnn", "params": '{"conv_filters": [8], "dense_units": 16}', "max_steps": "12",
@@ -117,14 +121,44 @@ def write_config(path: Path, sections: dict) -> Path:
     return path
 
 
+# luigi.cfg's settings of Luigi itself, which every run of the real `luigi` command in a test keeps.
+INFRASTRUCTURE_SECTIONS = ("core", "worker", "scheduler", "retcode")
+
+
+def cli_sections(folder: Path, source_url: str, scheduler_port: int | None = None) -> dict[str, dict[str, str]]:
+    """The tiny pipeline into `folder` with luigi.cfg's own core, worker, scheduler and exit-code
+    settings; `scheduler_port` points it at a central scheduler on 127.0.0.1."""
+    sections = tiny_config(folder, source_url)
+    repo = repo_config()
+    sections.update({name: dict(repo[name]) for name in INFRASTRUCTURE_SECTIONS})
+    if scheduler_port is not None:
+        sections["core"]["default-scheduler-port"] = str(scheduler_port)
+    return sections
+
+
+@pytest.fixture
+def luigid(tmp_path):
+    """A real central scheduler on a free loopback port, stopped afterwards; yields the port."""
+    from pipeline.services import start_scheduler, stop_scheduler
+
+    port = free_port()
+    start_scheduler(tmp_path / "luigid", port=port)
+    try:
+        yield port
+    finally:
+        stop_scheduler(tmp_path / "luigid")
+
+
 def luigi_argv(*args: str) -> list[str]:
     """The real `luigi` command line for this project's tasks."""
     return [str(Path(sys.executable).with_name("luigi")), "--module", "tasks", *args]
 
 
-def luigi_env(config_path: Path) -> dict[str, str]:
-    """The environment that makes `config_path` the only configuration file `luigi` reads."""
-    return {**os.environ, "LUIGI_CONFIG_PATH": str(config_path)}
+def luigi_env(config_path: Path, **variables: str | None) -> dict[str, str]:
+    """The environment that makes `config_path` the only configuration file `luigi` reads, with
+    `variables` set (or, given None, removed)."""
+    env = {**os.environ, "LUIGI_CONFIG_PATH": str(config_path), **variables}
+    return {name: value for name, value in env.items() if value is not None}
 
 
 def luigi_command(cwd: Path, config_path: Path, *args: str, local_scheduler: bool = True,
@@ -132,6 +166,59 @@ def luigi_command(cwd: Path, config_path: Path, *args: str, local_scheduler: boo
     """Run the real `luigi` command with `config_path` as its configuration; capture its output."""
     return subprocess.run(luigi_argv(*args, *(["--local-scheduler"] if local_scheduler else [])), cwd=cwd,
                           env=luigi_env(config_path), capture_output=True, text=True, timeout=timeout_s)
+
+
+@dataclass
+class Watched:
+    """A finished `luigi` command: exit code, output (stdout and stderr together), and seconds
+    from its start, and from its first "failed" line, to its exit."""
+    returncode: int
+    output: str
+    seconds: float
+    after_failure: float | None
+
+
+def start_watched(cwd: Path, config_path: Path, *args: str, limit_s: float = 240,
+                  env: dict[str, str | None] | None = None) -> Callable[[], Watched]:
+    """Start the real `luigi` command (with `env` as in `luigi_env`); the returned function waits
+    for it and returns how it ended.
+
+    Its process group is killed after `limit_s`: a command still running then has hung, and the
+    test fails saying so."""
+    start = time.monotonic()
+    process = subprocess.Popen(luigi_argv(*args), cwd=cwd, env=luigi_env(config_path, **(env or {})),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    watchdog = threading.Timer(limit_s, os.killpg, (process.pid, signal.SIGKILL))
+    watchdog.start()
+    lines: list[str] = []
+    failed_at: list[float] = []
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line)
+            if not failed_at and re.search(r"\bfailed\s+\w+\(", line):
+                failed_at.append(time.monotonic())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+
+    def finish() -> Watched:
+        returncode = process.wait()
+        end = time.monotonic()
+        watchdog.cancel()
+        reader.join()
+        output = "".join(lines)
+        if returncode == -signal.SIGKILL:
+            pytest.fail(f"`luigi {' '.join(args)}` still ran after {limit_s:.0f} s and was killed:\n{output[-3000:]}")
+        return Watched(returncode, output, end - start, end - failed_at[0] if failed_at else None)
+
+    return finish
+
+
+def run_watched(cwd: Path, config_path: Path, *args: str, limit_s: float = 240,
+                env: dict[str, str | None] | None = None) -> Watched:
+    """Run the real `luigi` command to its end; see `start_watched`."""
+    return start_watched(cwd, config_path, *args, limit_s=limit_s, env=env)()
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -241,6 +328,16 @@ class FileServer:
 def file_server():
     with FileServer() as server:
         yield server
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims `width` x `height` pixels (a decompression bomb, from its header)."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height, after signature and chunk head
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
 
 
 def tar_bytes(members: dict[str, bytes], special: tuple[tarfile.TarInfo, ...] = ()) -> bytes:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.services import start_scheduler, stop_scheduler
-from tests.conftest import free_port, luigi_argv, luigi_env, read_csv, repo_config, tiny_config, write_config
+from tests.conftest import (cli_sections, free_port, luigi_argv, luigi_env, read_csv, repo_config, start_watched,
+                            tiny_config, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -83,3 +84,24 @@ def test_two_runs_on_local_schedulers_wait_for_each_other(mnist_subset, tmp_path
     waited = "".join(logs).count("waiting for another process, which is producing")
     assert waited >= 1, "neither process ever waited for the other"
     check_outputs_intact(tmp_path)
+
+
+def test_a_failure_ends_both_runs_sharing_a_central_scheduler(luigid, file_server, tmp_path):
+    """Both processes need the same Download, whichever runs it: when it fails, neither waits for it."""
+    config = write_config(tmp_path / "luigi.cfg", cli_sections(tmp_path, file_server.url("/gone.tar.gz"), luigid))
+
+    pair = [start_watched(tmp_path, config, "RunAll", "--workers", str(workers)) for workers in (1, 2)]
+    results = [finish() for finish in pair]
+
+    for result in results:
+        print(f"exit {result.returncode} after {result.seconds:.1f} s")
+        assert result.returncode != 0 and result.seconds < 60, result.output[-3000:]
+    assert file_server.requests["/gone.tar.gz"] == 1, "the failed Download ran once, not once a process"
+    [ran_it] = [result for result in results if "failed    Download(" in result.output]
+    assert ran_it.returncode == 30
+    # Both end by saying what failed and why; the other one says where it failed.
+    for result in results:
+        epilogue = result.output.rsplit("===== Luigi Execution Summary =====", 1)[1]
+        assert "FAILED Download(" in epilogue and f"{file_server.url('/gone.tar.gz')}: HTTP 404" in epilogue, epilogue
+    [waited] = [result for result in results if result is not ran_it]
+    assert "(in another process)" in waited.output and waited.returncode in (10, 25)

@@ -1,17 +1,15 @@
 import io
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline import convert
-from pipeline.errors import ConfigError, DatasetError
+from pipeline.errors import ConfigError, DatasetError, UnusableImage
 from pipeline.fileio import read_json
-from tests.conftest import REPO
+from tests.conftest import REPO, png_claiming
 
 
 def write_images(root, per_class=10, classes=("a", "b")):
@@ -122,8 +120,9 @@ def test_a_png_already_in_the_dataset_form_is_kept_but_still_checked(tmp_path):
     for name, data in corrupt.items():
         with pytest.raises(tf.errors.InvalidArgumentError):
             tf.io.decode_png(data, channels=1)  # what training would meet, had it been stored
-        with pytest.raises((OSError, SyntaxError)):
+        with pytest.raises(UnusableImage) as refused:
             convert.load_image(tmp_path / name, 6, 1)
+        assert isinstance(refused.value.__cause__, (OSError, SyntaxError))
     rescaled = convert.load_image(tmp_path / "wide.png", 6, 1)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(rescaled))), pixels), "16-bit grey is re-encoded as 8 bits"
     assert convert.load_image(tmp_path / "plain.png", 6, 3) != plain, "greyscale is re-encoded for 3 channels"
@@ -140,16 +139,6 @@ def test_bad_conversion_params_are_named(kwargs, message):
               "num_shards": 2, "max_bad_fraction": 0.0, **kwargs}
     with pytest.raises(ConfigError, match=message):
         convert.validate_conversion_params(**params)
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A small PNG whose header claims `width` x `height` pixels."""
-    buffer = io.BytesIO()
-    Image.new("L", (8, 8)).save(buffer, format="PNG")
-    data = bytearray(buffer.getvalue())
-    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height, after signature and chunk head
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
 def _jpeg(image: Image.Image, **save) -> bytes:
@@ -190,7 +179,7 @@ def _difficult_source(raw):
         "dog/truncated.jpg": full_jpeg[: len(full_jpeg) // 2],
         "a cat/truncated.png": full_png[: len(full_png) // 2],
         "ñandú/notes.jpg": b"these are my notes, not a picture\n",
-        "ñandú/bomb.png": _png_claiming(50000, 50000),
+        "ñandú/bomb.png": png_claiming(50000, 50000),
     }
     hidden = {"dog/.DS_Store": b"\0\0\0\1Bud1", "a cat/._upper.PNG": b"\0\5\26\7AppleDouble", ".DS_Store": b"\0"}
     for key, data in {**good, **bad, **hidden}.items():
@@ -240,15 +229,17 @@ def test_a_difficult_source_converts_every_good_image_and_reports_every_bad_one(
 
 def test_a_decompression_bomb_is_refused_without_allocating_its_size(tmp_path):
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(_png_claiming(50000, 50000))  # 2.5 GB as 8-bit grey
+    bomb.write_bytes(png_claiming(50000, 50000))  # 2.5 GB as 8-bit grey
     probe = (
         "import resource, sys\n"
         "from PIL import Image\n"
         "from pipeline.convert import load_image\n"
+        "from pipeline.errors import UnusableImage\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n"
         f"    load_image({str(bomb)!r}, 28, 1)\n"
-        "except Image.DecompressionBombError:\n"
+        "except UnusableImage as error:\n"
+        "    assert isinstance(error.__cause__, Image.DecompressionBombError), error\n"
         "    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -28,8 +28,8 @@ def test_archive_over_http_retries_after_503_and_verifies_sha256(file_server, tm
     file_server.faults["/set.tar.gz"] = ["503", "503"]
     target = tmp_path / "raw"
 
-    summary = download.download_dataset(file_server.url("/set.tar.gz"), hashlib.sha256(archive).hexdigest(),
-                                        target, "download.json", backoff_s=0.01)
+    pinned = file_server.url("/set.tar.gz") + "#sha256=" + hashlib.sha256(archive).hexdigest()
+    summary = download.download_dataset(pinned, target, "download.json", backoff_s=0.01)
 
     assert file_server.requests["/set.tar.gz"] == 3
     assert summary["images_per_class"] == {"cat": 2, "dog": 1}
@@ -41,14 +41,15 @@ def test_archive_over_http_retries_after_503_and_verifies_sha256(file_server, tm
 def test_checksum_mismatch_fails_and_leaves_nothing(file_server, tmp_path):
     file_server.files["/set.tar.gz"] = tar_bytes(DATASET)
     with pytest.raises(ChecksumMismatch, match="expected " + "0" * 64):
-        download.download_dataset(file_server.url("/set.tar.gz"), "0" * 64, tmp_path / "raw", "download.json")
+        download.download_dataset(file_server.url("/set.tar.gz") + "#sha256=" + "0" * 64, tmp_path / "raw",
+                                  "download.json")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_404_fails_at_once_naming_the_url(file_server, tmp_path):
     url = file_server.url("/missing.tar.gz")
     with pytest.raises(DownloadError, match=f"{url}: HTTP 404"):
-        download.download_dataset(url, None, tmp_path / "raw", "download.json", backoff_s=0.01)
+        download.download_dataset(url, tmp_path / "raw", "download.json", backoff_s=0.01)
     assert file_server.requests["/missing.tar.gz"] == 1
 
 
@@ -64,7 +65,7 @@ def test_persistent_503_gives_up_after_the_retries(file_server, tmp_path):
 def test_tar_member_escaping_the_target_is_refused(file_server, tmp_path):
     file_server.files["/evil.tar.gz"] = tar_bytes({**DATASET, "../escaped.png": png(1)})
     with pytest.raises(UnsafeArchiveError, match=r"'\.\./escaped\.png'"):
-        download.download_dataset(file_server.url("/evil.tar.gz"), None, tmp_path / "out" / "raw", "download.json")
+        download.download_dataset(file_server.url("/evil.tar.gz"), tmp_path / "out" / "raw", "download.json")
     assert not (tmp_path / "out" / "escaped.png").exists()
     assert not (tmp_path / "escaped.png").exists()
     assert list((tmp_path / "out").iterdir()) == []
@@ -77,7 +78,7 @@ def test_zip_archive_wrapped_in_one_top_folder(tmp_path):
             zipped.writestr(f"pets/{name}", data)
     (tmp_path / "pets.zip").write_bytes(buffer.getvalue())
 
-    summary = download.download_dataset((tmp_path / "pets.zip").as_uri(), None, tmp_path / "raw", "download.json")
+    summary = download.download_dataset((tmp_path / "pets.zip").as_uri(), tmp_path / "raw", "download.json")
 
     assert summary["images_per_class"] == {"cat": 2, "dog": 1}
     assert (tmp_path / "raw" / "cat" / "a.png").is_file()
@@ -89,7 +90,7 @@ def test_manifest_images_are_fetched_in_parallel_into_label_folders(file_server,
     file_server.files["/list.csv"] = b"url,label\nimg/cat/a.png,cat\nimg/cat/b.png,cat\n" + \
         file_server.url("/img/dog/c.png").encode() + b",dog\n"
 
-    summary = download.download_dataset(file_server.url("/list.csv"), None, tmp_path / "raw", "download.json",
+    summary = download.download_dataset(file_server.url("/list.csv"), tmp_path / "raw", "download.json",
                                         workers=3)
 
     assert summary["kind"] == "manifest"
@@ -101,7 +102,7 @@ def test_manifest_with_a_missing_image_names_its_url(file_server, tmp_path):
     file_server.files["/img/cat/a.png"] = DATASET["cat/a.png"]
     file_server.files["/list.csv"] = b"img/cat/a.png,cat\nimg/dog/gone.png,dog\n"
     with pytest.raises(DownloadError, match="/img/dog/gone.png: HTTP 404"):
-        download.download_dataset(file_server.url("/list.csv"), None, tmp_path / "raw", "download.json",
+        download.download_dataset(file_server.url("/list.csv"), tmp_path / "raw", "download.json",
                                   backoff_s=0.01)
     assert not (tmp_path / "raw").exists()
 
@@ -109,7 +110,7 @@ def test_manifest_with_a_missing_image_names_its_url(file_server, tmp_path):
 def test_archive_with_one_class_is_rejected(tmp_path):
     (tmp_path / "one.tar.gz").write_bytes(tar_bytes({"cat/a.png": png(1), "cat/b.png": png(2)}))
     with pytest.raises(DatasetError, match="at least two"):
-        download.download_dataset((tmp_path / "one.tar.gz").as_uri(), None, tmp_path / "raw", "download.json")
+        download.download_dataset((tmp_path / "one.tar.gz").as_uri(), tmp_path / "raw", "download.json")
 
 
 @pytest.mark.parametrize("url, message", [
@@ -118,7 +119,7 @@ def test_archive_with_one_class_is_rejected(tmp_path):
 ])
 def test_unsupported_sources_are_refused_before_any_fetch(url, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
-        download.download_dataset(url, None, tmp_path / "raw", "download.json")
+        download.download_dataset(url, tmp_path / "raw", "download.json")
 
 
 def test_connection_reset_mid_body_resumes_with_a_range_request(file_server, tmp_path):
@@ -159,7 +160,7 @@ def test_manifest_can_skip_a_failing_image_and_lists_it(file_server, tmp_path):
     lines.append("img/dog/gone.png,dog")
     file_server.files["/list.csv"] = "\n".join(lines).encode()
 
-    summary = download.download_dataset(file_server.url("/list.csv"), None, tmp_path / "raw", "download.json",
+    summary = download.download_dataset(file_server.url("/list.csv"), tmp_path / "raw", "download.json",
                                         backoff_s=0.01, skip_failed_images=True)
 
     assert summary["images_per_class"] == {"cat": 2, "dog": 1}
@@ -210,7 +211,7 @@ def test_hostile_archive_is_refused_naming_the_member_and_writes_nothing_outside
     source.write_bytes(make())
     out = tmp_path / "out"
     with pytest.raises(UnsafeArchiveError, match=member):
-        download.download_dataset(source.as_uri(), None, out / "raw", "download.json")
+        download.download_dataset(source.as_uri(), out / "raw", "download.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
     assert list(out.iterdir()) == [], "the work folder is removed"
     assert not Path("/tmp/absolute.png").exists() and not Path("/tmp/zipabs.png").exists()
