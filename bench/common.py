@@ -54,7 +54,7 @@ def converted_sample(num_shards: int = 4) -> tuple[Path, dict]:
     if not (out / "metadata.json").is_file():
         raw = CACHE / "raw"
         if not (raw / "download.json").is_file():
-            download.download_dataset(EMBEDDED.as_uri(), None, raw, "download.json")
+            download.download_dataset(EMBEDDED.as_uri(), raw, "download.json")
         convert.plan_conversion(raw, out / convert.PLAN_FILE, validation_fraction=0.1, test_fraction=0.15,
                                 split_seed=1234, num_shards=num_shards)
         reports = convert.write_all_shards(raw, out, num_shards=num_shards, image_size=28, channels=1)
