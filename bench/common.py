@@ -83,7 +83,7 @@ def split_arrays(convert_dir: Path, metadata: dict, split: str):
 def cnn_params() -> dict:
     from pipeline import models
 
-    return models.load_model_module(models.resolve_model_file("cnn")).PARAMS
+    return models.load_model(models.resolve_model_file("cnn")).defaults
 
 
 def keras_cnn(image_shape, *, training: bool):

@@ -65,8 +65,8 @@ def bare_estimator_rate(images, labels) -> float:
     from pipeline import models
 
     model_file = models.resolve_model_file("cnn")
-    module = models.load_model_module(model_file)
-    params = models.merge_params(model_file, module.PARAMS, {}, {"n_classes": 10})
+    model = models.load_model(model_file)
+    params = models.merge_params(model_file, model.defaults, {}, {"n_classes": 10})
 
     def input_fn():
         dataset = tf.data.Dataset.from_tensor_slices(({"image": images}, labels))
@@ -75,7 +75,7 @@ def bare_estimator_rate(images, labels) -> float:
     times: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as model_dir:
         tf.keras.utils.set_random_seed(42)
-        estimator = tf.estimator.Estimator(module.model_fn, params=params,
+        estimator = tf.estimator.Estimator(model.model_fn, params=params,
                                            config=tf.estimator.RunConfig(model_dir=model_dir, **RUN_CONFIG))
         estimator.train(input_fn, max_steps=STEPS, hooks=[step_timer(times)])
     return steady_rate(times)

@@ -1,39 +1,29 @@
-"""Evaluate stage: metrics of a run's latest checkpoint on one split, and a confusion-matrix image.
+"""Evaluate stage: a run's latest checkpoint on one split: metrics.json and a confusion matrix.
 
-Summaries go to `model_dir/eval_<split>`, where TensorBoard shows them beside training.
-`metrics.json` is written last and is the stage's marker.
+The loss, and the model's own `eval_metric_ops` under their own names, come from the model's
+EVAL spec; its summaries go to `model_dir/eval_<split>`, where TensorBoard shows them beside
+training. The accuracy, the confusion matrix and the per-class scores come from the model's
+predictions on the split, read as `pipeline.outputs` says, so a model needs nothing beyond the
+Estimator contract. `metrics.json` is written last and is the stage's marker.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image, ImageDraw
 
-from pipeline import training
+from pipeline import outputs, training
 from pipeline.convert import shard_paths
 from pipeline.errors import DatasetError
 from pipeline.fileio import read_json, write_bytes_atomic, write_json_atomic
+from pipeline.plots import confusion_matrix_png
 from pipeline.progress import Progress
 
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"
-
-
-def _metric_fn(n_classes: int):
-    """Accuracy and a streaming confusion matrix, the same for every model, premade or custom."""
-    def metric_fn(labels, predictions):
-        labels = tf.reshape(tf.cast(labels, tf.int64), [-1])
-        class_ids = tf.reshape(tf.cast(predictions["class_ids"], tf.int64), [-1])
-        total = tf.compat.v1.Variable(
-            tf.zeros([n_classes, n_classes], tf.int64), trainable=False, name="confusion_matrix",
-            collections=[tf.compat.v1.GraphKeys.LOCAL_VARIABLES, tf.compat.v1.GraphKeys.METRIC_VARIABLES])
-        update = total.assign_add(tf.math.confusion_matrix(labels, class_ids, n_classes, dtype=tf.int64))
-        return {"accuracy": tf.compat.v1.metrics.accuracy(labels, class_ids, name="pipeline_accuracy"),
-                "confusion_matrix": (tf.identity(total), update)}
-    return metric_fn
+# What the Estimator's evaluate() returns beside the model's own metrics.
+_ESTIMATOR_KEYS = ("loss", "global_step")
 
 
 def per_class_scores(confusion: np.ndarray, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -49,57 +39,61 @@ def per_class_scores(confusion: np.ndarray, class_names: Sequence[str]) -> dict[
                    "support": int(actual[i])} for i, name in enumerate(class_names)}
 
 
-def confusion_matrix_png(confusion: np.ndarray, class_names: Sequence[str], title: str) -> bytes:
-    """A heat map with counts: rows are true classes, columns predicted ones, shaded by row share."""
-    cell, margin = 36, 90
-    n = len(class_names)
-    image = Image.new("RGB", (margin + n * cell + 10, margin + n * cell + 10), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 8), title, fill="black")
-    draw.text((margin, margin - 34), "predicted", fill="black")
-    draw.text((8, margin - 16), "true", fill="black")
-    row_totals = confusion.sum(axis=1, keepdims=True).clip(min=1)
-    for i, name in enumerate(class_names):
-        draw.text((margin + i * cell + 4, margin - 16), name[:5], fill="black")
-        draw.text((8, margin + i * cell + 12), name[:12], fill="black")
-        for j in range(n):
-            share = confusion[i, j] / row_totals[i, 0]
-            shade = int(255 * (1 - share))
-            box = (margin + j * cell, margin + i * cell, margin + (j + 1) * cell, margin + (i + 1) * cell)
-            draw.rectangle(box, fill=(shade, shade, 255), outline="grey")
-            draw.text((box[0] + 4, box[1] + 12), str(int(confusion[i, j])), fill="white" if share > 0.5 else "black")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+def _as_json(value: Any) -> Any:
+    array = np.asarray(value)
+    return array.item() if array.ndim == 0 else array.tolist()
+
+
+def predicted_class_ids(estimator: tf.estimator.Estimator, input_fn, checkpoint: str, n_classes: int,
+                        hooks: list) -> np.ndarray:
+    """The class id the model predicts for each example `input_fn` gives, in order."""
+    keys, class_ids = None, []
+    for batch in estimator.predict(input_fn, checkpoint_path=checkpoint, yield_single_examples=False, hooks=hooks):
+        if keys is None:
+            named = batch if isinstance(batch, dict) else {outputs.SINGLE_OUTPUT: batch}
+            keys = outputs.output_keys({name: (array.shape, np.issubdtype(array.dtype, np.floating))
+                                        for name, array in named.items()}, n_classes, "the model's predictions")
+        class_ids.append(outputs.read_outputs(batch, keys)[1])
+    return np.concatenate(class_ids) if class_ids else np.zeros([0], np.int64)
 
 
 def evaluate_model(run_dir: Path, convert_dir: Path, metadata_path: Path, split: str, out_dir: Path,
                    metrics_path: Path, *, batch_size: int = 256, progress: Progress | None = None) -> dict:
     metadata = read_json(metadata_path)
     files = shard_paths(convert_dir, metadata, split)
-    if metadata["splits"][split]["count"] == 0:
+    examples = metadata["splits"][split]["count"]
+    if examples == 0:
         raise DatasetError(f"{metadata_path}: the {split!r} split holds no images; choose another split or "
                            "raise its fraction in Convert")
     class_names = metadata["class_names"]
     model_dir = Path(run_dir) / training.MODEL_DIR
-    estimator = tf.estimator.add_metrics(training.build_estimator(model_dir), _metric_fn(len(class_names)))
+    estimator = training.build_estimator(model_dir)
     checkpoint = tf.train.latest_checkpoint(str(model_dir))
-    batches = -(-metadata["splits"][split]["count"] // batch_size)
-    result = estimator.evaluate(
-        lambda: training.input_fn(files, metadata["image_shape"], batch_size, training=False),
-        checkpoint_path=checkpoint, name=split,
-        hooks=[training.ProgressHook(progress, batches)] if progress else None)
-    confusion = np.asarray(result["confusion_matrix"], dtype=np.int64)
+    batches = -(-examples // batch_size)
+
+    def split_input():
+        return training.input_fn(files, metadata["image_shape"], batch_size, training=False)
+
+    def hooks(done_before: int) -> list:
+        return [training.ProgressHook(progress, 2 * batches, done_before=done_before)] if progress else []
+
+    result = estimator.evaluate(split_input, checkpoint_path=checkpoint, name=split, hooks=hooks(0))
+    labels = np.concatenate([batch_labels for _, batch_labels in split_input().as_numpy_iterator()])
+    predicted = predicted_class_ids(estimator, split_input, checkpoint, len(class_names), hooks(batches))
+    confusion = np.zeros([len(class_names)] * 2, dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
     metrics = {
         "split": split,
         "examples": int(confusion.sum()),
         "loss": float(result["loss"]),
-        "accuracy": float(result["accuracy"]),
+        "accuracy": float(np.mean(labels == predicted)),
         "global_step": int(result["global_step"]),
         "checkpoint": Path(checkpoint).name,
         "class_names": class_names,
         "per_class": per_class_scores(confusion, class_names),
         "confusion_matrix": confusion.tolist(),
+        "model_metrics": {name: _as_json(value) for name, value in sorted(result.items())
+                          if name not in _ESTIMATOR_KEYS},
     }
     write_bytes_atomic(Path(out_dir) / CONFUSION_MATRIX_PNG, confusion_matrix_png(
         confusion, class_names, f"{split}: accuracy {metrics['accuracy']:.4f} at step {metrics['global_step']}"))

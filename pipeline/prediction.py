@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pipeline import schema
+from pipeline import outputs, schema
 from pipeline.convert import list_visible_files, load_image, shard_paths
 from pipeline.errors import DatasetError, UnusableImage
 from pipeline.fileio import atomic_path
@@ -76,7 +76,8 @@ def predict_to_csv(export_dir: Path, metadata: dict, output_csv: Path, *, conver
                    split: str = "test", input_dir: Path | None = None, batch_size: int = 256,
                    progress: Progress | None = None) -> int:
     """Write one row per image: key or path, true label (blank when unknown), predicted class
-    name and id, and the probability of each class. Returns the number of rows."""
+    name and id, and the probability of each class, read from the export's outputs as
+    `pipeline.outputs` says. Returns the number of rows."""
     class_names = metadata["class_names"]
     image_shape = metadata["image_shape"]
     if input_dir is not None:
@@ -85,35 +86,47 @@ def predict_to_csv(export_dir: Path, metadata: dict, output_csv: Path, *, conver
             raise DatasetError(f"input_dir={str(input_dir)!r} is not a folder; expected a folder of images")
         files, key_column = list_visible_files(input_dir), "path"
         images = len(files)
+        batches = _folder_batches(files, input_dir, image_shape[0], image_shape[-1], batch_size)
+        signature = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
     else:
         files, key_column = shard_paths(convert_dir, metadata, split), "key"
         images = metadata["splits"][split]["count"]
     session, signatures = _load_for_serving(export_dir)
-    if input_dir is not None:
-        batches = _folder_batches(files, input_dir, image_shape[0], image_shape[-1], batch_size)
-        signature = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
-    else:
-        # Exports from before the pixels signature existed have only the encoded-bytes one.
-        pixels = schema.PIXELS_SIGNATURE in signatures
-        batches = _record_batches(files, image_shape, batch_size, pixels=pixels)
-        signature = schema.PIXELS_SIGNATURE if pixels else tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
-    feeds = {name: tensor.name for name, tensor in signatures[signature].inputs.items()}
-    fetch = signatures[signature].outputs["probabilities"].name
-    total_batches = -(-images // batch_size)
+    with closing(session):
+        if input_dir is None:
+            # Exports from before the pixels signature existed have only the encoded-bytes one.
+            pixels = schema.PIXELS_SIGNATURE in signatures
+            batches = _record_batches(files, image_shape, batch_size, pixels=pixels)
+            signature = schema.PIXELS_SIGNATURE if pixels else tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
+        feeds = {name: tensor.name for name, tensor in signatures[signature].inputs.items()}
+        keys = outputs.output_keys(
+            {name: ([-1] if info.tensor_shape.unknown_rank else [dim.size for dim in info.tensor_shape.dim],
+                    tf.as_dtype(info.dtype).is_floating) for name, info in signatures[signature].outputs.items()},
+            len(class_names), f"{export_dir}, signature {signature!r}")
+        fetches = {name: signatures[signature].outputs[name].name for name in (keys.scores, keys.class_ids) if name}
+        return _write_rows(session, feeds, fetches, keys, batches, output_csv, key_column, class_names,
+                           -(-images // batch_size), progress, source=str(input_dir or split))
+
+
+def _write_rows(session: tf.compat.v1.Session, feeds: Mapping[str, str], fetches: Mapping[str, str],
+                keys: outputs.OutputKeys, batches: Iterator, output_csv: Path, key_column: str,
+                class_names: Sequence[str], total_batches: int, progress: Progress | None, source: str) -> int:
+    """Run every batch through the signature and write its rows to `output_csv` atomically; a
+    `source` that gave no image leaves no file."""
     rows = 0
-    with closing(session), atomic_path(output_csv) as temp, open(temp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(output_csv) as temp, open(temp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow([key_column, "true_label", "predicted_label", "predicted_id",
                          *(f"p_{name}" for name in class_names)])
-        for batch_number, (keys, labels, inputs) in enumerate(batches, start=1):
-            probabilities = session.run(fetch, {feeds[name]: value for name, value in inputs.items()})
-            predicted = np.argmax(probabilities, axis=1)
-            for key, label, class_id, probs in zip(keys, labels, predicted, probabilities):
+        for batch_number, (batch_keys, labels, inputs) in enumerate(batches, start=1):
+            probabilities, predicted = outputs.read_outputs(
+                session.run(dict(fetches), {feeds[name]: value for name, value in inputs.items()}), keys)
+            for key, label, class_id, probs in zip(batch_keys, labels, predicted, probabilities):
                 writer.writerow([key, "" if label is None else class_names[label], class_names[class_id],
                                  int(class_id), *(f"{p:.6f}" for p in probs)])
-            rows += len(keys)
+            rows += len(batch_keys)
             if progress:
                 progress(batch_number, total_batches, "batches", f"{rows} images")
         if rows == 0:
-            raise DatasetError(f"found no images to predict in {input_dir or split}")
+            raise DatasetError(f"found no images to predict in {source}")
     return rows

@@ -1,9 +1,10 @@
 """Report stage: one self-contained `report.html` per evaluation, readable offline.
 
-It shows the metrics, the confusion matrix, per-class precision and recall, the loss and
-accuracy curves read from the run's TensorBoard event files, the model file and its code
-hash, the params, the data version, and some misclassified images with their labels. Images
-are inlined as data URIs and the curves drawn as inline SVG, so the file can be mailed alone.
+It shows the metrics (the pipeline's and the model's own), the confusion matrix, per-class
+precision and recall, the loss and accuracy curves read from the run's TensorBoard event files
+(training, validation during training, and this evaluation), the model file and its code hash,
+the params, the data version, and some misclassified images with their labels. Images and the
+charts (drawn with matplotlib) are inlined as data URIs, so the file can be mailed alone.
 """
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ from typing import Iterable, Mapping, Sequence
 from pipeline import training
 from pipeline.evaluation import CONFUSION_MATRIX_PNG
 from pipeline.fileio import read_json, write_bytes_atomic
+from pipeline.plots import curves_png
+from pipeline.training import VALIDATION
 
-Series = Sequence[tuple[int, float]]
-# Tags charted, and the label of each; a model that does not log one simply has no such curve.
-CHARTED_TAGS = {"loss": "loss", "accuracy": "accuracy"}
+# Tags charted; a model that does not log one (accuracy, say) simply has no such chart.
+CHARTED_TAGS = ("loss", "accuracy")
 MISCLASSIFIED_SHOWN = 12
-_COLOURS = {"train": "#1f77b4", "eval": "#d62728"}
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -35,6 +36,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: .6em 1em; }
 .card b { display: block; font-size: 1.4em; }
 .charts { display: flex; gap: 1.5em; flex-wrap: wrap; }
+.charts img { max-width: 100%; }
 .gallery { display: flex; gap: 1em; flex-wrap: wrap; }
 .gallery figure { margin: 0; text-align: center; font-size: .85em; }
 .gallery img { width: 84px; height: 84px; image-rendering: pixelated; border: 1px solid #ccc; }
@@ -53,54 +55,6 @@ def read_scalars(event_dir: Path) -> dict[str, list[tuple[int, float]]]:
     accumulator.Reload()
     return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
             for tag in accumulator.Tags()["scalars"]}
-
-
-def svg_chart(title: str, series: Mapping[str, Series], width: int = 460, height: int = 260) -> str:
-    """An inline SVG line chart: one polyline per series (a single point is drawn as a dot)."""
-    points = [point for values in series.values() for point in values]
-    if not points:
-        return ""
-    left, right, top, bottom = 64, 12, 28, 34
-    xs, ys = [x for x, _ in points], [y for _, y in points]
-    x_min, x_max = min(xs), max(xs)
-    y_min, y_max = min(ys), max(ys)
-    if x_max == x_min:
-        x_max = x_min + 1
-    if y_max == y_min:
-        y_max = y_min + 1e-9 + abs(y_min) * 0.01
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x_min) / (x_max - x_min) * (width - left - right),
-                height - bottom - (y - y_min) / (y_max - y_min) * (height - top - bottom))
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="{html.escape(title)}">',
-             f'<text x="{left}" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>',
-             f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
-             'fill="none" stroke="#bbb"/>']
-    for fraction in (0.0, 0.5, 1.0):
-        y_value = y_min + fraction * (y_max - y_min)
-        _, y = at(x_min, y_value)
-        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{y_value:.3g}</text>')
-        x_value = x_min + fraction * (x_max - x_min)
-        x, _ = at(x_value, y_min)
-        parts.append(f'<text x="{x:.1f}" y="{height - bottom + 14}" font-size="10" '
-                     f'text-anchor="middle">{x_value:.0f}</text>')
-    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 4}" font-size="10" '
-                 'text-anchor="middle">global step</text>')
-    for row, (name, values) in enumerate(series.items()):
-        colour = _COLOURS.get(name, "#2ca02c")
-        coordinates = [at(x, y) for x, y in values]
-        if len(coordinates) > 1:
-            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in coordinates)
-            parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
-        for x, y in coordinates[-1:] if len(coordinates) > 1 else coordinates:
-            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{colour}"/>')
-        last = values[-1][1]
-        parts.append(f'<text x="{width - right - 4}" y="{top + 14 + 13 * row}" font-size="11" text-anchor="end" '
-                     f'fill="{colour}">{html.escape(name)} {last:.4g}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 def misclassified(predictions_csv: Path, limit: int = MISCLASSIFIED_SHOWN) -> list[dict]:
@@ -150,15 +104,19 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[object]], numeric: boo
 
 
 def render_report(*, title: str, metrics: dict, train: dict, versions: Mapping[str, str], model_sha256: str,
-                  confusion_png: bytes, curves: Mapping[str, Mapping[str, Series]], examples: Sequence[dict]) -> str:
-    """The HTML of one report, from plain values (see `write_report` for where they come from)."""
+                  confusion_png: bytes, charts: Mapping[str, bytes], examples: Sequence[dict]) -> str:
+    """The HTML of one report, from plain values (see `write_report` for where they come from);
+    `charts` maps each chart's title to its PNG."""
     cards = "".join(f'<div class="card">{html.escape(label)}<b>{html.escape(value)}</b></div>' for label, value in (
         ("accuracy", f"{metrics['accuracy']:.4f}"), ("loss", f"{metrics['loss']:.4f}"),
         ("examples", str(metrics["examples"])), ("global step", str(metrics["global_step"]))))
     per_class = _table(("class", "precision", "recall", "F1", "support"),
                        ((name, f"{s['precision']:.4f}", f"{s['recall']:.4f}", f"{s['f1']:.4f}", s["support"])
                         for name, s in metrics["per_class"].items()))
-    charts = "".join(svg_chart(name, series) for name, series in curves.items()) or "<p>No curves were logged.</p>"
+    model_metrics = _table(("metric", "value"), ((name, value if isinstance(value, list) else f"{value:.4f}")
+                                                 for name, value in metrics.get("model_metrics", {}).items()))
+    figures = "".join(f'<img src="{_data_uri(png)}" alt="{html.escape(name)} over training">'
+                      for name, png in charts.items()) or "<p>No curves were logged.</p>"
     gallery = "".join(
         f'<figure><img src="{_data_uri(e["png"])}" alt="{html.escape(e["key"])}">'
         f'<figcaption>true <b>{html.escape(e["true_label"])}</b><br>predicted <b>{html.escape(e["predicted_label"])}'
@@ -167,6 +125,8 @@ def render_report(*, title: str, metrics: dict, train: dict, versions: Mapping[s
     run = _table(("", "value"), [("model file", train["model_file"]), ("model code sha256", model_sha256),
                                  *((f"{stage} version", version) for stage, version in versions.items()),
                                  ("checkpoint", metrics["checkpoint"]), ("max_steps", train["max_steps"]),
+                                 ("global step reached", train["global_step"]),
+                                 ("best export (lowest validation loss)", train.get("best_export_dir") or "none"),
                                  ("batch_size", train["batch_size"]),
                                  ("tf_random_seed", train["run_config"]["tf_random_seed"])], numeric=False)
     generated = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -174,11 +134,12 @@ def render_report(*, title: str, metrics: dict, train: dict, versions: Mapping[s
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<section id="metrics"><h2>Metrics on the {html.escape(metrics['split'])} split</h2><div class="cards">{cards}</div></section>
+<section id="metrics"><h2>Metrics on the {html.escape(metrics['split'])} split</h2><div class="cards">{cards}</div>
+<h3>The model's own evaluation metrics</h3>{model_metrics}</section>
 <section id="confusion"><h2>Confusion matrix</h2>
 <img id="confusion-matrix" src="{_data_uri(confusion_png)}" alt="confusion matrix"></section>
 <section id="per-class"><h2>Per class</h2>{per_class}</section>
-<section id="curves"><h2>Training curves</h2><div class="charts">{charts}</div></section>
+<section id="curves"><h2>Training curves</h2><div class="charts">{figures}</div></section>
 <section id="misclassified"><h2>Misclassified {html.escape(metrics['split'])} images (most confident first)</h2>
 <div class="gallery">{gallery}</div></section>
 <section id="run"><h2>Run</h2>{run}<h3>params</h3><pre>{html.escape(json.dumps(train['params'], indent=2, sort_keys=True))}</pre></section>
@@ -198,11 +159,11 @@ def write_report(run_dir: Path, train_marker: Path, metrics_path: Path, predicti
     metrics = read_json(metrics_path)
     train = read_json(train_marker)
     model_dir = run_dir / training.MODEL_DIR
-    train_scalars = read_scalars(model_dir)
-    eval_scalars = read_scalars(model_dir / f"eval_{metrics['split']}")
-    curves = {label: {name: scalars[tag] for name, scalars in (("train", train_scalars), ("eval", eval_scalars))
-                      if tag in scalars}
-              for tag, label in CHARTED_TAGS.items()}
+    # Evaluations on the validation split, while training and by Evaluate, share its event folder.
+    scalars = {"train": read_scalars(model_dir), VALIDATION: read_scalars(model_dir / f"eval_{VALIDATION}"),
+               metrics["split"]: read_scalars(model_dir / f"eval_{metrics['split']}")}
+    charts = {tag: curves_png(tag, series, log_scale=tag == "loss") for tag in CHARTED_TAGS
+              if (series := {name: found[tag] for name, found in scalars.items() if found.get(tag)})}
     examples = misclassified(predictions_csv)
     images = _encoded_images(shard_files, (e["key"] for e in examples))
     examples = [{**e, "png": images[e["key"]]} for e in examples if e["key"] in images]
@@ -212,5 +173,5 @@ def write_report(run_dir: Path, train_marker: Path, metrics_path: Path, predicti
         metrics=metrics, train=train, versions=versions,
         model_sha256=hashlib.sha256(model_source).hexdigest(),
         confusion_png=(metrics_path.parent / CONFUSION_MATRIX_PNG).read_bytes(),
-        curves={label: series for label, series in curves.items() if series}, examples=examples)
+        charts=charts, examples=examples)
     write_bytes_atomic(report_path, page.encode("utf-8"))

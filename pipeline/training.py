@@ -1,9 +1,11 @@
-"""Train stage: an Estimator from a model file, fed from the TFRecord shards, exported for serving.
+"""Train stage: an Estimator from a model file, fed from the TFRecord shards, validated as it
+trains, exported for serving.
 
-The run folder holds `model_dir/` (checkpoints, TensorBoard events, and a snapshot of the
-model file, params, run config and library versions), `export/<timestamp>/` (the SavedModel)
-and `train.json`, written last. Training runs to `max_steps`, so a rerun after a crash
-resumes from the latest checkpoint in `model_dir`.
+The run folder holds `model_dir/` (checkpoints, TensorBoard events, the evaluations on the
+validation split in `eval_validation/`, the best export in `export/best/`, and a snapshot of the
+model file, params, dataset facts, run config and library versions), `export/<timestamp>/` (the
+final SavedModel) and `train.json`, written last. Training runs to `max_steps` (or until early
+stopping), so a rerun after a crash resumes from the latest checkpoint in `model_dir`.
 """
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import tensorflow as tf
 
-from pipeline import models, schema
+from pipeline import models, outputs, schema
 from pipeline.convert import shard_paths
-from pipeline.errors import StageOutputError
+from pipeline.errors import ModelDefinitionError, StageOutputError
 from pipeline.fileio import flush_to_disk, read_json, remove_tree, write_json_atomic
-from pipeline.models import MODEL_DIR
+from pipeline.models import MODEL_DIR, ModelFile
+from pipeline.params import Params, as_params, from_json, to_json
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -30,8 +33,12 @@ EXPORT_DIR = "export"
 # The snapshot that makes a model_dir self-describing; evaluation rebuilds the Estimator from it.
 MODEL_FILE = "model_def.py"
 PARAMS_FILE = "params.json"
+DATASET_FILE = "dataset.json"
 RUN_CONFIG_FILE = "run_config.json"
 VERSIONS_FILE = "versions.json"
+# The split Train validates on; its evaluations land in model_dir/eval_validation.
+VALIDATION = "validation"
+BEST_EXPORT = "best"
 _SHUFFLE_BUFFER = 10_000
 # Training sets whose decoded pixels fit in this many bytes are cached in memory.
 CACHE_LIMIT_BYTES = 1 << 30
@@ -67,12 +74,13 @@ class ProgressHook(tf.estimator.SessionRunHook):
     """Reports to a `Progress` callback after every session run.
 
     Given a loss tensor (training), it reports the global step of `total` with the last loss;
-    otherwise (evaluation) the number of batches run so far.
+    otherwise (evaluation, prediction) the batches run so far, after `done_before` batches of
+    an earlier pass.
     """
 
-    def __init__(self, progress: Progress, total: int | None, loss: tf.Tensor | None = None):
+    def __init__(self, progress: Progress, total: int | None, loss: tf.Tensor | None = None, done_before: int = 0):
         self._progress, self._total, self._loss = progress, total, loss
-        self._first_step = self._runs = 0
+        self._first_step, self._runs = 0, done_before
 
     def after_create_session(self, session, coord):
         if self._loss is not None:
@@ -91,16 +99,29 @@ class ProgressHook(tf.estimator.SessionRunHook):
             self._progress(self._first_step + self._runs, self._total, "steps", f"loss {loss:.4f}")
 
 
+def _call(model_fn: Callable, features, labels, mode, params, config):
+    takes_config = "config" in inspect.signature(model_fn).parameters
+    return model_fn(features, labels, mode, params, **({"config": config} if takes_config else {}))
+
+
 def _with_training_hooks(model_fn: Callable, hooks_for_loss: Callable[[tf.Tensor], list]) -> Callable:
     """Wrap `model_fn` so that its TRAIN spec carries hooks built from its own loss tensor."""
-    takes_config = "config" in inspect.signature(model_fn).parameters
-
     def wrapped(features, labels, mode, params, config):
-        spec = model_fn(features, labels, mode, params, **({"config": config} if takes_config else {}))
+        spec = _call(model_fn, features, labels, mode, params, config)
         if mode == tf.estimator.ModeKeys.TRAIN:
             spec = spec._replace(training_hooks=(*spec.training_hooks, *hooks_for_loss(spec.loss)))
         return spec
     return wrapped
+
+
+def run_params(model: ModelFile, recorded: Mapping[str, Any], dataset: Mapping[str, Any]) -> Params:
+    """The params a run's model_fn receives: `recorded` (PARAMS with --params and n_classes laid
+    over, in JSON) with TensorFlow functions resolved from their names, and the dataset's
+    feature columns where PARAMS asks for them."""
+    params = from_json(dict(recorded))
+    if "feature_columns" in model.defaults:
+        params["feature_columns"] = [tf.feature_column.numeric_column(schema.IMAGE, shape=dataset["image_shape"])]
+    return as_params(params)
 
 
 def build_estimator(model_dir: Path, hooks_for_loss: Callable[[tf.Tensor], list] | None = None
@@ -110,10 +131,29 @@ def build_estimator(model_dir: Path, hooks_for_loss: Callable[[tf.Tensor], list]
     `hooks_for_loss(loss)` returns training hooks that need the model's loss tensor.
     """
     model_dir = Path(model_dir)
-    module = models.load_model_module(model_dir / MODEL_FILE)
-    model_fn = module.model_fn if hooks_for_loss is None else _with_training_hooks(module.model_fn, hooks_for_loss)
+    model = models.load_model(model_dir / MODEL_FILE)
+    model_fn = model.model_fn if hooks_for_loss is None else _with_training_hooks(model.model_fn, hooks_for_loss)
     run_config = tf.estimator.RunConfig(model_dir=str(model_dir), **read_json(model_dir / RUN_CONFIG_FILE))
-    return tf.estimator.Estimator(model_fn, config=run_config, params=read_json(model_dir / PARAMS_FILE))
+    params = run_params(model, read_json(model_dir / PARAMS_FILE), read_json(model_dir / DATASET_FILE))
+    return tf.estimator.Estimator(model_fn, config=run_config, params=params)
+
+
+def check_predictions(model: ModelFile, params: Params, dataset: Mapping[str, Any]) -> outputs.OutputKeys:
+    """Call the model_fn in PREDICT mode on one batch, before any training, and find its class
+    scores by the rule in `pipeline.outputs`; ModelDefinitionError, saying what it returned, if
+    the pipeline could not read them."""
+    with tf.Graph().as_default():
+        images = tf.zeros([2, *dataset["image_shape"]], tf.float32)
+        spec = _call(model.model_fn, {schema.IMAGE: images}, None, tf.estimator.ModeKeys.PREDICT, params,
+                     tf.estimator.RunConfig())
+        if not isinstance(spec, tf.estimator.EstimatorSpec):
+            raise ModelDefinitionError(f"{model.path}: model_fn returned {type(spec).__name__} in PREDICT mode; "
+                                       "expected a tf.estimator.EstimatorSpec")
+        predictions = spec.predictions if isinstance(spec.predictions, Mapping) else \
+            {outputs.SINGLE_OUTPUT: spec.predictions}
+        shapes = {name: (tensor.shape.as_list() if tensor.shape.rank is not None else [], tensor.dtype.is_floating)
+                  for name, tensor in predictions.items()}
+    return outputs.output_keys(shapes, dataset["n_classes"], f"{model.path.name}")
 
 
 def library_versions() -> dict[str, str]:
@@ -122,7 +162,8 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _write_snapshot(model_dir: Path, model_file: Path, params: Mapping[str, Any], run_config: Mapping[str, Any]) -> None:
+def _write_snapshot(model_dir: Path, model_file: Path, params: Mapping[str, Any], dataset: Mapping[str, Any],
+                    run_config: Mapping[str, Any]) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     snapshot = model_dir / MODEL_FILE
     source = Path(model_file).read_bytes()
@@ -131,47 +172,80 @@ def _write_snapshot(model_dir: Path, model_file: Path, params: Mapping[str, Any]
         raise StageOutputError(f"{snapshot} differs from {model_file}; remove {model_dir.parent} or rerun Train")
     snapshot.write_bytes(source)
     write_json_atomic(model_dir / PARAMS_FILE, dict(params))
+    write_json_atomic(model_dir / DATASET_FILE, dict(dataset))
     write_json_atomic(model_dir / RUN_CONFIG_FILE, dict(run_config))
     write_json_atomic(model_dir / VERSIONS_FILE, library_versions())
 
 
+def _newest_export(folder: Path) -> Path | None:
+    exports = sorted(path for path in Path(folder).glob("[0-9]*") if (path / "saved_model.pb").is_file())
+    return exports[-1] if exports else None
+
+
 def train_model(model_file: Path, params_overrides: Mapping[str, Any], convert_dir: Path, metadata_path: Path,
                 run_dir: Path, marker_path: Path, *, max_steps: int, batch_size: int,
-                run_config: Mapping[str, Any], hooks: Sequence[tf.estimator.SessionRunHook] = (),
-                progress: Progress | None = None) -> dict:
-    """Train to `max_steps` (resuming from model_dir), export a SavedModel, write the marker last."""
+                run_config: Mapping[str, Any], eval_throttle_secs: int = 0, early_stopping_steps: int = 0,
+                hooks: Sequence[tf.estimator.SessionRunHook] = (), progress: Progress | None = None) -> dict:
+    """Train to `max_steps` (resuming from model_dir), evaluating on the validation split after
+    each checkpoint (at most once per `eval_throttle_secs`) and exporting the best model by
+    validation loss; stop early after `early_stopping_steps` steps without a lower validation
+    loss (0: never). Then export the final model and write the marker last."""
     models.validate_training_settings(max_steps, batch_size, run_config)
     run_dir = Path(run_dir)
     metadata = read_json(metadata_path)
-    module = models.load_model_module(model_file)
-    params = models.merge_params(model_file, module.PARAMS, params_overrides,
-                                 {"n_classes": len(metadata["class_names"])})
+    model = models.load_model(model_file)
+    dataset = {"n_classes": len(metadata["class_names"]), "image_shape": metadata["image_shape"]}
+    recorded = models.merge_params(model_file, to_json(model.defaults, "PARAMS"), params_overrides,
+                                   {"n_classes": dataset["n_classes"]})
+    recorded.pop("feature_columns", None)  # filled in from the dataset whenever the model is built
+    check_predictions(model, run_params(model, recorded, dataset), dataset)
     model_dir = run_dir / MODEL_DIR
-    _write_snapshot(model_dir, model_file, params, run_config)
+    _write_snapshot(model_dir, model_file, recorded, dataset, run_config)
     estimator = build_estimator(
         model_dir, progress and (lambda loss: [ProgressHook(progress, max_steps, loss)]))
 
-    files = shard_paths(convert_dir, metadata, "train")
     seed = run_config["tf_random_seed"]
     # RunConfig seeds the graph, but Keras layers draw their initializers' seeds from Python's
     # `random`: without this, two runs of one version train different weights.
     tf.keras.utils.set_random_seed(seed)
+    files = shard_paths(convert_dir, metadata, "train")
     images = metadata["splits"]["train"]["count"]
-    estimator.train(lambda: input_fn(files, metadata["image_shape"], batch_size, training=True, seed=seed,
-                                     images=images),
-                    max_steps=max_steps, hooks=list(hooks))
+    train_input = lambda: input_fn(files, metadata["image_shape"], batch_size, training=True,  # noqa: E731
+                                   seed=seed, images=images)
+    receiver = schema.serving_input_receiver_fn(metadata["image_shape"])
+    if metadata["splits"][VALIDATION]["count"]:
+        validation = shard_paths(convert_dir, metadata, VALIDATION)
+        train_hooks = list(hooks)
+        if early_stopping_steps:
+            train_hooks.append(tf.estimator.experimental.stop_if_no_decrease_hook(
+                estimator, "loss", early_stopping_steps, eval_dir=estimator.eval_dir(VALIDATION),
+                run_every_secs=None, run_every_steps=run_config["save_checkpoints_steps"]))
+        best = tf.estimator.BestExporter(name=BEST_EXPORT, serving_input_receiver_fn=receiver, exports_to_keep=1,
+                                         event_file_pattern=f"eval_{VALIDATION}/*.tfevents.*")
+        tf.estimator.train_and_evaluate(
+            estimator, tf.estimator.TrainSpec(train_input, max_steps=max_steps, hooks=train_hooks),
+            tf.estimator.EvalSpec(lambda: input_fn(validation, metadata["image_shape"], batch_size, training=False),
+                                  steps=None, name=VALIDATION, exporters=[best], start_delay_secs=0,
+                                  # Early stopping decides on every evaluation: skipping some by the
+                                  # clock would make where it stops depend on the machine's speed.
+                                  throttle_secs=0 if early_stopping_steps else eval_throttle_secs))
+    else:
+        log.warning("the validation split is empty: training without validation, and without a best export")
+        estimator.train(train_input, max_steps=max_steps, hooks=list(hooks))
     global_step = int(estimator.get_variable_value(tf.compat.v1.GraphKeys.GLOBAL_STEP))
 
     # An export left by a crash before the marker was written is stale: export again, once.
     export_root = run_dir / EXPORT_DIR
     remove_tree(export_root)
-    export_dir = Path(estimator.export_saved_model(
-        str(export_root), schema.serving_input_receiver_fn(metadata["image_shape"])).decode())
+    export_dir = Path(estimator.export_saved_model(str(export_root), receiver).decode())
     if not (export_dir / "saved_model.pb").is_file():
         raise StageOutputError(f"{export_dir}: export_saved_model returned but wrote no saved_model.pb")
-    flush_to_disk()  # TensorFlow writes checkpoints and the export without flushing them
+    best_export = _newest_export(model_dir / EXPORT_DIR / BEST_EXPORT)
+    flush_to_disk()  # TensorFlow writes checkpoints and the exports without flushing them
     summary = {"global_step": global_step, "export_dir": str(export_dir.relative_to(run_dir)),
-               "model_dir": MODEL_DIR, "model_file": Path(model_file).name, "params": params,
-               "run_config": dict(run_config), "max_steps": max_steps, "batch_size": batch_size}
+               "best_export_dir": str(best_export.relative_to(run_dir)) if best_export else None,
+               "model_dir": MODEL_DIR, "model_file": Path(model_file).name, "params": recorded,
+               "run_config": dict(run_config), "max_steps": max_steps, "batch_size": batch_size,
+               "early_stopping_steps": early_stopping_steps}
     write_json_atomic(marker_path, summary)
     return summary

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 
 import luigi
 import luigi.interface
@@ -44,6 +45,8 @@ class _TensorFlowChatter(logging.Filter):
 if not TENSORFLOW_LOGS:
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # read when TensorFlow loads, which is later
     logging.getLogger("tensorflow").addFilter(_TensorFlowChatter())
+    # tf.compat.v1.layers, which model files from the Estimator guides use, warns at every call.
+    warnings.filterwarnings("ignore", message=r".* is deprecated and will be removed", category=UserWarning)
     # TensorBoard's reader warns about each run's duplicate graph events when the report reads curves.
     logging.getLogger("tensorboard").setLevel(logging.ERROR)
 # The Estimator reports loss, steps/s and checkpoints at INFO, below TensorFlow's default level.

@@ -17,7 +17,7 @@ from pipeline import download, versioning
 # pipeline.convert imports TensorFlow only inside write_shard, so it is imported here whole.
 from pipeline.convert import (PLAN_FILE, SPLITS, finalize_conversion, plan_conversion, report_name, shard_name,
                               shard_paths, validate_conversion_params, write_shard)
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StageOutputError
 from pipeline.fileio import TEMP_INFIX, read_json, remove_tree
 from pipeline.models import (MODEL_DIR, RUN_CONFIG_KEYS, check_param_overrides, declared_param_keys,
                              require_positive, resolve_model_file, validate_training_settings)
@@ -152,7 +152,15 @@ class Train(Stage):
     max_steps = luigi.IntParameter(description="Global step to train to; a rerun resumes from the last checkpoint")
     batch_size = luigi.IntParameter(description="Examples per training step")
     tf_random_seed = luigi.IntParameter(description="RunConfig.tf_random_seed: seeds initialisation and shuffling")
-    save_checkpoints_steps = luigi.IntParameter(significant=False, description="Steps between checkpoints")
+    early_stopping_steps = luigi.IntParameter(
+        default=0, description="Stop once the validation loss has not decreased for this many steps; 0: never")
+    save_checkpoints_steps = luigi.IntParameter(
+        significant=False, description="Steps between checkpoints; each is followed by an evaluation on the "
+                                       "validation split (with early stopping, this decides where it may stop)")
+    eval_throttle_secs = luigi.IntParameter(
+        default=0, significant=False,
+        description="At most one validation evaluation per this many seconds (0: after every checkpoint); "
+                    "ignored with early stopping, which evaluates every checkpoint")
     save_summary_steps = luigi.IntParameter(significant=False, description="Steps between TensorBoard summaries")
     keep_checkpoint_max = luigi.IntParameter(significant=False, description="Checkpoints kept in model_dir")
     log_step_count_steps = luigi.IntParameter(significant=False, description="Steps between loss and steps/s logs")
@@ -166,6 +174,9 @@ class Train(Stage):
         if known is not None:  # otherwise checked once the model file is loaded, in produce()
             check_param_overrides(model_file, known, self.params)
         validate_training_settings(self.max_steps, self.batch_size, self.run_config())
+        if self.early_stopping_steps < 0 or self.eval_throttle_secs < 0:
+            raise ConfigError(f"early_stopping_steps={self.early_stopping_steps}, eval_throttle_secs="
+                              f"{self.eval_throttle_secs}; expected 0 (off) or a positive number")
 
     def run_config(self) -> dict:
         return {key: getattr(self, key) for key in RUN_CONFIG_KEYS}
@@ -175,7 +186,9 @@ class Train(Stage):
 
     def temporaries(self):
         # A checkpoint save cut short leaves TensorFlow's own temporary shard folder.
-        return [*super().temporaries(), self.stage_output.directory / MODEL_DIR / "model.ckpt-*_temp*"]
+        model_dir = self.stage_output.directory / MODEL_DIR
+        # ...and an export cut short, TensorFlow's temp-<timestamp> folder.
+        return [*super().temporaries(), model_dir / "model.ckpt-*_temp*", model_dir / "export" / "*" / "temp-*"]
 
     def produce(self):
         from pipeline.training import train_model
@@ -188,7 +201,9 @@ class Train(Stage):
         with TaskProgress(self) as progress:
             train_model(resolve_model_file(self.model_def), self.significant_values()["params"], convert.directory,
                         convert.marker, out.directory, out.marker, max_steps=self.max_steps,
-                        batch_size=self.batch_size, run_config=self.run_config(), progress=progress)
+                        batch_size=self.batch_size, run_config=self.run_config(),
+                        eval_throttle_secs=self.eval_throttle_secs, early_stopping_steps=self.early_stopping_steps,
+                        progress=progress)
 
 
 class Evaluate(Stage):
@@ -223,6 +238,9 @@ class Predict(Stage):
     input_dir = luigi.Parameter(default="", description="Folder of images to predict; empty predicts `split`")
     split = luigi.ChoiceParameter(default="test", choices=SPLITS,
                                   description="Split predicted when input_dir is empty")
+    export = luigi.ChoiceParameter(default="final", choices=("final", "best"),
+                                   description="The SavedModel to predict with: the final weights, which Evaluate "
+                                               "and the report describe, or those of the lowest validation loss")
     batch_size = luigi.IntParameter(default=256, significant=False, description="Images per prediction batch")
 
     def upstream(self):
@@ -247,7 +265,11 @@ class Predict(Stage):
 
         out = self.stage_output
         train, convert = (task.stage_output for task in self.upstream())
-        export_dir = train.directory / read_json(train.marker)["export_dir"]
+        export = read_json(train.marker).get("export_dir" if self.export == "final" else "best_export_dir")
+        if export is None:
+            raise StageOutputError(f"{train.marker}: Train made no best export (its validation split is empty); "
+                                   "use --export final")
+        export_dir = train.directory / export
         with TaskProgress(self) as progress:
             predict_to_csv(export_dir, read_json(convert.marker), out.marker, convert_dir=convert.directory,
                            split=self.split, input_dir=Path(self.input_dir) if self.input_dir else None,
@@ -262,7 +284,7 @@ class Report(Stage):
 
     def upstream(self):
         evaluate = Evaluate()
-        return [evaluate, Predict(input_dir="", split=evaluate.split), Train(), Convert(), Download()]
+        return [evaluate, Predict(input_dir="", split=evaluate.split, export="final"), Train(), Convert(), Download()]
 
     def produce(self):
         from pipeline.report import write_report

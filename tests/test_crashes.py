@@ -79,7 +79,9 @@ def reference(tmp_path_factory, slow_source):
 
 
 def leftovers(folder: Path) -> list[Path]:
-    return [path for path in folder.rglob("*") if TEMP_INFIX in path.name or re.search(r"_temp\b", path.name)]
+    # Ours carry TEMP_INFIX; TensorFlow's are model.ckpt-N_temp and, for an export, temp-<timestamp>.
+    return [path for path in folder.rglob("*")
+            if TEMP_INFIX in path.name or re.search(r"_temp\b|^temp-\d+$", path.name)]
 
 
 def check_nothing_partial_is_complete(folder: Path) -> None:

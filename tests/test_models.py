@@ -27,21 +27,24 @@ def test_the_required_models_exist():
     assert {"cnn", "alexnet", "dnn", "premade_dnn"} <= set(MODEL_NAMES)
 
 
+DATASET = {"n_classes": N_CLASSES, "image_shape": list(SHAPE)}
+
+
 def load(name):
     model_file = models.resolve_model_file(name)
-    module = models.load_model_module(model_file)
-    params = models.merge_params(model_file, module.PARAMS, OVERRIDES.get(name, {}), {"n_classes": N_CLASSES})
-    return module, params
+    model = models.load_model(model_file)
+    recorded = models.merge_params(model_file, model.defaults, OVERRIDES.get(name, {}), {"n_classes": N_CLASSES})
+    return model, training.run_params(model, recorded, DATASET)
 
 
-def call_model_fn(module, params, mode):
+def call_model_fn(model, params, mode):
     features = {"image": tf.random.uniform((4, *SHAPE))}
     labels = tf.random.uniform((4,), maxval=N_CLASSES, dtype=tf.int64)
-    kwargs = {"config": tf.estimator.RunConfig()} if "config" in inspect.signature(module.model_fn).parameters else {}
+    kwargs = {"config": tf.estimator.RunConfig()} if "config" in inspect.signature(model.model_fn).parameters else {}
     with tf.compat.v1.variable_scope("model"):
         tf.compat.v1.train.get_or_create_global_step()
-        return module.model_fn(features, None if mode == tf.estimator.ModeKeys.PREDICT else labels, mode,
-                               params, **kwargs)
+        return model.model_fn(features, None if mode == tf.estimator.ModeKeys.PREDICT else labels, mode,
+                              params, **kwargs)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -57,14 +60,14 @@ def test_model_file_imports_only_tensorflow_and_the_standard_library(name):
 @pytest.mark.parametrize("mode", [tf.estimator.ModeKeys.PREDICT, tf.estimator.ModeKeys.EVAL,
                                   tf.estimator.ModeKeys.TRAIN])
 def test_model_fn_in_each_mode(name, mode):
-    module, params = load(name)
+    model, params = load(name)
     with tf.Graph().as_default():
-        spec = call_model_fn(module, params, mode)
+        spec = call_model_fn(model, params, mode)
         assert isinstance(spec, tf.estimator.EstimatorSpec) and spec.mode == mode
         if mode == tf.estimator.ModeKeys.TRAIN:
             assert spec.loss.shape.rank == 0 and spec.train_op is not None
             return
-        # Evaluation's metrics and batch prediction both read these two predictions.
+        # The pipeline's own model files name their predictions as the Estimator guides do.
         probabilities = spec.predictions["probabilities"]
         assert probabilities.shape.as_list() == [4, N_CLASSES] and probabilities.dtype == tf.float32
         assert spec.predictions["class_ids"].dtype == tf.int64
@@ -78,10 +81,11 @@ def test_model_fn_in_each_mode(name, mode):
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_two_training_steps(name, tmp_path):
-    module, params = load(name)
+    model, params = load(name)
+    assert training.check_predictions(model, params, DATASET).scores == "probabilities"
     images = np.random.default_rng(0).random((16, *SHAPE), dtype=np.float32)
     labels = np.arange(16) % N_CLASSES
-    estimator = tf.estimator.Estimator(module.model_fn, str(tmp_path), params=params)
+    estimator = tf.estimator.Estimator(model.model_fn, str(tmp_path), params=params)
     estimator.train(lambda: tf.data.Dataset.from_tensor_slices(({"image": images}, labels)).repeat().batch(4),
                     max_steps=2)
     assert estimator.get_variable_value("global_step") == 2
@@ -89,7 +93,7 @@ def test_two_training_steps(name, tmp_path):
 
 def test_params_merge_rejects_unknown_keys_and_dataset_keys():
     model_file = models.resolve_model_file("cnn")
-    defaults = models.load_model_module(model_file).PARAMS
+    defaults = models.load_model(model_file).defaults
     with pytest.raises(ConfigError, match=r"\['dropout'\], unknown to cnn.py; its params are conv_filters"):
         models.merge_params(model_file, defaults, {"dropout": 0.1})
     with pytest.raises(ConfigError, match="takes from the dataset"):
@@ -104,7 +108,37 @@ def test_unknown_model_lists_the_available_ones():
 def test_model_file_without_model_fn_is_rejected(tmp_path):
     (tmp_path / "empty.py").write_text("PARAMS = {}\n")
     with pytest.raises(ModelDefinitionError, match="defines no model_fn"):
-        models.load_model_module(tmp_path / "empty.py")
+        models.load_model(tmp_path / "empty.py")
+
+
+def test_a_model_file_whose_one_model_function_has_another_name_is_taken_as_is(tmp_path):
+    (tmp_path / "tutorial.py").write_text("PARAMS = {}\n\ndef helper(x):\n    return x\n\n"
+                                          "def my_model(features, labels, mode, params):\n    return None\n")
+    assert models.load_model(tmp_path / "tutorial.py").model_fn.__name__ == "my_model"
+    (tmp_path / "two.py").write_text("PARAMS = {}\n\ndef a(features, labels, mode, params):\n    pass\n\n"
+                                     "def b(features, labels, mode):\n    pass\n")
+    with pytest.raises(ModelDefinitionError, match="it has a, b: name the one to use model_fn"):
+        models.load_model(tmp_path / "two.py")
+
+
+def test_a_lambda_in_params_is_refused_naming_its_key_before_tensorflow(tmp_path):
+    (tmp_path / "lambdas.py").write_text("import tensorflow as tf\nPARAMS = {'layers': [{'units': 3, "
+                                         "'activation': lambda x: tf.nn.relu(x)}]}\n")
+    with pytest.raises(ConfigError, match=r"PARAMS\['layers'\]\[0\]\['activation'\] is a lambda"):
+        models.declared_param_keys(tmp_path / "lambdas.py")
+
+
+def test_predictions_the_pipeline_cannot_read_fail_before_training_saying_what_it_saw(tmp_path):
+    (tmp_path / "embedding.py").write_text(
+        "import tensorflow as tf\nPARAMS = {'n_classes': None}\n\n"
+        "def model_fn(features, labels, mode, params):\n"
+        "    net = tf.compat.v1.layers.flatten(features['image'])\n"
+        "    return tf.estimator.EstimatorSpec(mode, predictions={'embedding': tf.compat.v1.layers.dense(net, 8)})\n")
+    model = models.load_model(tmp_path / "embedding.py")
+    with pytest.raises(ModelDefinitionError, match=r"embedding.py: the PREDICT predictions are 'embedding' \[2, 8\]; "
+                                                   r"expected class scores as 'probabilities' or 'logits' shaped "
+                                                   r"\[batch, 3\]"):
+        training.check_predictions(model, {"n_classes": N_CLASSES}, DATASET)
 
 
 def test_training_params_must_be_positive():
@@ -114,11 +148,13 @@ def test_training_params_must_be_positive():
 
 @pytest.mark.parametrize("name", ["cnn", "premade_dnn"])
 def test_training_progress_counts_global_steps_across_a_resume(name, tmp_path):
-    module, params = load(name)
+    model_file = models.resolve_model_file(name)
     model_dir = tmp_path / "model_dir"
     model_dir.mkdir()
-    (model_dir / training.MODEL_FILE).write_bytes(models.resolve_model_file(name).read_bytes())
-    write_json_atomic(model_dir / training.PARAMS_FILE, params)
+    (model_dir / training.MODEL_FILE).write_bytes(model_file.read_bytes())
+    write_json_atomic(model_dir / training.PARAMS_FILE, models.merge_params(
+        model_file, models.load_model(model_file).defaults, OVERRIDES.get(name, {}), {"n_classes": N_CLASSES}))
+    write_json_atomic(model_dir / training.DATASET_FILE, DATASET)
     write_json_atomic(model_dir / training.RUN_CONFIG_FILE, {"tf_random_seed": 1, "save_checkpoints_steps": 3})
     reports = []
     estimator = training.build_estimator(
@@ -134,3 +170,36 @@ def test_training_progress_counts_global_steps_across_a_resume(name, tmp_path):
 
     assert [(done, total, unit) for done, total, unit, _ in reports] == [(step, 5, "steps") for step in range(1, 6)]
     assert all(detail.startswith("loss ") and float(detail[5:]) >= 0 for *_, detail in reports)
+
+
+def test_tensorflow_functions_in_params_are_recorded_by_name_and_read_back():
+    from pipeline.params import as_params, from_json, to_json
+
+    params = {"layers": [{"activation": tf.nn.relu, "regularizer": tf.nn.l2_loss}, {"activation": tf.nn.softmax}],
+              "initializer": tf.keras.initializers.GlorotUniform, "optimizer": tf.compat.v1.train.AdagradOptimizer,
+              "rate": 0.1}
+    recorded = to_json(params)
+    assert recorded["layers"] == [{"activation": "tf.nn.relu", "regularizer": "tf.nn.l2_loss"},
+                                  {"activation": "tf.nn.softmax"}]
+    assert recorded["initializer"] == "tf.keras.initializers.GlorotUniform"
+    assert recorded["optimizer"] == "tf.compat.v1.train.AdagradOptimizer"
+    assert from_json(recorded) == params
+    readable = as_params(from_json(recorded))
+    assert readable.rate == readable["rate"] == 0.1 and readable.layers[0].activation is tf.nn.relu
+    copied = __import__("copy").deepcopy(readable)  # as the Estimator copies its params
+    assert copied.layers[1].activation is tf.nn.softmax
+
+
+@pytest.mark.parametrize("value", [lambda x: x, len, np.zeros(2)])
+def test_what_cannot_be_named_is_refused_naming_its_key(value):
+    from pipeline.params import to_json
+
+    with pytest.raises(ConfigError, match=r"params\['layers'\]\[0\]\['activation'\] is .*cannot be recorded"):
+        to_json({"layers": [{"activation": value}]})
+
+
+def test_a_name_that_is_no_tensorflow_function_is_refused_naming_its_key():
+    from pipeline.params import from_json
+
+    with pytest.raises(ConfigError, match=r"--params\['activation'\] is 'tf.nn.rleu', which names no TensorFlow"):
+        from_json({"activation": "tf.nn.rleu"}, "--params")

@@ -1,27 +1,44 @@
-"""Report pieces and the leaderboard, on small data made here."""
+"""Report pieces, charts and the leaderboard, on small data made here."""
 import csv
-import xml.etree.ElementTree as ElementTree
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
 
 from pipeline.fileio import write_json_atomic
 from pipeline.leaderboard import COLUMNS, leaderboard_rows, rebuild_leaderboard
-from pipeline.report import misclassified, render_report, svg_chart
+from pipeline.plots import confusion_matrix_png, curves_png
+from pipeline.report import misclassified, render_report
 from tests.conftest import read_csv
 
-SVG = "{http://www.w3.org/2000/svg}"
+
+def decoded(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
-def test_chart_draws_a_line_per_series_and_a_dot_for_a_single_point():
-    svg = svg_chart("loss", {"train": [(1, 2.0), (50, 0.5), (100, 0.1)], "eval": [(100, 0.2)]})
-    root = ElementTree.fromstring(svg)
-    [line] = root.iter(f"{SVG}polyline")
-    assert len(line.get("points").split()) == 3
-    assert len(list(root.iter(f"{SVG}circle"))) == 2  # the last train point and the eval point
-    labels = [text.text for text in root.iter(f"{SVG}text")]
-    assert "loss" in labels and "train 0.1" in labels and "eval 0.2" in labels
+@pytest.mark.parametrize("n_classes", [10, 100])
+def test_confusion_matrix_is_coloured_by_share_and_grows_with_the_classes(n_classes):
+    names = [f"class-{i:03d}" for i in range(n_classes)]
+    right = decoded(confusion_matrix_png(np.diag(np.arange(1, n_classes + 1) * 7), names, "all right"))
+    spread = decoded(confusion_matrix_png(np.full((n_classes, n_classes), 5), names, "all spread"))
+    height, width, _ = right.shape
+    # Room for each label: at 100 classes, rows of at least 18 pixels (5-point labels).
+    assert height >= 18 * n_classes and width > height
+
+    def dark_blue(pixels):  # a share near 1, whatever the class's size; the colour bar is in both
+        return int(((pixels[..., 2] > 100) & (pixels[..., 0] < 80)).sum())
+
+    assert dark_blue(right) - dark_blue(spread) > 0.5 * (height / n_classes * 0.6) ** 2 * n_classes
 
 
-def test_chart_of_nothing_is_empty():
-    assert svg_chart("loss", {"train": []}) == ""
+def test_curves_are_drawn_on_one_chart_per_metric():
+    png = curves_png("loss", {"train": [(1, 2.0), (50, 0.5), (100, 0.1)], "validation": [(50, 0.6), (100, 0.3)],
+                              "test": [(100, 0.35)]})
+    pixels = decoded(png)
+    assert pixels.shape[:2] == (400, 700)
+    colours = {tuple(colour) for colour in pixels.reshape(-1, 3)[::7]}
+    assert {(31, 119, 180), (255, 127, 14)} <= colours, "matplotlib's first two line colours, one per series"
 
 
 def test_misclassified_lists_the_most_confident_mistakes_first(tmp_path):
@@ -38,14 +55,15 @@ def test_misclassified_lists_the_most_confident_mistakes_first(tmp_path):
 
 def test_report_escapes_what_it_shows():
     page = render_report(
-        title="<run>", train={"params": {"note": "<script>"}, "max_steps": 2, "batch_size": 1,
+        title="<run>", train={"params": {"note": "<script>"}, "max_steps": 2, "batch_size": 1, "global_step": 2,
                               "run_config": {"tf_random_seed": 1}, "model_file": "m.py"},
         metrics={"split": "test", "accuracy": 0.5, "loss": 1.25, "examples": 2, "global_step": 2,
                  "checkpoint": "model.ckpt-2", "per_class": {"<a>": {"precision": 1.0, "recall": 0.5, "f1": 0.6667,
-                                                                    "support": 2}}},
+                                                                    "support": 2}},
+                 "model_metrics": {"<m>": 0.25}},
         versions={"train": "abc"}, model_sha256="0" * 64, confusion_png=b"\x89PNG",
-        curves={}, examples=[])
-    assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;a&gt;" in page
+        charts={}, examples=[])
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;a&gt;" in page and "&lt;m&gt;" in page
     assert "0.5000" in page and "1.2500" in page and "No misclassified images." in page
 
 

@@ -82,7 +82,8 @@ def test_every_task_is_done_on_the_scheduler_with_its_last_progress(scheduled_ru
                for shard in by_family["ConvertShard"])
     [download] = by_family["Download"]
     assert re.fullmatch(r"(\d+)/\1 bytes - mnist_subset\.tar\.gz", download["status_message"])
-    assert by_family["Evaluate"][0]["status_message"] == "1/1 batches"
+    # One batch for the loss and the model's metrics, one for the predictions the accuracy comes from.
+    assert by_family["Evaluate"][0]["status_message"] == "2/2 batches"
     assert by_family["Predict"][0]["status_message"] == "1/1 batches - 18 images"
 
 
@@ -149,11 +150,12 @@ def test_report_and_leaderboard_render_metrics_and_images(scheduled_run, browser
     rendered = images_rendered(browser)
     wrong = sum(row["precision"] < 1 or row["recall"] < 1 for row in metrics["per_class"].values())
     assert rendered and all(rendered), rendered
-    assert len(rendered) == 1 + len(browser.find_elements("css selector", "#misclassified img"))
-    assert (len(rendered) > 1) == (wrong > 0), "misclassified images are shown exactly when there are mistakes"
-    charts = browser.find_elements("css selector", "#curves svg")
-    assert [chart.get_attribute("aria-label") for chart in charts] == ["loss", "accuracy"]
-    assert all(chart.size["width"] > 100 and chart.size["height"] > 100 for chart in charts)
+    shown_wrong = len(browser.find_elements("css selector", "#misclassified img"))
+    charts = browser.find_elements("css selector", "#curves img")
+    assert len(rendered) == 1 + len(charts) + shown_wrong, "the confusion matrix, the charts, the mistakes"
+    assert (shown_wrong > 0) == (wrong > 0), "misclassified images are shown exactly when there are mistakes"
+    assert [chart.get_attribute("alt") for chart in charts] == ["loss over training", "accuracy over training"]
+    assert all(chart.size["width"] > 300 and chart.size["height"] > 150 for chart in charts)
     per_class = browser.find_element("css selector", "#per-class").text
     assert all(name in per_class for name in metrics["per_class"])
 
