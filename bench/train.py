@@ -21,7 +21,7 @@ WARMUP = 100
 WINDOW = 50
 MARKS = range(WARMUP, STEPS + 1, WINDOW)
 BATCH = 64
-RUN_CONFIG = {"tf_random_seed": 42, "save_summary_steps": 50, "save_checkpoints_steps": 500,
+RUN_CONFIG = {"tf_random_seed": 42, "save_summary_steps": 50, "save_checkpoints_steps": 250,
               "keep_checkpoint_max": 3, "log_step_count_steps": 100}
 
 
