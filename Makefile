@@ -17,10 +17,10 @@ run: ui
 	@echo "Scheduler UI: http://127.0.0.1:$(SCHEDULER_PORT)   leaderboard: results/leaderboard.html   curves: make tensorboard"
 
 ui: $(STAMP)
-	@$(BIN)/python -m pipeline.services start --state-dir $(SCHEDULER_DIR) --port $(SCHEDULER_PORT)
+	@$(BIN)/python -m tasks.services start --state-dir $(SCHEDULER_DIR) --port $(SCHEDULER_PORT)
 
 ui-stop: $(STAMP)
-	@$(BIN)/python -m pipeline.services stop --state-dir $(SCHEDULER_DIR)
+	@$(BIN)/python -m tasks.services stop --state-dir $(SCHEDULER_DIR)
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir results --host 127.0.0.1 --port $(TENSORBOARD_PORT)
@@ -31,7 +31,7 @@ test: $(STAMP)
 venv: $(STAMP)
 
 # Every benchmark prints its ratios against a baseline measured in the same run; see bench/RESULTS.md.
-BENCHMARKS := noop train predict convert
+BENCHMARKS := noop train predict convert index
 bench: $(STAMP)
 	@nproc | xargs echo "cores:"; free -g | awk '/Mem:/ {print "memory: " $$2 " GiB"}'
 	@mkdir -p build/bench

@@ -1,10 +1,11 @@
 """Train steps/s through the Train stage's own code, against (a) a bare Estimator on the same
 model_fn and (b) Keras Model.fit on the same architecture, both fed from in-memory NumPy arrays.
 
-The default `cnn` model, batch 64, the run settings of luigi.cfg. Steps/s is taken from step
-WARMUP to step STEPS, so graph building, the first steps and the export are left out: it is the
-median over windows of WINDOW steps, so that a burst of load from elsewhere on the machine
-during one window does not decide the run.
+The default `cnn` model, batch 64, the run settings of luigi.cfg but for checkpoints. Steps/s
+is taken from step WARMUP to step STEPS, so graph building, the first steps and the export are
+left out: it is the median over windows of WINDOW steps, so that a burst of load from elsewhere
+on the machine during one window does not decide the run. A last figure is the cost of the
+validation the Train stage runs after each checkpoint.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ WARMUP = 100
 WINDOW = 50
 MARKS = range(WARMUP, STEPS + 1, WINDOW)
 BATCH = 64
-RUN_CONFIG = {"tf_random_seed": 42, "save_summary_steps": 50, "save_checkpoints_steps": 250,
+# No checkpoint, and so no validation, inside the timed windows: the steady rate of steps. What
+# validating every 250 steps (luigi.cfg's setting) costs is its own figure, `validation_cost`.
+RUN_CONFIG = {"tf_random_seed": 42, "save_summary_steps": 50, "save_checkpoints_steps": 500,
               "keep_checkpoint_max": 3, "log_step_count_steps": 100}
 
 
@@ -47,16 +50,31 @@ def step_timer(times: dict[int, float]):
     return StepTimer()
 
 
-def pipeline_rate(convert_dir: Path, metadata_path: Path) -> float:
+def pipeline_times(convert_dir: Path, metadata_path: Path, run_config: dict) -> dict[int, float]:
+    """When the Train stage's own code reached each mark, training the `cnn` model."""
     from pipeline import models, training
 
     times: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as run_dir:
         training.train_model(models.resolve_model_file("cnn"), {}, convert_dir, metadata_path, Path(run_dir),
                              Path(run_dir) / "train.json", max_steps=STEPS, batch_size=BATCH,
-                             run_config=RUN_CONFIG, hooks=[step_timer(times)],
+                             run_config=run_config, hooks=[step_timer(times)],
                              progress=lambda done, total, unit, detail: None)
-    return steady_rate(times)
+    return times
+
+
+def pipeline_rate(convert_dir: Path, metadata_path: Path) -> float:
+    return steady_rate(pipeline_times(convert_dir, metadata_path, RUN_CONFIG))
+
+
+def validation_cost(convert_dir: Path, metadata_path: Path) -> tuple[float, float]:
+    """Steps/s over all the timed steps together, with a checkpoint and a validation every 100
+    steps (three of them inside), and with none: what validating as it goes costs."""
+    rates = []
+    for every in (100, STEPS * 10):
+        times = pipeline_times(convert_dir, metadata_path, {**RUN_CONFIG, "save_checkpoints_steps": every})
+        rates.append((STEPS - WARMUP) / (times[STEPS] - times[WARMUP]))
+    return rates[0], rates[1]
 
 
 def bare_estimator_rate(images, labels) -> float:
@@ -118,6 +136,10 @@ def main() -> None:
     report("train steps/s, Train stage vs bare Estimator on NumPy", pipeline, bare, "steps/s", ">= 0.98")
     report("train steps/s, Train stage vs Keras fit on NumPy", pipeline, keras, "steps/s", ">= 1.0")
     report("train steps/s, bare Estimator vs Keras fit (context)", bare, keras, "steps/s", "none")
+    validating, not_validating = zip(*(validation_cost(convert_dir, convert_dir / "metadata.json")
+                                       for _ in range(REPEATS)))
+    report("train steps/s over steps 100-400, validating every 100 steps vs never (the cost of validation)",
+           list(validating), list(not_validating), "steps/s", "none")
 
 
 if __name__ == "__main__":

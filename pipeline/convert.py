@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 from PIL import ExifTags, Image, ImageOps
 
-from pipeline.errors import ConfigError, DatasetError, StageOutputError, UnusableImage
+from pipeline.errors import ConfigError, CorruptShard, DatasetError, StageOutputError, UnusableImage
 from pipeline.fileio import atomic_path, read_json, sha256_file, visible, visible_keys, write_json_atomic
 from pipeline.progress import Progress
 
@@ -251,11 +251,7 @@ def finalize_conversion(out_dir: Path, reports: Iterable[Path], metadata_path: P
 
 def shard_paths(convert_dir: Path, metadata: dict, split: str) -> list[str]:
     """The shard files of one split, from metadata written by `finalize_conversion`, each checked
-    against the sha256 recorded there.
-
-    A missing or corrupt shard raises DatasetError naming it, and its report (the shard task's
-    marker) is removed, so that the next run rebuilds that shard and nothing else.
-    """
+    against the sha256 recorded there: a missing or corrupt one raises CorruptShard naming it."""
     if split not in metadata["splits"]:
         raise ConfigError(f"split={split!r}; expected one of {', '.join(metadata['splits'])}")
     paths = []
@@ -263,9 +259,14 @@ def shard_paths(convert_dir: Path, metadata: dict, split: str) -> list[str]:
         path = Path(convert_dir) / shard["file"]
         actual = sha256_file(path) if path.is_file() else None
         if actual != shard["sha256"]:
-            path.with_name(path.name.removesuffix(".tfrecord") + ".json").unlink(missing_ok=True)
             found = f"its sha256 is {actual}" if actual else "it is missing"
-            raise DatasetError(f"{path}: {found}, but metadata.json records {shard['sha256']}. The shard is "
-                               "corrupt; its report was removed, so the next run rebuilds it")
+            raise CorruptShard(f"{path}: {found}, but metadata.json records {shard['sha256']}. The shard is "
+                               "corrupt; the next run rebuilds it", str(path))
         paths.append(str(path))
     return paths
+
+
+def report_of(shard_path: str) -> Path:
+    """The report written after a shard (see `write_shard`)."""
+    path = Path(shard_path)
+    return path.with_name(path.name.removesuffix(".tfrecord") + ".json")

@@ -32,6 +32,14 @@ class UnusableImage(DatasetError):
     underlying error's type (e.g. "DecompressionBombError: ...")."""
 
 
+class CorruptShard(DatasetError):
+    """A TFRecord shard is missing or does not have the sha256 its dataset's metadata records."""
+
+    def __init__(self, message: str, shard: str):
+        super().__init__(message)
+        self.shard = shard
+
+
 class ModelDefinitionError(PipelineError):
     """A model file is missing, or does not follow the model-file contract."""
 

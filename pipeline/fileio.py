@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -102,29 +103,47 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(lock_path: Path, holder: str = "") -> Iterator[None]:
+def file_lock(lock_path: Path, holder: str = "", guards: str = "") -> Iterator[None]:
     """Hold an exclusive lock on `lock_path` (created if missing), across processes; blocks until
-    free, saying first what it waits for when `holder` describes it."""
+    free, saying first what it waits for when `holder` describes it. `guards`, the path being
+    written under the lock, is written into the lock file, for `held_locks`."""
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as lock:
+    with open(lock_path, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if holder:
                 log.warning("waiting for another process, which is producing %s", holder)
             fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.truncate(0)
+        lock.write(guards)
+        lock.flush()
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def held_locks(folder: Path) -> list[str]:
+    """What the locks in `folder` that some process holds now guard (see `file_lock`)."""
+    held = []
+    for lock_path in sorted(Path(folder).glob("*.lock")) if Path(folder).is_dir() else []:
+        with open(lock_path) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(lock.read())
+            else:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    return held
+
+
 def remove_temporaries(patterns: Iterable[Path]) -> None:
-    """Remove what matches the glob `patterns`: files or folders a crashed run left."""
+    """Remove what matches the glob `patterns` (wildcards in any component): files or folders a
+    crashed run left."""
     for pattern in patterns:
-        pattern = Path(pattern)
-        for leftover in sorted(pattern.parent.glob(pattern.name)) if pattern.parent.is_dir() else []:
+        for leftover in sorted(map(Path, glob.glob(str(pattern)))):
             log.warning("removing %s, left by an interrupted run", leftover)
             remove_tree(leftover)
 

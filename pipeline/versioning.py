@@ -1,27 +1,25 @@
-"""The versioned tree: one function maps a stage's significant inputs to its output folder.
+"""Versions, the code they include, and the index of every completed one.
 
-A version is a short hash of the stage name, its significant parameters, the versions of the
-stages it reads, and (for training and after) the model file's source. Any change to one of
-those gives a new folder, so nothing is overwritten and unchanged stages are found complete.
+A version is a short hash of an identity: whatever the result depends on (parameters, the
+versions of what was read, the source of the code that ran, a model file). The same identity
+always gives the same version, and any change gives a new one, so nothing is overwritten and
+an unchanged stage is found complete. What an identity holds, and where a version's folder
+lies, is the caller's to say; this module knows no stage.
 
-    data/raw/<dataset>/<download>/                      images as <class>/<file>, download.json last
-    data/tfrecords/<dataset>/<convert>/                 shards, metadata.json last
-    results/<dataset>/<model>-<train>/                  model_dir/, export/, train.json last
-    results/<dataset>/<model>-<train>/evaluate-<split>-<evaluate>/   metrics.json last
-    results/<dataset>/<model>-<train>/predict-<predict>/             predictions.csv
-    results/<dataset>/<model>-<train>/evaluate-<split>-<evaluate>/   report.html (the report stage)
-    results/leaderboard.html, leaderboard.csv                        every evaluation, best first
+`results/index.json` maps each completed version to its identity and folder; callers add what
+views of it need (the leaderboard's rows), so that a view is rebuilt from the index alone.
 """
 from __future__ import annotations
 
-import contextlib
+import ast
 import datetime
+import functools
 import hashlib
+import importlib.util
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 from pipeline.errors import ConfigError
 from pipeline.fileio import file_lock, read_json, write_json_atomic
@@ -29,19 +27,7 @@ from pipeline.fileio import file_lock, read_json, write_json_atomic
 VERSION_LENGTH = 12
 INDEX_FILE = "index.json"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-@dataclass(frozen=True)
-class StageOutput:
-    stage: str
-    version: str
-    directory: Path
-    dataset: str
-
-    @property
-    def marker(self) -> Path:
-        """The file written last: while it is missing, the stage is not complete."""
-        return self.directory / MARKERS[self.stage]
+_PACKAGE = "pipeline"
 
 
 def safe_name(key: str, value: Any) -> str:
@@ -53,70 +39,80 @@ def safe_name(key: str, value: Any) -> str:
     return value
 
 
-def _significant(params: Mapping[str, Any], key: str) -> str:
-    return safe_name(key, params[key])
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-MARKERS = {
-    "download": "download.json",
-    "convert": "metadata.json",
-    "train": "train.json",
-    "evaluate": "metrics.json",
-    "predict": "predictions.csv",
-    "report": "report.html",
-}
-
-_Layout = Callable[[Mapping[str, Any], Sequence[StageOutput], Path, Path, str], Path]
-_LAYOUT: dict[str, _Layout] = {
-    "download": lambda p, up, data, results, v: data / "raw" / _significant(p, "dataset") / v,
-    "convert": lambda p, up, data, results, v: data / "tfrecords" / up[0].dataset / v,
-    "train": lambda p, up, data, results, v: results / up[0].dataset / f"{Path(p['model_def']).stem}-{v}",
-    "evaluate": lambda p, up, data, results, v: up[0].directory / f"evaluate-{p['split']}-{v}",
-    "predict": lambda p, up, data, results, v: up[0].directory / f"predict-{v}",
-    # A report is fully determined by its evaluation, so it lives in that evaluation's folder.
-    "report": lambda p, up, data, results, v: up[0].directory,
-}
-STAGES = tuple(_LAYOUT)
+def version_of(identity: Mapping[str, Any]) -> str:
+    """The version of an identity: the same mapping (whatever its key order) gives the same one."""
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:VERSION_LENGTH]
 
 
-def version_of(stage: str, significant: Mapping[str, Any], upstream_versions: Sequence[str], code: bytes = b"") -> str:
-    canonical = json.dumps(
-        {"stage": stage, "params": significant, "upstream": list(upstream_versions),
-         "code": hashlib.sha256(code).hexdigest()},
-        sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:VERSION_LENGTH]
+def _module_file(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"no module {name!r} to fingerprint")
+    return Path(spec.origin)
 
 
-def stage_output(stage: str, significant: Mapping[str, Any], upstream: Sequence[StageOutput],
-                 data_root: Path, results_root: Path, code: bytes = b"") -> StageOutput:
-    """Derive a stage's version and output folder. `upstream[0]` is the stage it nests under or reads."""
-    if stage not in _LAYOUT:
-        raise ConfigError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-    version = version_of(stage, significant, [u.version for u in upstream], code)
-    directory = _LAYOUT[stage](significant, upstream, Path(data_root), Path(results_root), version)
-    dataset = significant["dataset"] if stage == "download" else upstream[0].dataset
-    return StageOutput(stage=stage, version=version, directory=directory, dataset=dataset)
+def _imported(name: str) -> set[str]:
+    """The modules of this package that module `name` imports, read from its source."""
+    tree = ast.parse(_module_file(name).read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            # `from pipeline import convert` names a module; `from pipeline.convert import x` does not.
+            if node.module == _PACKAGE:
+                found.update(f"{_PACKAGE}.{alias.name}" for alias in node.names)
+    return {module for module in found if module.startswith(f"{_PACKAGE}.")}
 
 
-def index_lock(index_path: Path) -> contextlib.AbstractContextManager:
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(module: str) -> str:
+    """sha256 of the source of `module` and of every module of this package it imports, directly or
+    not: the library code a stage runs. Read from the sources, so TensorFlow is not imported."""
+    seen, pending = set(), [module]
+    while pending:
+        name = pending.pop()
+        if name not in seen:
+            seen.add(name)
+            pending.extend(_imported(name))
+    digest = hashlib.sha256()
+    for name in sorted(seen):
+        digest.update(f"{name}\n".encode())
+        digest.update(_module_file(name).read_bytes())
+    return digest.hexdigest()
+
+
+def index_lock(index_path: Path):
     """Held while the index, or a view rebuilt from it, is read and rewritten, across processes."""
     index_path = Path(index_path)
     return file_lock(index_path.with_name(index_path.name + ".lock"))
 
 
-def record_version(index_path: Path, output: StageOutput, significant: Mapping[str, Any],
-                   upstream: Sequence[StageOutput]) -> None:
-    """Add a completed stage to the JSON index that maps versions to their parameters."""
+def read_index(index_path: Path) -> dict:
     index_path = Path(index_path)
+    return read_json(index_path) if index_path.exists() else {}
+
+
+def update_index(index_path: Path, change: Callable[[dict], None],
+                 then: Callable[[dict], None] | None = None) -> dict:
+    """Apply `change` to the index in place and write it back, then call `then` with it (to rebuild
+    a view), all under the index's lock, so that concurrent updates never leave a stale view."""
     with index_lock(index_path):
-        index = read_json(index_path) if index_path.exists() else {}
-        index[f"{output.stage}/{output.version}"] = {
-            "stage": output.stage,
-            "version": output.version,
-            "dataset": output.dataset,
-            "path": str(output.directory),
-            "params": json.loads(json.dumps(significant, default=str)),
-            "upstream": [f"{u.stage}/{u.version}" for u in upstream],
-            "completed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        write_json_atomic(index_path, index)
+        index = read_index(index_path)
+        change(index)
+        write_json_atomic(Path(index_path), index)
+        if then is not None:
+            then(index)
+    return index
+
+
+def index_entry(stage: str, version: str, path: Path | str, identity: Mapping[str, Any], **extra: Any) -> dict:
+    """An index entry: what was made, where, from what, and when, plus `extra` for views."""
+    return {"stage": stage, "version": version, "path": str(path),
+            "identity": json.loads(canonical_json(identity)),
+            "completed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra}

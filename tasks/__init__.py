@@ -1,12 +1,13 @@
-"""Luigi tasks of the pipeline: `luigi --module tasks RunAll`."""
+"""Luigi tasks of the pipeline: `luigi --module tasks RunAll`, or `Sweep` for a grid of runs."""
 import luigi.interface
 
 # First, before anything loads TensorFlow: how much of its logging a run prints, the console
 # filter and the run's notes.
 from tasks import console
-from tasks.base import Rerunnable, Stage, layout, tensorboard
-from tasks.stages import (ConvertShard, Convert, Download, Evaluate, PlanConversion, Predict, Report, RunAll,
-                          Train)
+from tasks.config import layout, tensorboard
+from tasks.runs import Comparison, RunAll, RunRecord, Sweep
+from tasks.stage import Rerunnable, Stage
+from tasks.stages import ConvertShard, Convert, Download, Evaluate, PlanConversion, Predict, Report, Train
 
 # luigi.cfg's [core] RPC settings are read by luigi.rpc, and the scheduler address through
 # config_path aliases, not under these names by the `core` config class, which would otherwise
@@ -15,4 +16,4 @@ luigi.interface.core.ignore_unconsumed = {"rpc_connect_timeout", "rpc_retry_atte
                                           "default_scheduler_host", "default_scheduler_port"}
 
 __all__ = ["console", "Rerunnable", "Stage", "layout", "tensorboard", "Download", "PlanConversion", "ConvertShard",
-           "Convert", "Train", "Evaluate", "Predict", "Report", "RunAll"]
+           "Convert", "Train", "Evaluate", "Predict", "Report", "RunAll", "RunRecord", "Sweep", "Comparison"]

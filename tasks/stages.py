@@ -1,5 +1,9 @@
-"""The pipeline's Luigi tasks. Each `produce()` (called by `run()` under the output's lock, see
-tasks.base) unpacks its inputs and calls one `pipeline` function.
+"""The pipeline's stages. Each `produce()` (called by `run()` under the output's lock, see
+tasks.stage) unpacks its inputs and calls one `pipeline` function.
+
+Each stage takes the stages it reads as parameters (`UpstreamParameter`): left out, they are the
+ones luigi.cfg describes, so `luigi --module tasks Train` trains on the configured data, while a
+sweep builds `Train(convert=convert, params=...)` variants on one shared Convert.
 
 TensorFlow-backed library modules are imported inside `produce()`, so that `--help` and no-op
 reruns never load TensorFlow; scheduling imports it only when such a task will run (see
@@ -8,28 +12,34 @@ reruns never load TensorFlow; scheduling imports it only when such a task will r
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 import luigi
 from luigi.util import inherits
 
-from pipeline import download, versioning
-# pipeline.convert imports TensorFlow only inside write_shard, so it is imported here whole.
+from pipeline import download
 from pipeline.convert import (PLAN_FILE, SPLITS, finalize_conversion, plan_conversion, report_name, shard_name,
                               shard_paths, validate_conversion_params, write_shard)
 from pipeline.errors import ConfigError, StageOutputError
 from pipeline.fileio import TEMP_INFIX, read_json, remove_tree
 from pipeline.models import (MODEL_DIR, RUN_CONFIG_KEYS, check_param_overrides, declared_param_keys,
                              require_positive, resolve_model_file, validate_training_settings)
-from pipeline.services import tensorboard_url
-from tasks.base import ParamsParameter, Rerunnable, Stage, TaskProgress, layout, tensorboard
-from tasks.console import run_notes
+from pipeline.versioning import safe_name, update_index
+from pipeline.leaderboard import ROW_KEY, rebuild_leaderboard
+from tasks.config import layout, tensorboard
+from tasks.parameters import ParamsParameter, UpstreamParameter
+from tasks.progress import TaskProgress
+from tasks.services import tensorboard_url
+from tasks.stage import Rerunnable, Stage, index_path
 
 
 class Download(Stage):
     """Fetch an image-folder archive or a CSV manifest into data/raw/<dataset>/<version>/<class>/<file>."""
 
-    stage = "download"
+    marker_name = "download.json"
+    library = "pipeline.download"
     dataset = luigi.Parameter(description="Dataset name; names its folders under data/")
     source_url = luigi.Parameter(description="http(s) or file URL of an archive (.tar.gz, .tgz, .tar, .zip) whose "
                                              "folders are the classes, or of a CSV manifest of url,label lines; "
@@ -46,17 +56,22 @@ class Download(Stage):
     def validate(self):
         download.source_kind(self.source_url)
         download.split_checksum(self.source_url)
-        versioning.safe_name("dataset", self.dataset)
+        safe_name("dataset", self.dataset)
+
+    def significant_values(self):
+        # A checksum checks the files; it does not change them. Pinning one keeps the version.
+        return {**super().significant_values(), "source_url": download.split_checksum(self.source_url)[0]}
+
+    def folder(self, version):
+        return Path(layout().data_root) / "raw" / self.dataset / version
 
     def temporaries(self):
         # The work folder beside the version's folder; see download.download_dataset.
-        folder = self.stage_output.directory
-        return [folder.parent / f"{folder.name}{TEMP_INFIX}*"]
+        return [self.directory.parent / f"{self.directory.name}{TEMP_INFIX}*"]
 
     def produce(self):
-        out = self.stage_output
         with TaskProgress(self) as progress:
-            download.download_dataset(self.source_url, out.directory, out.marker.name,
+            download.download_dataset(self.source_url, self.directory, self.marker_name,
                                       workers=self.parallel_fetches, timeout_s=self.timeout_s,
                                       skip_failed_images=self.skip_failed_images, progress=progress)
 
@@ -64,7 +79,9 @@ class Download(Stage):
 class Convert(Stage):
     """Split the images and write sharded TFRecords plus metadata.json to data/tfrecords/<dataset>/<version>/."""
 
-    stage = "convert"
+    marker_name = "metadata.json"
+    library = "pipeline.convert"
+    download = UpstreamParameter(Download, description="The Download stage read; by default luigi.cfg's")
     image_size = luigi.IntParameter(description="Side in pixels of the square images stored in the records")
     channels = luigi.IntParameter(description="1 (grey) or 3 (RGB)")
     validation_fraction = luigi.FloatParameter(description="Share of each class put in the validation split")
@@ -73,26 +90,28 @@ class Convert(Stage):
     num_shards = luigi.IntParameter(description="Shards per split; each is written by its own task")
     max_bad_fraction = luigi.FloatParameter(description="Largest share of undecodable images tolerated")
 
-    def upstream(self):
-        return [Download()]
-
     def validate(self):
         validate_conversion_params(self.image_size, self.channels, self.validation_fraction, self.test_fraction,
                                    self.num_shards, self.max_bad_fraction)
 
-    def requires(self):
+    def folder(self, version):
+        return Path(layout().data_root) / "tfrecords" / self.dataset / version
+
+    def shards(self) -> list[ConvertShard]:
         return [self.clone(ConvertShard, split=split, index=index)
                 for split in SPLITS for index in range(self.num_shards)]
 
-    def complete(self):
-        # A shard found corrupt loses its report (see convert.shard_paths): then Convert reruns
-        # to rebuild that shard and check it against the others.
-        return super().complete() and all(shard.complete() for shard in self.requires())
+    def requires(self):
+        return self.shards()
+
+    def done(self):
+        # A shard found corrupt loses its report (see Rerunnable.run): then Convert reruns to
+        # rebuild that shard and check it against the others.
+        return super().done() and all(shard.done() for shard in self.shards())
 
     def produce(self):
-        out = self.stage_output
-        raw = self.upstream()[0].stage_output
-        finalize_conversion(out.directory, [Path(target.path) for target in self.input()], out.marker,
+        raw = self.download
+        finalize_conversion(self.directory, [Path(target.path) for target in self.input()], self.marker,
                             image_size=self.image_size, channels=self.channels,
                             max_bad_fraction=self.max_bad_fraction,
                             source={"download_version": raw.version, **read_json(raw.marker)})
@@ -102,14 +121,17 @@ class Convert(Stage):
 class PlanConversion(Rerunnable):
     """Fix the split and shard of every image (plan.json in the Convert folder)."""
 
+    def convert(self) -> Convert:
+        return self.clone(Convert)
+
     def requires(self):
-        return Download()
+        return self.download
 
     def output(self):
-        return luigi.LocalTarget(str(self.clone(Convert).stage_output.directory / PLAN_FILE))
+        return luigi.LocalTarget(str(self.convert().directory / PLAN_FILE))
 
     def produce(self):
-        plan_conversion(Path(self.input().path).parent, Path(self.output().path),
+        plan_conversion(self.download.directory, Path(self.output().path),
                         validation_fraction=self.validation_fraction, test_fraction=self.test_fraction,
                         split_seed=self.split_seed, num_shards=self.num_shards)
 
@@ -123,10 +145,10 @@ class ConvertShard(Rerunnable):
     index = luigi.IntParameter(description="Shard number within the split")
 
     def requires(self):
-        return {"plan": self.clone(PlanConversion), "raw": Download()}
+        return {"plan": self.clone(PlanConversion), "raw": self.download}
 
     def output(self):
-        folder = self.clone(Convert).stage_output.directory
+        folder = self.clone(Convert).directory
         return luigi.LocalTarget(str(folder / report_name(self.split, self.index, self.num_shards)))
 
     def shard_path(self) -> Path:
@@ -137,16 +159,20 @@ class ConvertShard(Rerunnable):
 
     def produce(self):
         with TaskProgress(self) as progress:
-            write_shard(Path(self.input()["raw"].path).parent, Path(self.input()["plan"].path), self.split,
-                        self.index, self.shard_path(), Path(self.output().path),
-                        image_size=self.image_size, channels=self.channels, progress=progress)
+            write_shard(self.download.directory, Path(self.input()["plan"].path), self.split, self.index,
+                        self.shard_path(), Path(self.output().path), image_size=self.image_size,
+                        channels=self.channels, progress=progress)
 
 
 class Train(Stage):
     """Train an Estimator from a model file; results/<dataset>/<model>-<version>/ holds model_dir and export."""
 
-    stage = "train"
+    marker_name = "train.json"
+    library = "pipeline.training"
     uses_tensorflow = True
+    # `[resources] train` in luigi.cfg caps the trainings run at once, whatever --workers says.
+    resources = {"train": 1}
+    convert = UpstreamParameter(Convert, description="The Convert stage trained on; by default luigi.cfg's")
     model_def = luigi.Parameter(description="Model file: a name in model_defs/ (e.g. cnn) or a path to a .py file")
     params = ParamsParameter(default={}, description="JSON object laid over the model file's PARAMS")
     max_steps = luigi.IntParameter(description="Global step to train to; a rerun resumes from the last checkpoint")
@@ -165,9 +191,6 @@ class Train(Stage):
     keep_checkpoint_max = luigi.IntParameter(significant=False, description="Checkpoints kept in model_dir")
     log_step_count_steps = luigi.IntParameter(significant=False, description="Steps between loss and steps/s logs")
 
-    def upstream(self):
-        return [Convert()]
-
     def validate(self):
         model_file = resolve_model_file(self.model_def)
         known = declared_param_keys(model_file)
@@ -178,63 +201,110 @@ class Train(Stage):
             raise ConfigError(f"early_stopping_steps={self.early_stopping_steps}, eval_throttle_secs="
                               f"{self.eval_throttle_secs}; expected 0 (off) or a positive number")
 
+    def significant_values(self):
+        values = super().significant_values()
+        if self.early_stopping_steps:
+            # Early stopping decides at each checkpoint's evaluation, so their spacing changes the weights.
+            values["save_checkpoints_steps"] = self.save_checkpoints_steps
+        return values
+
     def run_config(self) -> dict:
         return {key: getattr(self, key) for key in RUN_CONFIG_KEYS}
 
     def content(self):
         return resolve_model_file(self.model_def).read_bytes()
 
+    def folder(self, version):
+        return Path(layout().results_root) / self.dataset / f"{Path(self.model_def).stem}-{version}"
+
     def temporaries(self):
-        # A checkpoint save cut short leaves TensorFlow's own temporary shard folder.
-        model_dir = self.stage_output.directory / MODEL_DIR
-        # ...and an export cut short, TensorFlow's temp-<timestamp> folder.
+        model_dir = self.directory / MODEL_DIR
+        # A checkpoint save cut short leaves TensorFlow's own temporary shard folder, and an
+        # export cut short its temp-<timestamp> folder.
         return [*super().temporaries(), model_dir / "model.ckpt-*_temp*", model_dir / "export" / "*" / "temp-*"]
+
+    def tensorboard_link(self) -> str:
+        return tensorboard_url(tensorboard().url, Path(layout().results_root), self.directory)
 
     def produce(self):
         from pipeline.training import train_model
 
-        out = self.stage_output
         if self.rerun:
-            remove_tree(out.directory)
-        convert = self.upstream()[0].stage_output
-        self.set_tracking_url(tensorboard_url(tensorboard().url, Path(layout().results_root), out.directory))
+            forget_run(self.directory)
+        convert = self.convert
+        self.set_tracking_url(self.tensorboard_link())
         with TaskProgress(self) as progress:
             train_model(resolve_model_file(self.model_def), self.significant_values()["params"], convert.directory,
-                        convert.marker, out.directory, out.marker, max_steps=self.max_steps,
+                        convert.marker, self.directory, self.marker, max_steps=self.max_steps,
                         batch_size=self.batch_size, run_config=self.run_config(),
                         eval_throttle_secs=self.eval_throttle_secs, early_stopping_steps=self.early_stopping_steps,
                         progress=progress)
 
 
+def forget_run(run_dir: Path) -> None:
+    """Remove a run folder, with the evaluations and predictions of its weights, and their index
+    entries and leaderboard rows."""
+    remove_tree(run_dir)
+    inside = f"{run_dir}{os.sep}"
+
+    def forget(index: dict) -> None:
+        for key in [key for key, entry in index.items() if entry["path"] == str(run_dir)
+                    or entry["path"].startswith(inside)]:
+            del index[key]
+
+    update_index(index_path(), forget, then=lambda index: rebuild_leaderboard(layout().results_root, index))
+
+
 class Evaluate(Stage):
     """Evaluate a run on one split: metrics.json and confusion_matrix.png."""
 
-    stage = "evaluate"
+    marker_name = "metrics.json"
+    library = "pipeline.evaluation"
     uses_tensorflow = True
+    train = UpstreamParameter(Train, description="The Train stage evaluated; by default luigi.cfg's")
     split = luigi.ChoiceParameter(choices=SPLITS, description="Split to evaluate on")
     batch_size = luigi.IntParameter(default=256, significant=False, description="Examples per evaluation batch")
-
-    def upstream(self):
-        return [Train(), Convert()]
 
     def validate(self):
         require_positive("batch_size", self.batch_size)
 
+    def folder(self, version):
+        return self.train.directory / f"evaluate-{self.split}-{version}"
+
+    def also_reads(self):
+        return [self.train.convert]
+
     def produce(self):
         from pipeline.evaluation import evaluate_model
 
-        out = self.stage_output
-        train, convert = (task.stage_output for task in self.upstream())
+        convert = self.train.convert
         with TaskProgress(self) as progress:
-            evaluate_model(train.directory, convert.directory, convert.marker, self.split, out.directory, out.marker,
-                           batch_size=self.batch_size, progress=progress)
+            evaluate_model(self.train.directory, convert.directory, convert.marker, self.split, self.directory,
+                           self.marker, batch_size=self.batch_size, progress=progress)
+
+    def record(self, index):
+        # Evaluate --rerun rewrites the row; the report that links to it stays where it was.
+        report = index.get(self.index_key, {}).get(ROW_KEY, {}).get("report", "")
+        super().record(index)
+        metrics, train = read_json(self.marker), self.train
+        index[self.index_key][ROW_KEY] = {
+            "run": train.directory.name, "model": Path(train.model_def).stem, "dataset": self.dataset,
+            "split": self.split, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
+            "global_step": metrics["global_step"], "params": json.dumps(train.significant_values()["params"],
+                                                                        sort_keys=True),
+            "max_steps": train.max_steps, "batch_size": train.batch_size, "tf_random_seed": train.tf_random_seed,
+            "train_version": train.version, "data_version": train.convert.version,
+            "evaluated_at": index[self.index_key]["completed_at"], "report": report}
+        return True
 
 
 class Predict(Stage):
     """Batch prediction with the exported SavedModel on a split or a folder: predictions.csv."""
 
-    stage = "predict"
+    marker_name = "predictions.csv"
+    library = "pipeline.prediction"
     uses_tensorflow = True
+    train = UpstreamParameter(Train, description="The Train stage whose export predicts; by default luigi.cfg's")
     input_dir = luigi.Parameter(default="", description="Folder of images to predict; empty predicts `split`")
     split = luigi.ChoiceParameter(default="test", choices=SPLITS,
                                   description="Split predicted when input_dir is empty")
@@ -242,9 +312,6 @@ class Predict(Stage):
                                    description="The SavedModel to predict with: the final weights, which Evaluate "
                                                "and the report describe, or those of the lowest validation loss")
     batch_size = luigi.IntParameter(default=256, significant=False, description="Images per prediction batch")
-
-    def upstream(self):
-        return [Train(), Convert()]
 
     def validate(self):
         require_positive("batch_size", self.batch_size)
@@ -260,65 +327,64 @@ class Predict(Stage):
                          for p in Path(self.input_dir).rglob("*") if p.is_file())
         return hashlib.sha256("\n".join(listing).encode()).digest()
 
+    def folder(self, version):
+        return self.train.directory / f"predict-{version}"
+
+    def also_reads(self):
+        return [self.train.convert]
+
     def produce(self):
         from pipeline.prediction import predict_to_csv
 
-        out = self.stage_output
-        train, convert = (task.stage_output for task in self.upstream())
+        train, convert = self.train, self.train.convert
         export = read_json(train.marker).get("export_dir" if self.export == "final" else "best_export_dir")
         if export is None:
             raise StageOutputError(f"{train.marker}: Train made no best export (its validation split is empty); "
                                    "use --export final")
-        export_dir = train.directory / export
         with TaskProgress(self) as progress:
-            predict_to_csv(export_dir, read_json(convert.marker), out.marker, convert_dir=convert.directory,
-                           split=self.split, input_dir=Path(self.input_dir) if self.input_dir else None,
+            predict_to_csv(train.directory / export, read_json(convert.marker), self.marker,
+                           convert_dir=convert.directory, split=self.split,
+                           input_dir=Path(self.input_dir) if self.input_dir else None,
                            batch_size=self.batch_size, progress=progress)
 
 
 class Report(Stage):
-    """report.html for the configured evaluation, beside its metrics.json; the leaderboard links to it."""
+    """report.html for an evaluation, beside its metrics.json; the leaderboard links to it."""
 
-    stage = "report"
+    marker_name = "report.html"
+    library = "pipeline.report"
     uses_tensorflow = True
+    evaluate = UpstreamParameter(Evaluate, description="The evaluation reported; by default luigi.cfg's")
+    predict = UpstreamParameter(description="The predictions its misclassified images come from; by default "
+                                            "the final export's on the evaluated split")
 
-    def upstream(self):
-        evaluate = Evaluate()
-        return [evaluate, Predict(input_dir="", split=evaluate.split, export="final"), Train(), Convert(), Download()]
+    def default_upstream(self, name):
+        if name == "predict":
+            return Predict(train=self.evaluate.train, input_dir="", split=self.evaluate.split, export="final")
+        return super().default_upstream(name)
+
+    def folder(self, version):
+        # Within its evaluation's folder, but a folder per version: a report of other predictions,
+        # or made by changed report code, must not find an older report.html and count as done.
+        return self.evaluate.directory / f"report-{version}"
+
+    def also_reads(self):
+        return [self.evaluate.train, self.evaluate.train.convert]
 
     def produce(self):
         from pipeline.report import write_report
 
-        upstream = self.upstream()
-        evaluate, predict, train, convert, download = (task.stage_output for task in upstream)
+        evaluate, predict = self.evaluate, self.predict
+        train = evaluate.train
+        convert = train.convert
         write_report(train.directory, train.marker, evaluate.marker, predict.marker,
-                     shard_paths(convert.directory, read_json(convert.marker), upstream[0].split),
-                     self.stage_output.marker,
-                     versions={"download": download.version, "convert (data)": convert.version,
+                     shard_paths(convert.directory, read_json(convert.marker), evaluate.split), self.marker,
+                     versions={"download": convert.download.version, "convert (data)": convert.version,
                                "train": train.version, "evaluate": evaluate.version})
 
-
-class RunAll(luigi.WrapperTask):
-    """The whole pipeline for the configuration in luigi.cfg: evaluation, its report, and batch prediction."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # Builds, and so checks, the whole DAG now: a bad parameter fails before anything is scheduled.
-        self.requires()
-
-    def requires(self):
-        return [Evaluate(), Report(), Predict()]
-
-    def result(self) -> str:
-        evaluate, report, predict = (task.stage_output for task in self.requires())
-        metrics = read_json(evaluate.marker)
-        return (f"RESULT {metrics['split']} accuracy {metrics['accuracy']:.4f} on {metrics['examples']} images\n"
-                f"    report:      {report.marker}\n    predictions: {predict.marker}")
-
-
-@RunAll.event_handler(luigi.Event.SUCCESS)
-@RunAll.event_handler(luigi.Event.DEPENDENCY_PRESENT)
-def _note_result(task: RunAll) -> None:
-    # DEPENDENCY_PRESENT: found complete when scheduled, so the run had nothing to do.
-    run_notes.add(task.task_id, task.result())
-
+    def record(self, index):
+        super().record(index)
+        row = index.get(self.evaluate.index_key, {}).get(ROW_KEY)
+        if row is not None:
+            row["report"] = os.path.relpath(self.marker, layout().results_root)
+        return row is not None

@@ -30,13 +30,16 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED_ARCHIVE = REPO / "data" / "mnist_5k.tar.gz"
 
-# Families of the tasks that did work in this process, recorded through Luigi's own event hook.
+# Families of the stages that did work in this process, recorded through Luigi's own event hook
+# (RunAll and Sweep, which only gather stages, are left out).
 STARTED: list[str] = []
 
 
 @luigi.Task.event_handler(luigi.Event.START)
 def _record_start(task):
-    if not isinstance(task, luigi.WrapperTask):
+    from tasks.stage import Rerunnable
+
+    if isinstance(task, Rerunnable):
         STARTED.append(task.get_task_family())
 
 
@@ -122,7 +125,7 @@ def write_config(path: Path, sections: dict) -> Path:
 
 
 # luigi.cfg's settings of Luigi itself, which every run of the real `luigi` command in a test keeps.
-INFRASTRUCTURE_SECTIONS = ("core", "worker", "scheduler", "retcode")
+INFRASTRUCTURE_SECTIONS = ("core", "worker", "scheduler", "resources", "retcode")
 
 
 def cli_sections(folder: Path, source_url: str, scheduler_port: int | None = None) -> dict[str, dict[str, str]]:
@@ -139,7 +142,7 @@ def cli_sections(folder: Path, source_url: str, scheduler_port: int | None = Non
 @pytest.fixture
 def luigid(tmp_path):
     """A real central scheduler on a free loopback port, stopped afterwards; yields the port."""
-    from pipeline.services import start_scheduler, stop_scheduler
+    from tasks.services import start_scheduler, stop_scheduler
 
     port = free_port()
     start_scheduler(tmp_path / "luigid", port=port)

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.services import start_scheduler, stop_scheduler
-from tests.conftest import (cli_sections, free_port, luigi_argv, luigi_env, read_csv, repo_config, start_watched,
-                            tiny_config, write_config)
+from tests.conftest import cli_sections, luigi_argv, luigi_env, read_csv, start_watched, write_config
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("Download", "PlanConversion", "ConvertShard", "Convert", "Train", "Evaluate", "Predict", "Report")
+STAGES = ("Download", "PlanConversion", "ConvertShard", "Convert", "Train", "Evaluate", "Predict", "Report",
+          "RunRecord")
 
 
 def start_luigi(folder: Path, config: Path, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
@@ -46,22 +45,14 @@ def run_pair(folder: Path, config: Path, first_args: list[str], second_args: lis
     return codes, [log.read_text() for _, log in pair]
 
 
-def test_two_runs_on_one_central_scheduler_run_every_task_once(mnist_subset, tmp_path):
-    port = free_port()
-    start_scheduler(tmp_path / "luigid", port=port)
-    sections = tiny_config(tmp_path, mnist_subset.as_uri())
-    sections["core"] = {**repo_config()["core"], "default-scheduler-port": str(port)}
-    sections["worker"] = repo_config()["worker"]
-    sections["retcode"] = repo_config()["retcode"]
-    config = write_config(tmp_path / "luigi.cfg", sections)
-    try:
-        codes, logs = run_pair(tmp_path, config, ["--workers", "2"], ["--workers", "2"])
-    finally:
-        stop_scheduler(tmp_path / "luigid")
+def test_two_runs_on_one_central_scheduler_run_every_task_once(luigid, mnist_subset, tmp_path):
+    config = write_config(tmp_path / "luigi.cfg", cli_sections(tmp_path, mnist_subset.as_uri(), luigid))
 
-    # Luigi's exit code counts what each process ran itself: 10 or 25 say another process ran some
-    # of its tasks (see luigi.cfg [retcode]); a failure would be 20, 30, 35 or 40.
-    assert set(codes) <= {0, 10, 25}, "\n".join(log[-2000:] for log in logs)
+    codes, logs = run_pair(tmp_path, config, ["--workers", "2"], ["--workers", "2"])
+
+    # The two ask for one RunAll, which one of them runs: the other exits 0 if it saw that, else 25
+    # (its own root was "not granted": see luigi.cfg [retcode]); a failure would be 20, 30, 35 or 40.
+    assert set(codes) <= {0, 25}, "\n".join(log[-2000:] for log in logs)
     assert not any(re.search(r"^\* \d+ failed", log, re.MULTILINE) for log in logs)
     ran = produced(logs[0]) + produced(logs[1])
     assert all(count == 1 for count in ran.values()), ran
@@ -69,11 +60,41 @@ def test_two_runs_on_one_central_scheduler_run_every_task_once(mnist_subset, tmp
     check_outputs_intact(tmp_path)
 
 
+SECOND_SUBSET = {"params": ["--Train-params", '{"conv_filters": [8], "dense_units": 24}'],
+                 "datasets": ["--Download-dataset", "tiny2"]}
+
+
+@pytest.mark.parametrize("differing", SECOND_SUBSET)
+def test_two_configurations_at_once_on_one_central_scheduler_each_get_their_own_results(
+        luigid, mnist_subset, tmp_path, differing):
+    """Two RunAll differing in Train's params (or in the dataset), started at once on one luigid:
+    each gets its evaluation, report and predictions, the stages both need run once, both exit 0."""
+    config = write_config(tmp_path / "luigi.cfg", cli_sections(tmp_path, mnist_subset.as_uri(), luigid))
+
+    codes, logs = run_pair(tmp_path, config, ["--workers", "2"], ["--workers", "1", *SECOND_SUBSET[differing]])
+
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    ran = produced(logs[0]) + produced(logs[1])
+    assert all(count == 1 for count in ran.values()), ran
+    shared = 1 if differing == "params" else 2  # Download, PlanConversion and Convert
+    stages = Counter(task.split("(")[0] for task in ran)
+    assert stages == {"Download": shared, "PlanConversion": shared, "ConvertShard": 6 * shared, "Convert": shared,
+                      "Train": 2, "Evaluate": 2, "Predict": 2, "Report": 2, "RunRecord": 2}
+    results = tmp_path / "results"
+    metrics = sorted(results.glob("*/*/evaluate-test-*/metrics.json"))
+    assert len(metrics) == 2 and len(list(results.glob("*/*/evaluate-test-*/report-*/report.html"))) == 2
+    assert [len(read_csv(path)) for path in results.glob("*/*/predict-*/predictions.csv")] == [18, 18]
+    assert len(list(results.glob("*/*/run-*/run.json"))) == 2
+    assert len(read_csv(results / "leaderboard.csv")) == 2
+    datasets = {path.relative_to(results).parts[0] for path in metrics}
+    assert datasets == ({"tiny"} if differing == "params" else {"tiny", "tiny2"})
+    # Each ends with its own result.
+    assert [log.rsplit("===== Luigi Execution Summary =====", 1)[1].strip().split()[0] for log in logs] == \
+        ["RESULT", "RESULT"]
+
+
 def test_two_runs_on_local_schedulers_wait_for_each_other(mnist_subset, tmp_path):
-    sections = tiny_config(tmp_path, mnist_subset.as_uri())
-    sections["core"] = {"no_lock": repo_config()["core"]["no_lock"]}
-    sections["retcode"] = repo_config()["retcode"]
-    config = write_config(tmp_path / "luigi.cfg", sections)
+    config = write_config(tmp_path / "luigi.cfg", cli_sections(tmp_path, mnist_subset.as_uri()))
 
     codes, logs = run_pair(tmp_path, config, ["--local-scheduler"], ["--local-scheduler", "--workers", "2"])
 
@@ -104,4 +125,4 @@ def test_a_failure_ends_both_runs_sharing_a_central_scheduler(luigid, file_serve
         epilogue = result.output.rsplit("===== Luigi Execution Summary =====", 1)[1]
         assert "FAILED Download(" in epilogue and f"{file_server.url('/gone.tar.gz')}: HTTP 404" in epilogue, epilogue
     [waited] = [result for result in results if result is not ran_it]
-    assert "(in another process)" in waited.output and waited.returncode in (10, 25)
+    assert "(in another process)" in waited.output and waited.returncode == 25

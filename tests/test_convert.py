@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipeline import convert
-from pipeline.errors import ConfigError, DatasetError, UnusableImage
+from pipeline.errors import ConfigError, CorruptShard, DatasetError, UnusableImage
 from pipeline.fileio import read_json
 from tests.conftest import REPO, png_claiming
 
@@ -246,7 +246,7 @@ def test_a_decompression_bomb_is_refused_without_allocating_its_size(tmp_path):
     assert int(result.stdout) < 50 << 20, "peak memory grew by more than 50 MB"
 
 
-def test_a_corrupt_shard_is_named_and_its_report_removed(tmp_path):
+def test_a_corrupt_shard_is_named_with_its_report(tmp_path):
     out, metadata = converted_images(tmp_path, per_class=4, test_fraction=0.0, image_size=4)
     assert len(convert.shard_paths(out, metadata, "train")) == 2
 
@@ -255,11 +255,13 @@ def test_a_corrupt_shard_is_named_and_its_report_removed(tmp_path):
     data[len(data) // 2] ^= 0x10
     shard.write_bytes(bytes(data))
 
-    with pytest.raises(DatasetError, match=r"train-00001-of-00002.tfrecord: its sha256 is [0-9a-f]{64}, but "
-                                           r"metadata.json records"):
+    with pytest.raises(CorruptShard, match=r"train-00001-of-00002.tfrecord: its sha256 is [0-9a-f]{64}, but "
+                                           r"metadata.json records") as found:
         convert.shard_paths(out, metadata, "train")
-    assert not (out / convert.report_name("train", 1, 2)).exists()
-    assert (out / convert.report_name("train", 0, 2)).exists(), "the intact shard keeps its report"
+    assert found.value.shard == str(shard)
+    # The task that met it removes that report (the shard task's marker); the library only says which.
+    assert convert.report_of(found.value.shard) == out / convert.report_name("train", 1, 2)
+    assert convert.report_of(found.value.shard).exists()
 
     shard.unlink()
     with pytest.raises(DatasetError, match="train-00001-of-00002.tfrecord: it is missing"):

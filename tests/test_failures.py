@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.convert import shard_name
 from pipeline.fileio import read_json
-from pipeline.services import start_scheduler, stop_scheduler
+from tasks.services import start_scheduler, stop_scheduler
 from tests.conftest import (REPO, FileServer, cli_sections, free_port, png_claiming, read_csv, run_watched, tar_bytes,
                             write_config)
 from tests.test_download import DATASET, png

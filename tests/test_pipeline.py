@@ -18,9 +18,10 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
     config = tiny_config(tmp_path, mnist_subset.as_uri())
     luigi_config(config)
 
-    assert run_tasks(RunAll()) == sorted(["Download", *CONVERT_STEPS, "Train", "Evaluate", "Predict", "Report"])
+    assert run_tasks(RunAll()) == sorted(["Download", *CONVERT_STEPS, "Train", "Evaluate", "Predict", "Report",
+                                          "RunRecord"])
 
-    train = Train().stage_output
+    train = Train()
     model_dir = train.directory / "model_dir"
     assert (model_dir / "model_def.py").read_bytes() == (REPO / "model_defs" / "cnn.py").read_bytes()
     assert read_json(model_dir / "params.json")["conv_filters"] == [8]
@@ -32,14 +33,14 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
     assert marker["global_step"] == 12
     assert (train.directory / marker["export_dir"] / "saved_model.pb").is_file()
 
-    metadata = read_json(Convert().stage_output.marker)
-    metrics = read_json(Evaluate().stage_output.marker)
+    metadata = read_json(Convert().marker)
+    metrics = read_json(Evaluate().marker)
     assert metrics["global_step"] == 12 and metrics["examples"] == metadata["splits"]["test"]["count"] == 18
     assert set(metrics["per_class"]) == {"0", "1", "2"} and 0.0 <= metrics["accuracy"] <= 1.0
     assert sum(map(sum, metrics["confusion_matrix"])) == 18
-    assert Image.open(Evaluate().stage_output.directory / "confusion_matrix.png").size[0] > 100
+    assert Image.open(Evaluate().directory / "confusion_matrix.png").size[0] > 100
 
-    rows = read_csv(Predict().stage_output.marker)
+    rows = read_csv(Predict().marker)
     assert len(rows) == 18 and set(rows[0]) == {"key", "true_label", "predicted_label", "predicted_id",
                                                 "p_0", "p_1", "p_2"}
     assert all(abs(sum(float(r[f"p_{c}"]) for c in "012") - 1) < 1e-4 for r in rows)
@@ -48,9 +49,10 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
 
     index = read_json(tmp_path / "results" / "index.json")
     assert sorted(entry["stage"] for entry in index.values()) == sorted(
-        ["download", "convert", "train", "evaluate", "predict", "report"])
-    report = Report().stage_output.marker
-    assert report.parent == Evaluate().stage_output.directory and report.name == "report.html"
+        ["Download", "Convert", "Train", "Evaluate", "Predict", "Report", "RunRecord"])
+    assert index[f"Train/{train.version}"]["upstream"] == [f"Convert/{Train().convert.version}"]
+    report = Report().marker
+    assert report.parent == Evaluate().directory / f"report-{Report().version}" and report.name == "report.html"
     assert f"{metrics['accuracy']:.4f}" in report.read_text()
     board = read_csv(tmp_path / "results" / "leaderboard.csv")
     assert [(row["run"], row["report"]) for row in board] == [
@@ -60,28 +62,28 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
     assert run_tasks(RunAll()) == []
 
     # --rerun of one stage runs that stage alone and leaves its upstream as it was.
-    convert_marker_time = Convert().stage_output.marker.stat().st_mtime_ns
+    convert_marker_time = Convert().marker.stat().st_mtime_ns
     assert run_tasks(Train(rerun=True)) == ["Train"]
-    assert Convert().stage_output.marker.stat().st_mtime_ns == convert_marker_time
-    assert read_json(Train().stage_output.marker)["global_step"] == 12
+    assert Convert().marker.stat().st_mtime_ns == convert_marker_time
+    assert read_json(Train().marker)["global_step"] == 12
 
     # A params change reruns training and what reads it, in new folders beside the old ones.
     config["Train"]["params"] = '{"conv_filters": [8], "dense_units": 24}'
     luigi_config(config)
-    assert run_tasks(RunAll()) == ["Evaluate", "Predict", "Report", "Train"]
-    assert Train().stage_output.directory != train.directory and train.marker.exists()
+    assert run_tasks(RunAll()) == ["Evaluate", "Predict", "Report", "RunRecord", "Train"]
+    assert Train().directory != train.directory and train.marker.exists()
     # The rerun above removed the first run's evaluation with its old weights.
-    second_run = Train().stage_output.directory.name
+    second_run = Train().directory.name
     assert [row["run"] for row in read_csv(tmp_path / "results" / "leaderboard.csv")] == [second_run]
 
-    metadata_version = Convert().stage_output.version
+    metadata_version = Convert().version
     # A convert change reruns conversion and everything after it, not the download.
     config["Convert"]["split_seed"] = "8"
     luigi_config(config)
-    assert run_tasks(RunAll()) == sorted([*CONVERT_STEPS, "Train", "Evaluate", "Predict", "Report"])
+    assert run_tasks(RunAll()) == sorted([*CONVERT_STEPS, "Train", "Evaluate", "Predict", "Report", "RunRecord"])
     board = read_csv(tmp_path / "results" / "leaderboard.csv")
-    assert sorted(row["run"] for row in board) == sorted([second_run, Train().stage_output.directory.name])
-    assert {row["data_version"] for row in board} == {metadata_version, Convert().stage_output.version}
+    assert sorted(row["run"] for row in board) == sorted([second_run, Train().directory.name])
+    assert {row["data_version"] for row in board} == {metadata_version, Convert().version}
     ranked = [(-float(row["accuracy"]), float(row["loss"])) for row in board]
     assert ranked == sorted(ranked) and [row["rank"] for row in board] == ["1", "2"]
 
@@ -89,7 +91,7 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
 def test_predict_on_a_folder_of_new_images(luigi_config, mnist_subset, tmp_path):
     luigi_config(tiny_config(tmp_path, mnist_subset.as_uri()))
     run_tasks(Train())
-    raw = Train().upstream()[0].upstream()[0].stage_output.directory
+    raw = Train().convert.download.directory
     new = tmp_path / "new" / "nested"
     new.mkdir(parents=True)
     shutil.copy(raw / "1" / sorted(os.listdir(raw / "1"))[0], new / "one.png")
@@ -99,7 +101,7 @@ def test_predict_on_a_folder_of_new_images(luigi_config, mnist_subset, tmp_path)
 
     assert run_tasks(Predict(input_dir=str(tmp_path / "new"))) == ["Predict"]
 
-    rows = read_csv(Predict(input_dir=str(tmp_path / "new")).stage_output.marker)
+    rows = read_csv(Predict(input_dir=str(tmp_path / "new")).marker)
     assert [r["path"] for r in rows] == ["nested/one.png", "nested/zero_big.jpg"]
     assert all(r["true_label"] == "" and r["predicted_label"] in {"0", "1", "2"} for r in rows)
 
@@ -134,6 +136,6 @@ def test_default_configuration_reaches_the_accuracy_target(luigi_config, tmp_pat
 
     run_tasks(RunAll())
 
-    metrics = read_json(Evaluate().stage_output.marker)
+    metrics = read_json(Evaluate().marker)
     assert metrics["examples"] == 750
     assert metrics["accuracy"] >= 0.95

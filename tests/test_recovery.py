@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 def test_a_corrupt_shard_is_detected_by_name_and_rebuilt_alone(luigi_config, mnist_subset, tmp_path):
     luigi_config(tiny_config(tmp_path, mnist_subset.as_uri()))
     run_tasks(RunAll())
-    metrics = read_json(Evaluate().stage_output.marker)
-    convert_dir = Convert().stage_output.directory
+    metrics = read_json(Evaluate().marker)
+    convert_dir = Convert().directory
     shard = convert_dir / shard_name("test", 0, 2)
     intact = shard.read_bytes()
     flipped = bytearray(intact)
@@ -37,18 +37,19 @@ def test_a_corrupt_shard_is_detected_by_name_and_rebuilt_alone(luigi_config, mni
 
     assert run_tasks(Evaluate(rerun=True)) == ["Convert", "ConvertShard", "Evaluate"]
     assert shard.read_bytes() == intact
-    assert read_json(Evaluate().stage_output.marker) == metrics
+    assert read_json(Evaluate().marker) == metrics
 
 
 def test_temporaries_left_by_a_crash_are_removed_by_the_next_run(luigi_config, mnist_subset, tmp_path):
     luigi_config(tiny_config(tmp_path, mnist_subset.as_uri()))
-    download = Download().stage_output.directory
-    convert = Convert().stage_output.directory
-    run = Train().stage_output.directory
+    download = Download().directory
+    convert = Convert().directory
+    run = Train().directory
     left = [download.parent / f"{download.name}{TEMP_INFIX}dead0001" / "tree" / "0" / "a.png",
             convert / f"{shard_name('train', 1, 2)}{TEMP_INFIX}dead0002",
             convert / f"metadata.json{TEMP_INFIX}dead0003",
             run / "model_dir" / "model.ckpt-6_temp" / "part-00000-of-00001.data-00000-of-00001",
+            run / "model_dir" / "export" / "best" / "temp-1700000000" / "saved_model.pb",
             run / f"train.json{TEMP_INFIX}dead0004"]
     for path in left:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,4 +60,5 @@ def test_temporaries_left_by_a_crash_are_removed_by_the_next_run(luigi_config, m
     assert [path for path in left if path.exists()] == []
     assert not (download.parent / f"{download.name}{TEMP_INFIX}dead0001").exists()
     assert not (run / "model_dir" / "model.ckpt-6_temp").exists()
-    assert read_json(Train().stage_output.marker)["global_step"] == 12
+    assert not (run / "model_dir" / "export" / "best" / "temp-1700000000").exists()
+    assert read_json(Train().marker)["global_step"] == 12

@@ -1,13 +1,14 @@
 """Report pieces, charts and the leaderboard, on small data made here."""
 import csv
 import io
+import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.fileio import write_json_atomic
-from pipeline.leaderboard import COLUMNS, leaderboard_rows, rebuild_leaderboard
+from pipeline import versioning
+from pipeline.leaderboard import COLUMNS, ROW_KEY, leaderboard_rows, rebuild_leaderboard
 from pipeline.plots import confusion_matrix_png, curves_png
 from pipeline.report import misclassified, render_report
 from tests.conftest import read_csv
@@ -67,33 +68,25 @@ def test_report_escapes_what_it_shows():
     assert "0.5000" in page and "1.2500" in page and "No misclassified images." in page
 
 
-def _evaluation(results, index, run, accuracy, loss, *, report=False, keep=True):
-    train_key, eval_key = f"train/{run}", f"evaluate/e{run}"
-    run_dir = results / "ds" / f"cnn-{run}"
-    eval_dir = run_dir / f"evaluate-test-e{run}"
-    index[train_key] = {"stage": "train", "version": run, "dataset": "ds", "path": str(run_dir),
-                        "params": {"model_def": "cnn", "params": {"lr": accuracy}, "max_steps": 10, "batch_size": 4,
-                                   "tf_random_seed": 1},
-                        "upstream": ["convert/c1"], "completed_at": "2026-01-01T00:00:00+00:00"}
-    index[eval_key] = {"stage": "evaluate", "version": f"e{run}", "dataset": "ds", "path": str(eval_dir),
-                       "params": {"split": "test"}, "upstream": [train_key, "convert/c1"],
-                       "completed_at": "2026-01-01T00:00:01+00:00"}
-    if keep:
-        write_json_atomic(eval_dir / "metrics.json", {"split": "test", "accuracy": accuracy, "loss": loss,
-                                                      "global_step": 10})
-    if report:
-        (eval_dir / "report.html").write_text("<html></html>")
+def evaluation(index: dict, run: str, accuracy: float, loss: float, report: str = "") -> None:
+    """An evaluation's index entry with its leaderboard row, as Evaluate (and Report) record it."""
+    index[f"Evaluate/e{run}"] = {"stage": "Evaluate", "version": f"e{run}",
+                                 "path": f"ds/cnn-{run}/evaluate-test-e{run}",
+                                 "completed_at": "2026-01-01T00:00:01+00:00", ROW_KEY: {
+        "run": f"cnn-{run}", "model": "cnn", "dataset": "ds", "split": "test", "accuracy": accuracy, "loss": loss,
+        "global_step": 10, "params": json.dumps({"lr": accuracy}), "max_steps": 10, "batch_size": 4,
+        "tf_random_seed": 1, "train_version": run, "data_version": "c1", "evaluated_at": "2026-01-01T00:00:01+00:00",
+        "report": report}}
+    index[f"Train/{run}"] = {"stage": "Train", "version": run, "path": f"ds/cnn-{run}"}
 
 
-def test_leaderboard_ranks_runs_best_first_and_skips_removed_ones(tmp_path):
-    results = tmp_path / "results"
+def test_leaderboard_ranks_evaluations_best_first_from_the_index_alone(tmp_path):
     index = {}
-    _evaluation(results, index, "r1", 0.90, 0.30)
-    _evaluation(results, index, "r2", 0.95, 0.20, report=True)
-    _evaluation(results, index, "r3", 0.95, 0.10)
-    _evaluation(results, index, "r4", 0.99, 0.01, keep=False)  # its folder was removed by Train --rerun
+    evaluation(index, "r1", 0.90, 0.30)
+    evaluation(index, "r2", 0.95, 0.20, report="ds/cnn-r2/evaluate-test-er2/report.html")
+    evaluation(index, "r3", 0.95, 0.10)
 
-    rows = leaderboard_rows(index, results)
+    rows = leaderboard_rows(index)
 
     assert [(row["rank"], row["run"]) for row in rows] == [(1, "cnn-r3"), (2, "cnn-r2"), (3, "cnn-r1")]
     assert rows[1]["report"] == "ds/cnn-r2/evaluate-test-er2/report.html" and rows[0]["report"] == ""
@@ -103,11 +96,10 @@ def test_leaderboard_ranks_runs_best_first_and_skips_removed_ones(tmp_path):
 def test_leaderboard_files_are_written_from_the_index(tmp_path):
     results = tmp_path / "results"
     index = {}
-    _evaluation(results, index, "r1", 0.90, 0.30, report=True)
-    _evaluation(results, index, "r2", 0.80, 0.40)
-    write_json_atomic(results / "index.json", index)
+    evaluation(index, "r1", 0.90, 0.30, report="ds/cnn-r1/evaluate-test-er1/report.html")
+    evaluation(index, "r2", 0.80, 0.40)
 
-    rebuild_leaderboard(results)
+    rebuild_leaderboard(results, index)
 
     table = read_csv(results / "leaderboard.csv")
     assert list(table[0]) == list(COLUMNS)
@@ -116,6 +108,22 @@ def test_leaderboard_files_are_written_from_the_index(tmp_path):
     assert page.count("<tr>") == 3 and 'href="ds/cnn-r1/evaluate-test-er1/report.html"' in page
 
 
-def test_leaderboard_of_an_empty_tree_has_no_rows(tmp_path):
-    assert rebuild_leaderboard(tmp_path / "results") == []
+def test_leaderboard_stays_right_with_200_runs_recorded_one_by_one(tmp_path):
+    """As 200 runs' evaluations complete, each recorded through the index: every row, in order."""
+    results, rng = tmp_path / "results", np.random.default_rng(4)
+    scores = {f"r{number:03d}": (float(rng.integers(0, 1000)) / 1000, float(rng.random())) for number in range(200)}
+    for run, (accuracy, loss) in scores.items():
+        versioning.update_index(results / versioning.INDEX_FILE,
+                                lambda index: evaluation(index, run, accuracy, loss),  # noqa: B023 - called at once
+                                then=lambda index: rebuild_leaderboard(results, index))
+
+    table = read_csv(results / "leaderboard.csv")
+    expected = sorted(scores, key=lambda run: (-scores[run][0], scores[run][1], f"cnn-{run}"))
+    assert [row["run"] for row in table] == [f"cnn-{run}" for run in expected]
+    assert [int(row["rank"]) for row in table] == list(range(1, 201))
+    assert len(versioning.read_index(results / versioning.INDEX_FILE)) == 400
+
+
+def test_leaderboard_of_an_empty_index_has_no_rows(tmp_path):
+    assert rebuild_leaderboard(tmp_path / "results", {}) == []
     assert read_csv(tmp_path / "results" / "leaderboard.csv") == []

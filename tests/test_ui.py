@@ -20,7 +20,7 @@ import luigi
 import luigi.configuration
 import pytest
 
-from pipeline.services import start_scheduler, stop_scheduler
+from tasks.services import start_scheduler, stop_scheduler
 from tasks import Report, RunAll, Train
 from tests.conftest import REPO, free_port, install_luigi_config, restore_luigi_config, tiny_config
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO / "build" / "test-artifacts"))
 FAMILIES = {"Download", "PlanConversion", "ConvertShard", "Convert", "Train", "Evaluate", "Predict", "Report",
-            "RunAll"}
+            "RunAll", "RunRecord"}
 
 
 @dataclass
@@ -49,8 +49,8 @@ def scheduled_run(tmp_path_factory, mnist_subset):
     install_luigi_config(tiny_config(root, mnist_subset.as_uri()))
     try:
         succeeded = luigi.build([RunAll()], scheduler_host="127.0.0.1", scheduler_port=port, log_level="WARNING")
-        yield ScheduledRun(ui, succeeded, root / "results", Report().stage_output.marker,
-                           Train().stage_output.directory)
+        yield ScheduledRun(ui, succeeded, root / "results", Report().marker,
+                           Train().directory)
     finally:
         restore_luigi_config(original)
         stop_scheduler(root / "luigid")
@@ -75,7 +75,8 @@ def test_every_task_is_done_on_the_scheduler_with_its_last_progress(scheduled_ru
     [train] = by_family["Train"]
     assert re.fullmatch(r"12/12 steps - loss \d+\.\d{4}", train["status_message"])
     assert train["progress_percentage"] == 100
-    tracking = urllib.parse.urlsplit(train["tracking_url"])
+    [record] = by_family["RunRecord"]
+    tracking = urllib.parse.urlsplit(record["tracking_url"])
     assert tracking.netloc == "127.0.0.1:6006" and scheduled_run.train_dir.name.replace("-", r"\-") in \
         urllib.parse.unquote(tracking.query)
     assert all(re.fullmatch(r"(\d+)/\1 images - \w+ shard \d", shard["status_message"])
@@ -113,9 +114,12 @@ def browser():
 
 
 def wait_for(session, condition, timeout_s: float = 30):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(session, timeout_s).until(lambda _: condition())
+    # The visualiser redraws its table as the scheduler's answers arrive: a row read mid-redraw is stale.
+    return WebDriverWait(session, timeout_s, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda _: condition())
 
 
 def images_rendered(session) -> list[bool]:
@@ -141,7 +145,7 @@ def test_visualiser_lists_every_pipeline_task_as_done(scheduled_run, browser):
 
 @pytest.mark.browser
 def test_report_and_leaderboard_render_metrics_and_images(scheduled_run, browser):
-    metrics = json.loads((scheduled_run.report.parent / "metrics.json").read_text())
+    metrics = json.loads((scheduled_run.report.parent.parent / "metrics.json").read_text())
 
     browser.get(scheduled_run.report.as_uri())
     browser.save_screenshot(str(ARTIFACTS / "report.png"))

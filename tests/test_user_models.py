@@ -39,7 +39,8 @@ def check_outputs(run: Path) -> dict:
     metrics = read_json(metrics_path)
     assert metrics["examples"] == 18 and sum(map(sum, metrics["confusion_matrix"])) == 18
     assert set(metrics["per_class"]) == {"0", "1", "2"} and 0 <= metrics["accuracy"] <= 1
-    report = (metrics_path.parent / "report.html").read_text()
+    [report_path] = metrics_path.parent.glob("report-*/report.html")
+    report = report_path.read_text()
     assert f"{metrics['accuracy']:.4f}" in report and report.count("data:image/png;base64,") >= 3
     [predictions] = run.glob("predict-*/predictions.csv")
     rows = read_csv(predictions)
@@ -76,8 +77,8 @@ def test_a_layer_list_model_with_tensorflow_functions_in_params_runs_end_to_end(
     assert tanh_run != run
     assert read_json(tanh_run / "model_dir" / "params.json")["layers"] == tanh
     [entry] = [entry for entry in read_json(tmp_path / "results" / "index.json").values()
-               if entry["stage"] == "train" and entry["path"] == str(tanh_run)]
-    assert entry["params"]["params"] == {"layers": tanh}
+               if entry["stage"] == "Train" and entry["path"] == str(tanh_run)]
+    assert entry["identity"]["params"]["params"] == {"layers": tanh}
     check_outputs(tanh_run)
 
 

@@ -1,59 +1,65 @@
-from pathlib import Path
+"""Versions, the code fingerprint found from imports, and the index: the library's side of identity."""
+import json
 
 import pytest
 
 from pipeline import versioning
 from pipeline.errors import ConfigError
-from pipeline.fileio import read_json
 
 
-def outputs(tmp_path, download_params=None, train_params=None, code=b"model v1"):
-    roots = (tmp_path / "data", tmp_path / "results")
-    download = versioning.stage_output("download", download_params or {"dataset": "mnist", "source_url": "u"},
-                                       [], *roots)
-    convert = versioning.stage_output("convert", {"image_size": 28}, [download], *roots)
-    train = versioning.stage_output("train", train_params or {"model_def": "cnn", "params": {"a": 1}},
-                                    [convert], *roots, code=code)
-    evaluate = versioning.stage_output("evaluate", {"split": "test"}, [train, convert], *roots)
-    return download, convert, train, evaluate
+def test_the_same_identity_gives_the_same_version_whatever_the_key_order():
+    assert versioning.version_of({"a": 1, "b": {"x": 1, "y": 2}}) == \
+        versioning.version_of({"b": {"y": 2, "x": 1}, "a": 1})
+    assert versioning.version_of({"a": 1}) != versioning.version_of({"a": 2})
+    assert len(versioning.version_of({})) == versioning.VERSION_LENGTH
 
 
-def test_layout_nests_runs_and_names_datasets(tmp_path):
-    download, convert, train, evaluate = outputs(tmp_path)
-    assert download.directory == tmp_path / "data" / "raw" / "mnist" / download.version
-    assert convert.directory == tmp_path / "data" / "tfrecords" / "mnist" / convert.version
-    assert train.directory == tmp_path / "results" / "mnist" / f"cnn-{train.version}"
-    assert evaluate.marker == train.directory / f"evaluate-test-{evaluate.version}" / "metrics.json"
-
-
-def test_a_change_gives_new_versions_to_its_stage_and_everything_downstream(tmp_path):
-    base = outputs(tmp_path)
-    assert outputs(tmp_path) == base
-    new_params = outputs(tmp_path, train_params={"model_def": "cnn", "params": {"a": 2}})
-    new_code = outputs(tmp_path, code=b"model v2")
-    new_source = outputs(tmp_path, download_params={"dataset": "mnist", "source_url": "v"})
-    for changed in (new_params, new_code):
-        assert changed[:2] == base[:2]
-        assert changed[2].version != base[2].version and changed[3].version != base[3].version
-    assert all(a.version != b.version for a, b in zip(new_source, base))
-
-
-def test_param_order_does_not_change_the_version():
-    assert versioning.version_of("train", {"a": 1, "b": {"x": 1, "y": 2}}, []) == \
-        versioning.version_of("train", {"b": {"y": 2, "x": 1}, "a": 1}, [])
-
-
-def test_dataset_names_must_be_safe_folder_names(tmp_path):
+def test_dataset_names_must_be_safe_folder_names():
     with pytest.raises(ConfigError, match=r"dataset='\.\./up'"):
-        versioning.stage_output("download", {"dataset": "../up"}, [], tmp_path, tmp_path)
+        versioning.safe_name("dataset", "../up")
 
 
-def test_index_maps_versions_to_params(tmp_path):
-    download, convert, *_ = outputs(tmp_path)
-    index = tmp_path / "results" / "index.json"
-    versioning.record_version(index, download, {"dataset": "mnist", "source_url": "u"}, [])
-    versioning.record_version(index, convert, {"image_size": 28}, [download])
-    entries = read_json(index)
-    assert entries[f"convert/{convert.version}"]["params"] == {"image_size": 28}
-    assert entries[f"convert/{convert.version}"]["upstream"] == [f"download/{download.version}"]
-    assert Path(entries[f"download/{download.version}"]["path"]) == download.directory
+def test_the_code_a_module_runs_is_found_from_its_imports(tmp_path, monkeypatch):
+    """A change to any module a stage imports, directly or not, changes its fingerprint; others do not."""
+    package = tmp_path / "pipeline"
+    package.mkdir()
+    sources = {
+        "pipeline.stage": "from pipeline import helper\nimport os\n",
+        "pipeline.helper": "from pipeline.deep import f\n",
+        "pipeline.deep": "def f():\n    return 1\n",
+        "pipeline.unrelated": "X = 1\n",
+    }
+    for name, source in sources.items():
+        (package / f"{name.split('.')[1]}.py").write_text(source)
+    monkeypatch.setattr(versioning, "_module_file", lambda name: package / f"{name.split('.')[1]}.py")
+
+    def fingerprint():
+        versioning.code_fingerprint.cache_clear()
+        return versioning.code_fingerprint("pipeline.stage")
+
+    first = fingerprint()
+    (package / "unrelated.py").write_text("X = 2\n")
+    assert fingerprint() == first, "a module the stage does not import is not part of its code"
+    (package / "deep.py").write_text("def f():\n    return 2\n")
+    assert fingerprint() != first, "a module imported through another one is"
+    versioning.code_fingerprint.cache_clear()
+
+
+def test_the_pipelines_stages_fingerprint_the_modules_they_import():
+    training = versioning.code_fingerprint("pipeline.training")
+    download = versioning.code_fingerprint("pipeline.download")
+    assert training != download and len(training) == 64
+    assert versioning._imported("pipeline.training") >= {"pipeline.models", "pipeline.schema", "pipeline.convert"}
+
+
+def test_the_index_is_updated_under_its_lock_and_views_see_the_update(tmp_path):
+    index_path = tmp_path / "results" / "index.json"
+    seen = []
+    versioning.update_index(index_path, lambda index: index.update(
+        {"A/1": versioning.index_entry("A", "1", tmp_path / "a", {"params": {"x": 1}})}), then=seen.append)
+    versioning.update_index(index_path, lambda index: index.update(
+        {"B/2": versioning.index_entry("B", "2", tmp_path / "b", {"upstream": {"a": "1"}}, note="view")}))
+    index = json.loads(index_path.read_text())
+    assert set(index) == {"A/1", "B/2"} and index["B/2"]["note"] == "view"
+    assert index["A/1"]["identity"] == {"params": {"x": 1}} and index["A/1"]["path"] == str(tmp_path / "a")
+    assert seen == [{"A/1": index["A/1"]}]

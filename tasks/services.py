@@ -1,6 +1,6 @@
 """The local services a user watches the pipeline with: Luigi's central scheduler and TensorBoard.
 
-`python -m pipeline.services start|stop|status` manages one `luigid` whose pidfile, logs and
+`python -m tasks.services start|stop|status` manages one `luigid` whose pidfile, logs and
 state live in one folder (`.luigid/` from the Makefile). It binds to loopback unless told
 otherwise: luigid has no authentication, so whoever reaches its port can see and steer runs.
 """
@@ -101,7 +101,7 @@ def tensorboard_url(base_url: str, results_root: Path, run_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.services", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tasks.services", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("start", "stop", "status"))
     parser.add_argument("--state-dir", type=Path, default=Path(".luigid"),
                         help="Folder of luigid's pidfile, logs and saved state (default: .luigid)")

@@ -1,0 +1,117 @@
+"""Cleaning up: `python -m tasks.gc [--keep-top N] [--yes]`
+
+Lists the versions in results/index.json that nothing needs: not the newest of their
+configuration (the same stage with the same parameters all the way upstream, differing only in
+code or model file), not among the top N evaluations of the leaderboard, and not upstream of a
+version that is kept. With their sizes. Removes them only with --yes, and never a version that a
+running task is writing into (its stage lock is held).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.fileio import held_locks, remove_tree
+from pipeline.leaderboard import leaderboard_rows, rebuild_leaderboard
+from pipeline.versioning import canonical_json, read_index, update_index
+from tasks.config import layout
+from tasks.stage import index_path, locks_folder
+
+
+def _configuration(key: str, index: dict, memo: dict) -> str:
+    """A version's parameters all the way upstream, without its code and content."""
+    if key not in memo:
+        entry = index.get(key, {})
+        memo[key] = canonical_json([entry.get("stage"), entry.get("dataset"), entry.get("identity", {}).get("params"),
+                                    [_configuration(up, index, memo) for up in entry.get("upstream", [])]])
+    return memo[key]
+
+
+def kept(index: dict, keep_top: int) -> set[str]:
+    """The keys of the versions to keep, and of everything upstream of them."""
+    memo: dict[str, str] = {}
+    newest: dict[str, str] = {}
+    for key, entry in index.items():
+        configuration = _configuration(key, index, memo)
+        if configuration not in newest or entry["completed_at"] > index[newest[configuration]]["completed_at"]:
+            newest[configuration] = key
+    best = {(row["train_version"], row["split"]) for row in leaderboard_rows(index)[:keep_top]}
+    top = {key for key, entry in index.items() if "leaderboard" in entry
+           and (entry["leaderboard"]["train_version"], entry["leaderboard"]["split"]) in best}
+    keep, pending = set(), [*newest.values(), *top]
+    while pending:
+        key = pending.pop()
+        if key in index and key not in keep:
+            keep.add(key)
+            pending.extend(index[key].get("upstream", []))
+    return keep
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+def garbage(index: dict, keep_top: int) -> list[dict[str, Any]]:
+    """The versions to remove, outermost folders only (a run folder holds its evaluations), with sizes."""
+    keep = kept(index, keep_top)
+    kept_paths = [index[key]["path"] for key in keep]
+    # Entries an older pipeline wrote have no identity to tell their configurations apart: kept.
+    removable = {key: entry for key, entry in index.items() if key not in keep and "identity" in entry
+                 # A folder holding a kept one (a run with a kept evaluation) stays.
+                 and not any(_inside(path, entry["path"]) for path in kept_paths)}
+    outermost = [entry for key, entry in removable.items()
+                 if not any(other is not entry and _inside(entry["path"], other["path"])
+                            for other in removable.values())]
+    return [{"key": f"{entry['stage']}/{entry['version']}", "path": entry["path"],
+             "bytes": size_of(Path(entry["path"])) if Path(entry["path"]).exists() else 0}
+            for entry in sorted(outermost, key=lambda entry: entry["path"])]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.gc", description=__doc__.splitlines()[0])
+    parser.add_argument("--keep-top", type=int, default=5, help="Evaluations of the leaderboard kept (default 5)")
+    parser.add_argument("--yes", action="store_true", help="Remove them; without it, only list them")
+    args = parser.parse_args(argv)
+    if args.keep_top < 0:
+        parser.error(f"--keep-top must be 0 or more, not {args.keep_top}")
+    index = read_index(index_path())
+    found = garbage(index, args.keep_top)
+    for item in found:
+        print(f"{item['bytes'] / 1e6:10.1f} MB  {item['key']:<28} {item['path']}")
+    total = sum(item["bytes"] for item in found)
+    print(f"{len(found)} version(s), {total / 1e6:.1f} MB{'' if args.yes else '; pass --yes to remove them'}")
+    if not args.yes:
+        return 0
+    busy = held_locks(locks_folder())
+    removed = []
+
+    def forget(index: dict) -> None:
+        for key in [key for key, entry in index.items() if any(_inside(entry["path"], path) for path in removed)]:
+            del index[key]
+
+    try:
+        for item in found:
+            writing = [path for path in busy if _inside(path, str(Path(item["path"]).resolve()))]
+            if writing:
+                print(f"kept {item['path']}: a running task is writing {writing[0]}")
+                continue
+            remove_tree(Path(item["path"]))
+            removed.append(item["path"])
+    finally:
+        # What was removed leaves the index even when a later removal fails.
+        update_index(index_path(), forget, then=lambda index: rebuild_leaderboard(layout().results_root, index))
+    print(f"removed {len(removed)} version(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

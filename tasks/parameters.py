@@ -1,0 +1,71 @@
+"""Parameter types of the pipeline's tasks: model params, a sweep's grid, and upstream tasks."""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import luigi
+from luigi.task_register import Register
+
+from pipeline.errors import ConfigError
+
+
+class ParamsParameter(luigi.DictParameter):
+    """A JSON object on the command line; anything else is refused with the value and an example."""
+
+    def parse(self, source):
+        try:
+            value = super().parse(source)
+        except ValueError as error:
+            raise ConfigError(f"--params {source!r} is not valid JSON ({error}); expected a JSON object "
+                              """such as '{"learning_rate": 0.0005}'""") from None
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"--params {source!r} is a JSON {type(value).__name__}; expected a JSON object "
+                              "of the model's PARAMS keys")
+        return value
+
+
+class GridParameter(ParamsParameter):
+    """A JSON object of lists: each key a model param, each list the values a sweep tries."""
+
+    def parse(self, source):
+        grid = super().parse(source)
+        bad = sorted(key for key, values in grid.items() if not isinstance(values, (list, tuple)) or not values)
+        if bad:
+            raise ConfigError(f"--grid {source!r}: {', '.join(bad)} must map to a non-empty list of values, as in "
+                              """'{"learning_rate": [0.001, 0.003]}'""")
+        return grid
+
+
+class UpstreamParameter(luigi.Parameter):
+    """An upstream task, as an instance: the same downstream class can sit on any upstream, and a
+    sweep builds its variants in plain Python (`Train(convert=convert, params=p)`), as gokart's
+    TaskInstanceParameter allows. Left out, it is the task its own section of luigi.cfg describes
+    (`Stage.default_upstream`).
+
+    It is written as JSON of the task's family and significant parameters, upstream ones
+    included, so that a task can be rebuilt from its parameters in another process (Luigi does
+    that for dynamic dependencies) and shows what it reads in the scheduler's UI.
+    """
+
+    def __init__(self, task_class: type | None = None, **kwargs):
+        super().__init__(default=None, **kwargs)
+        # The task built when none is given; None where the task derives it (see default_upstream).
+        self.task_class = task_class
+
+    def parse(self, source):
+        if not source:
+            return None
+        try:
+            described = json.loads(source)
+            task_class = Register.get_task_cls(described["family"])
+            return task_class.from_str_params(described["params"])
+        except (ValueError, KeyError, TypeError, luigi.task_register.TaskClassException) as error:
+            raise ConfigError(f"upstream task {source!r} is not a task's JSON ({error}); expected "
+                              """'{"family": "Convert", "params": {...}}', or leave it out""") from None
+
+    def serialize(self, task):
+        if task is None:
+            return ""
+        return json.dumps({"family": task.get_task_family(), "params": task.to_str_params(only_significant=True)},
+                          sort_keys=True)

@@ -1,0 +1,212 @@
+"""What a command asks for as a whole: one run (`RunAll`) or a grid of them (`Sweep`), each ending
+with a record of what it made, printed when the command ends.
+
+**Why the record is a dynamic dependency.** On a central scheduler shared with other processes,
+Luigi's worker only knows as done the tasks it ran itself or found complete while scheduling: a
+stage that another process ran in the meantime stays "pending" in its summary and, unless seen
+running, counts as "not granted run permission" (exit code 25), though everything was made. So
+`RunAll` and `Sweep`, once their stages are done, yield their record: Luigi then schedules it with
+every task of the DAG as its requirements, finds them complete, and counts them so. The command
+exits 0 exactly when all it asked for exists.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import luigi
+
+from pipeline.errors import ConfigError
+from pipeline.fileio import TEMP_INFIX, read_json, write_json_atomic
+from pipeline.leaderboard import ROW_KEY, ranked, write_table
+from pipeline.models import DATASET_PARAMS, declared_param_keys, resolve_model_file
+from pipeline.versioning import read_index
+from tasks.config import layout
+from tasks.console import run_notes
+from tasks.parameters import GridParameter, UpstreamParameter
+from tasks.stage import Identified, Stage, dag, index_path
+from tasks.stages import Convert, Evaluate, Predict, Report, Train
+
+
+class Gathering(Identified):
+    """A task that asks for stages and ends with one more, made from them (`closing`): yielded
+    once they are done, for the reason this module's docstring gives."""
+
+    def closing(self) -> Stage:
+        raise NotImplementedError
+
+    def done(self) -> bool:
+        return all(task.done() for task in self.requires()) and self.closing().done()
+
+    def complete(self):
+        return self.done()
+
+    def run(self):
+        yield self.closing()
+
+
+class RunAll(Gathering):
+    """One run: its evaluation, the report of it and batch prediction, for luigi.cfg's
+    configuration or the Train given; ends with its record (run.json) and its result."""
+
+    train = UpstreamParameter(Train, description="The Train stage; by default luigi.cfg's")
+
+    def stages(self) -> tuple[Evaluate, Report, Predict]:
+        evaluate = Evaluate(train=self.train)
+        return evaluate, Report(evaluate=evaluate), Predict(train=self.train)
+
+    def requires(self):
+        return list(self.stages())
+
+    def closing(self) -> RunRecord:
+        evaluate, report, predict = self.stages()
+        return RunRecord(evaluate=evaluate, report=report, predict=predict)
+
+
+class RunRecord(Stage):
+    """run.json: a run's result, its report and predictions, and the version and folder of every
+    stage it took; in `run-<version>/` of the Train folder."""
+
+    marker_name = "run.json"
+    library = "pipeline.fileio"
+    evaluate = UpstreamParameter(Evaluate)
+    report = UpstreamParameter(Report)
+    predict = UpstreamParameter(Predict)
+
+    def folder(self, version):
+        return self.evaluate.train.directory / f"run-{version}"
+
+    def requires(self):
+        return list(dag(*self.upstream()))
+
+    def produce(self):
+        # Luigi's scheduler clears a finished task's tracking URL when a worker re-adds it as done,
+        # as this record's requirements do to Train: the finished run's TensorBoard link lives here.
+        self.set_tracking_url(self.evaluate.train.tensorboard_link())
+        metrics = read_json(self.evaluate.marker)
+        write_json_atomic(self.marker, {
+            "result": {key: metrics[key] for key in ("split", "accuracy", "loss", "examples", "global_step")},
+            "report": str(self.report.marker), "predictions": str(self.predict.marker),
+            "stages": {task.task_id: {"stage": task.get_task_family(), "version": task.version,
+                                      "path": str(task.directory)}
+                       for task in self.requires() if isinstance(task, Stage)}})
+
+    def result(self) -> str:
+        record = read_json(self.marker)
+        result = record["result"]
+        return (f"RESULT {result['split']} accuracy {result['accuracy']:.4f} on {result['examples']} images\n"
+                f"    report:      {record['report']}\n    predictions: {record['predictions']}")
+
+
+@RunAll.event_handler(luigi.Event.SUCCESS)
+@RunAll.event_handler(luigi.Event.DEPENDENCY_PRESENT)
+def _note_result(task: RunAll) -> None:
+    # DEPENDENCY_PRESENT: found complete when scheduled, so the run had nothing to do.
+    run_notes.add(task.task_id, task.closing().result())
+
+
+class Sweep(Gathering):
+    """A grid of training variants in one DAG, on one Download and Convert: each point of the grid
+    (and each model file) is trained, evaluated, reported and predicted as RunAll does, and the
+    sweep ends with their comparison, best first, beside the leaderboard."""
+
+    grid = GridParameter(description="""JSON object of model params to lists of values, e.g. '{"learning_rate": """
+                                     """[0.001, 0.003]}'; every combination is one run""")
+    model_defs = luigi.ListParameter(default=[], description="Model files to sweep (names in model_defs/ or "
+                                                             "paths); by default Train's model_def")
+
+    def prepare(self):
+        super().prepare()
+        for model_def in self.models():
+            model_file = resolve_model_file(model_def)
+            known = declared_param_keys(model_file)
+            unknown = sorted(key for key in self.grid if known is not None and (key not in known
+                                                                               or key in DATASET_PARAMS))
+            if unknown:
+                raise ConfigError(f"--grid key {unknown[0]!r} is not a param of model {model_def!r} "
+                                  f"({model_file.name}); its params are "
+                                  f"{', '.join(sorted(k for k in known if k not in DATASET_PARAMS))}")
+
+    def models(self) -> list[str]:
+        return list(self.model_defs) or [Train().model_def]
+
+    def trains(self) -> list[Train]:
+        """One Train per model and point of the grid, on one Convert. The params luigi.cfg gives
+        Train are laid under the grid's for the model it names; other models get the grid's alone."""
+        convert, configured = Convert(), Train()
+        keys = sorted(self.grid)
+        return [Train(convert=convert, model_def=model_def,
+                      params={**(configured.params if model_def == configured.model_def else {}),
+                              **dict(zip(keys, values))})
+                for model_def in self.models() for values in itertools.product(*(self.grid[key] for key in keys))]
+
+    def requires(self):
+        return [RunAll(train=train) for train in self.trains()]
+
+    def closing(self) -> Comparison:
+        return Comparison(sweep=self)
+
+
+class Comparison(Stage):
+    """sweep-<version>.csv and .html beside the leaderboard: the leaderboard rows of one sweep's
+    runs, best first."""
+
+    library = "pipeline.leaderboard"
+    sweep = UpstreamParameter(Sweep)
+
+    def evaluations(self) -> list[Evaluate]:
+        return [run.stages()[0] for run in self.sweep.requires()]
+
+    def upstream_versions(self):
+        # Sorted, as the Sweep's id sorts its runs: the same grid in another order is the same sweep.
+        return {f"run{number}": version
+                for number, version in enumerate(sorted(evaluate.version for evaluate in self.evaluations()))}
+
+    @property
+    def dataset(self):
+        return self.sweep.trains()[0].dataset
+
+    def folder(self, version):
+        return Path(layout().results_root)
+
+    @property
+    def marker(self):
+        return self.directory / f"sweep-{self.version}.csv"
+
+    @property
+    def owned(self):
+        return self.marker
+
+    def page(self) -> Path:
+        return self.marker.with_suffix(".html")
+
+    def temporaries(self):
+        return [Path(f"{self.marker}{TEMP_INFIX}*"), Path(f"{self.page()}{TEMP_INFIX}*")]
+
+    def requires(self):
+        return list(dag(*self.sweep.requires()))
+
+    def upstream_keys(self):
+        # The evaluations it compares: the Sweep itself is no stage.
+        return sorted(evaluate.index_key for evaluate in self.evaluations())
+
+    def rows(self) -> list[dict]:
+        index = read_index(index_path())
+        return ranked(index[evaluate.index_key][ROW_KEY] for evaluate in self.evaluations())
+
+    def produce(self):
+        # The page is written first: the CSV, written last, is the marker.
+        write_table(self.rows(), self.marker, self.page(), f"Sweep {self.version}")
+
+    def summary(self) -> str:
+        lines = [f"SWEEP {len(self.evaluations())} runs, best first ({self.marker}, {self.page().name}):"]
+        for row in self.rows():
+            lines.append(f"    {row['rank']:>3}. {row['accuracy']:.4f} accuracy  {row['loss']:.4f} loss  "
+                         f"{row['model']:<12} {row['params']}  {row['run']}")
+        return "\n".join(lines)
+
+
+@Sweep.event_handler(luigi.Event.SUCCESS)
+@Sweep.event_handler(luigi.Event.DEPENDENCY_PRESENT)
+def _note_comparison(task: Sweep) -> None:
+    run_notes.add(task.task_id, task.closing().summary())

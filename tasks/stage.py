@@ -1,0 +1,311 @@
+"""The base of the pipeline's tasks: one identity, a locked and repairing run, and `--rerun`.
+
+**One identity.** A stage's version hashes its identity: its significant parameters, the
+versions of the stages it reads (passed as parameters, see `UpstreamParameter`), the source of
+the library code it runs (found from the imports of its `library` module) and, for Train and
+what follows, the model file. Its folder is derived from that version under the layout roots,
+and its Luigi task id from that folder. So two tasks that would write different folders never
+share an id, on any scheduler, and two that would write the same folder always do.
+"""
+from __future__ import annotations
+
+import functools
+import gc
+import hashlib
+import importlib
+import logging
+import sys
+import time
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Any, ClassVar, Iterator
+
+import luigi
+
+from pipeline import versioning
+from pipeline.errors import CorruptShard
+from pipeline.fileio import TEMP_INFIX, file_lock, remove_temporaries
+from pipeline.leaderboard import rebuild_leaderboard
+from pipeline.convert import report_of
+from tasks.config import layout
+from tasks.console import pipeline_error
+from tasks.parameters import UpstreamParameter
+
+logger = logging.getLogger("luigi-interface")
+
+
+def _short_hash(text: str, length: int = 16) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def location(path: Path | str) -> str:
+    """An output's place as every process on this machine names it: its absolute path."""
+    return str(Path(path).resolve())
+
+
+def dag(*roots: luigi.Task) -> Iterator[luigi.Task]:
+    """Every task `roots` require, directly or not, each once, upstream before downstream."""
+    seen: set[str] = set()
+
+    def visit(task: luigi.Task) -> Iterator[luigi.Task]:
+        if task.task_id in seen:
+            return
+        seen.add(task.task_id)
+        for required in luigi.task.flatten(task.requires()):
+            yield from visit(required)
+        yield task
+
+    for root in roots:
+        yield from visit(root)
+
+
+class Identified(luigi.Task):
+    """A task whose Luigi id is derived from what it makes (`identity_key`), not from its own
+    parameters alone, which would leave out what it reads."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prepare()
+        self.task_id = f"{self.get_task_family()}_{self.id_suffix()}"
+
+    def __hash__(self):
+        return hash(self.task_id)
+
+    def prepare(self) -> None:
+        """Complete and check the parameters, before the id is derived from them: an upstream
+        task left out becomes the one `default_upstream` gives."""
+        for name in self.upstream_names():
+            if getattr(self, name) is None:
+                setattr(self, name, self.default_upstream(name))
+                self.param_kwargs[name] = getattr(self, name)
+
+    @classmethod
+    def upstream_names(cls) -> list[str]:
+        return [name for name, param in cls.get_params() if isinstance(param, UpstreamParameter)]
+
+    def default_upstream(self, name: str) -> luigi.Task:
+        """The upstream task `name` when none was given: the one its section of luigi.cfg describes."""
+        return dict(self.get_params())[name].task_class()
+
+    def id_suffix(self) -> str:
+        """By default, a hash of what the task requires: the id of a task that makes nothing itself."""
+        return _short_hash(" ".join(sorted(task.task_id for task in luigi.task.flatten(self.requires()))))
+
+    def significant_values(self) -> dict[str, Any]:
+        """The significant parameters of this task's own, as JSON values."""
+        upstream = set(self.upstream_names())
+        return {name: _thawed(getattr(self, name)) for name, param in self.get_params()
+                if param.significant and name not in upstream}
+
+    def __repr__(self) -> str:
+        # Upstream stages by family and version: their whole parameters would bury this task's own.
+        own = ", ".join(f"{name}={value}" for name, value in self.significant_values().items())
+        upstream = ", ".join(f"{name}={task.get_task_family()}@{task.version}" if isinstance(task, Stage)
+                             else f"{name}={task.task_id}"
+                             for name, task in ((name, getattr(self, name)) for name in self.upstream_names()))
+        return f"{self.get_task_family()}({', '.join(filter(None, (own, upstream)))})"
+
+
+class Rerunnable(Identified):
+    """A task complete when its output exists; under --rerun, only once it was rewritten after the
+    task was scheduled. The check reads the file's time, so it holds in forked worker processes too."""
+
+    rerun = luigi.BoolParameter(default=False, significant=False,
+                                description="Ignore this stage's finished outputs and run it again; "
+                                            "upstream stages are left as they are")
+    # Whether produce() uses TensorFlow.
+    uses_tensorflow: ClassVar[bool] = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._scheduled_ns = time.time_ns()
+
+    def id_suffix(self) -> str:
+        return _short_hash(location(self.output().path))
+
+    def done(self) -> bool:
+        """Whether the output is there (and, under --rerun, rewritten since scheduling); no side effects."""
+        try:
+            modified_ns = Path(self.output().path).stat().st_mtime_ns
+        except FileNotFoundError:
+            return False
+        return not self.rerun or modified_ns >= self._scheduled_ns
+
+    def complete(self) -> bool:
+        done = self.done()
+        if not done and self.uses_tensorflow and "tensorflow" not in sys.modules:
+            # Luigi checks completeness while scheduling, in the process that later forks one
+            # worker process per task under --workers N. Importing TensorFlow there once, and
+            # only when a task that needs it will run, spares each fork its ~3 s import.
+            importlib.import_module("tensorflow")
+            # Frozen, TensorFlow's Python objects are left out of garbage collection. Otherwise
+            # every full collection walks them again: in a forked worker that walk copies each
+            # page it touches, and at exit it costs about a second. Convert at 5k images with 2
+            # workers took 9.0-12.9 s without this and 5.4-5.9 s with it.
+            gc.freeze()
+        return done
+
+    def run(self):
+        """Produce the output while holding its lock.
+
+        A second pipeline process that reaches the same output (another `--local-scheduler` run,
+        say) waits here, then finds it complete and does nothing, instead of writing beside this
+        one. Under the lock, what an interrupted run left is removed first. A corrupt shard met on
+        the way loses its report, so that the next run rebuilds that shard.
+        """
+        with file_lock(self.lock_path(), holder=str(self), guards=location(self.output().path)):
+            if self.complete():
+                logger.info("%s was completed by another process while this one waited", self)
+                return
+            remove_temporaries(self.temporaries())
+            try:
+                self.produce()
+            except CorruptShard as error:
+                report_of(error.shard).unlink(missing_ok=True)
+                raise
+            self.produced()
+
+    def lock_path(self) -> Path:
+        return locks_folder() / f"{_short_hash(location(self.output().path), 20)}.lock"
+
+    def produce(self) -> None:
+        """Write the output: unpack the inputs and call one `pipeline` function."""
+        raise NotImplementedError
+
+    def produced(self) -> None:
+        """What follows a completed output, still under its lock; a failure here fails the task."""
+
+    def on_failure(self, exception: BaseException) -> str:
+        # What the scheduler keeps as the failure's explanation (the UI shows it, and another
+        # process waiting for this task prints it): the pipeline's own message, or a bug's traceback.
+        return str(pipeline_error(exception) or super().on_failure(exception))
+
+    def temporaries(self) -> list[Path]:
+        """Glob patterns of what an interrupted run of this task may have left."""
+        return [Path(f"{self.output().path}{TEMP_INFIX}*")]
+
+
+class Stage(Rerunnable):
+    """A pipeline stage: one versioned folder, complete once its marker, written last, exists.
+
+    Subclasses set `marker_name` and `library` (the pipeline module `produce()` calls into),
+    declare their upstream stages as `UpstreamParameter`s, place their folder (`folder`) and
+    implement `produce()`.
+    """
+
+    marker_name: ClassVar[str] = ""
+    library: ClassVar[str] = ""
+
+    def prepare(self) -> None:
+        super().prepare()
+        # Checked as each task is made, its upstream made with it: a bad value anywhere in the
+        # DAG fails when the root task is built, before any stage is scheduled or run.
+        self.validate()
+
+    def id_suffix(self) -> str:
+        return f"{self.version}_{_short_hash(location(self.directory), 8)}"
+
+    def upstream(self) -> list[Stage]:
+        """The stages whose versions this one's version depends on, in parameter order."""
+        return [getattr(self, name) for name in self.upstream_names()]
+
+    def validate(self) -> None:
+        """Raise ConfigError for a parameter value this stage cannot use, naming the valid ones."""
+
+    def upstream_versions(self) -> dict[str, str]:
+        return {name: task.version for name, task in zip(self.upstream_names(), self.upstream())}
+
+    def content(self) -> bytes:
+        """Bytes beyond the parameters that the result depends on (a model file's source)."""
+        return b""
+
+    @functools.cached_property
+    def identity(self) -> dict[str, Any]:
+        content = self.content()
+        return {"stage": self.get_task_family(), "params": self.significant_values(),
+                "upstream": self.upstream_versions(),
+                "code": versioning.code_fingerprint(self.library),
+                "content": hashlib.sha256(content).hexdigest() if content else None}
+
+    @functools.cached_property
+    def version(self) -> str:
+        return versioning.version_of(self.identity)
+
+    @functools.cached_property
+    def directory(self) -> Path:
+        return self.folder(self.version)
+
+    def folder(self, version: str) -> Path:
+        raise NotImplementedError
+
+    @property
+    def marker(self) -> Path:
+        """The file written last: while it is missing, the stage is not complete."""
+        return self.directory / self.marker_name
+
+    @property
+    def owned(self) -> Path:
+        """What is this stage's alone, which removing it removes: its folder, or its marker where
+        it writes into a folder that is not its own."""
+        return self.directory
+
+    @property
+    def dataset(self) -> str:
+        return self.upstream()[0].dataset
+
+    def requires(self):
+        return [*self.upstream(), *self.also_reads()]
+
+    def also_reads(self) -> list[Stage]:
+        """Stages read directly beside the upstream ones, whose versions the upstream's already
+        include (Evaluate reads Train's Convert): required, so that each is checked, and
+        repaired, before this one runs."""
+        return []
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(str(self.marker))
+
+    def temporaries(self) -> list[Path]:
+        # A stage's folder is its own (nested stages live in subfolders), so anything temporary in it is stale.
+        return [self.directory / f"*{TEMP_INFIX}*"]
+
+    @property
+    def index_key(self) -> str:
+        return f"{self.get_task_family()}/{self.version}"
+
+    def record(self, index: dict) -> bool:
+        """Add this completed stage to the index; True when that changes what the leaderboard shows."""
+        index[self.index_key] = versioning.index_entry(
+            self.get_task_family(), self.version, self.owned, self.identity, dataset=self.dataset,
+            marker=str(self.marker), upstream=self.upstream_keys())
+        return False
+
+    def upstream_keys(self) -> list[str]:
+        """The index keys of the stages this one is made from."""
+        return [task.index_key for task in self.upstream()]
+
+    def produced(self) -> None:
+        # In the task, not in a SUCCESS handler, whose exceptions Luigi only logs: a stage the
+        # index missed would be left off the leaderboard and out of reach of explain and gc.
+        # The leaderboard is rebuilt, from the index alone, only when an entry it shows changed.
+        shown = []
+        versioning.update_index(index_path(), lambda index: shown.append(self.record(index)),
+                                then=lambda index: any(shown) and rebuild_leaderboard(layout().results_root, index))
+
+
+def _thawed(value: Any) -> Any:
+    """Luigi's frozen containers (FrozenOrderedDict, tuples) as plain JSON values."""
+    if isinstance(value, Mapping):
+        return {key: _thawed(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_thawed(item) for item in value]
+    return value
+
+
+def locks_folder() -> Path:
+    return Path(layout().data_root) / ".locks"
+
+
+def index_path() -> Path:
+    return Path(layout().results_root) / versioning.INDEX_FILE
+

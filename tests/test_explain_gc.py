@@ -1,0 +1,167 @@
+"""Why will it run (`python -m tasks.explain`), and cleaning up (`python -m tasks.gc`), on a real
+completed tree and on ones made here."""
+from __future__ import annotations
+
+import configparser
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import versioning
+from pipeline.fileio import file_lock, read_json
+from tests.conftest import REPO, cli_sections, luigi_env, read_csv, run_watched, write_config
+
+
+def explain(folder: Path, config: Path, *args: str, code: int = 0) -> list[str]:
+    """The lines `python -m tasks.explain` prints (on stderr when `code` is not 0); it must not
+    import TensorFlow on the way."""
+    probe = ("import runpy, sys\nsys.argv = ['explain', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('tasks.explain', run_name='__main__')\n"
+             "except SystemExit as done:\n    code = done.code\n"
+             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\nsys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-c", probe, *args], cwd=folder, env={**luigi_env(config),
+                            "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == code, result.stderr[-3000:]
+    return (result.stderr if code else result.stdout).splitlines()
+
+
+def reasons_of(lines: list[str], family: str) -> list[str]:
+    """The reasons printed under the first task of `family` to run ([] if it is done)."""
+    for number, line in enumerate(lines):
+        if line.startswith(f"to run  {family}("):
+            following = [text.strip()[2:] for text in lines[number + 1:]]
+            return following[:next((i for i, text in enumerate(lines[number + 1:]) if not text.startswith(" ")),
+                                   len(following))]
+        if line.startswith(f"done    {family}("):
+            return []
+    raise AssertionError(f"no {family} in:\n" + "\n".join(lines))
+
+
+@pytest.fixture(scope="module")
+def completed(tmp_path_factory, mnist_subset):
+    folder = tmp_path_factory.mktemp("completed")
+    config = write_config(folder / "luigi.cfg", cli_sections(folder, mnist_subset.as_uri()))
+    result = run_watched(folder, config, "RunAll", "--local-scheduler")
+    assert result.returncode == 0, result.output[-3000:]
+    return folder, config
+
+
+@pytest.mark.slow
+def test_explain_says_what_will_run_and_why(completed):
+    folder, config = completed
+
+    nothing = explain(folder, config, "RunAll")
+    assert all(line.startswith("done") for line in nothing if line.startswith(("done", "to run")))
+    # Download, PlanConversion, 6 ConvertShard, Convert, Train, Evaluate, Predict, Report, RunAll, RunRecord
+    assert nothing[-1] == "0 of 15 tasks will run."
+
+    params = explain(folder, config, "RunAll", "--Train-params", '{"conv_filters": [8], "dense_units": 32}')
+    assert reasons_of(params, "Download") == [] and reasons_of(params, "Convert") == []
+    [why] = reasons_of(params, "Train")
+    assert why.startswith('params: {"conv_filters": [8], "dense_units": 16} -> {"conv_filters": [8], '
+                          '"dense_units": 32} (closest completed: Train@')
+    assert reasons_of(params, "Evaluate")[0].startswith("upstream will run: Train@")
+
+    seed = explain(folder, config, "RunAll", "--Convert-split-seed", "8")
+    assert reasons_of(seed, "Convert")[0].startswith("split_seed: 7 -> 8")
+    assert reasons_of(seed, "Train")[0].startswith("upstream will run: Convert@")
+
+    model = folder / "cnn_copy.py"
+    model.write_text((REPO / "model_defs" / "cnn.py").read_text() + "# a user's edit\n")
+    copied = explain(folder, config, "RunAll", "--Train-model-def", str(model))
+    assert any("the model file changed" in why for why in reasons_of(copied, "Train"))
+    assert any(why.startswith("model_def: ") for why in reasons_of(copied, "Train"))
+
+
+@pytest.mark.slow
+def test_explain_refuses_what_luigi_refuses_in_one_line(completed):
+    folder, config = completed
+    assert explain(folder, config, "Sweep", "--grid", '{"dense_units": [8, 16]}', "--model-defs", '["cnn", "dnn"]',
+                   code=40) == ["error: --grid key 'dense_units' is not a param of model 'dnn' (dnn.py); its params "
+                                "are hidden_units, learning_rate"]
+    [line] = explain(folder, config, "RunAll", "--Train-max-steps", "many", code=40)
+    assert "max_steps" in line
+
+
+@pytest.mark.slow
+def test_explain_names_a_change_to_the_pipelines_code(completed, luigi_config, monkeypatch):
+    from tasks.explain import explain as lines_of
+
+    folder, config = completed
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(config)
+    luigi_config({name: dict(parser[name]) for name in parser.sections()})
+    fingerprint = versioning.code_fingerprint
+    monkeypatch.setattr(versioning, "code_fingerprint",
+                        lambda module: "edited" if module == "pipeline.evaluation" else fingerprint(module))
+    monkeypatch.chdir(folder)
+    from tasks import RunAll
+
+    lines = lines_of(RunAll())
+    assert reasons_of(lines, "Train") == []
+    assert any(why.startswith("the pipeline's code changed") for why in reasons_of(lines, "Evaluate"))
+
+
+def fabricated(results: Path, runs: dict[str, tuple[str, float, str]]) -> dict:
+    """An index of Train runs (version -> (params, accuracy, completed_at)), each with its
+    evaluation, and their folders with a file of 1000 bytes each."""
+    index = {}
+    for version, (params, accuracy, at) in runs.items():
+        run = results / "ds" / f"cnn-{version}"
+        evaluation = run / f"evaluate-test-e{version}"
+        for folder in (run, evaluation):
+            folder.mkdir(parents=True)
+            (folder / "weights").write_bytes(bytes(1000))
+        index[f"Train/{version}"] = versioning.index_entry(
+            "Train", version, run, {"params": {"params": params}, "content": version}, dataset="ds",
+            upstream=["Convert/c1"])
+        index[f"Train/{version}"]["completed_at"] = at
+        index[f"Evaluate/e{version}"] = versioning.index_entry(
+            "Evaluate", f"e{version}", evaluation, {"params": {"split": "test"}}, dataset="ds",
+            upstream=[f"Train/{version}"], leaderboard={
+                "run": run.name, "model": "cnn", "split": "test", "accuracy": accuracy, "loss": 1 - accuracy,
+                "train_version": version})
+        index[f"Evaluate/e{version}"]["completed_at"] = at
+    index["Convert/c1"] = versioning.index_entry("Convert", "c1", results.parent / "data" / "c1", {}, dataset="ds")
+    return index
+
+
+def gc(folder: Path, config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tasks.gc", *args], cwd=folder,
+                          env={**luigi_env(config), "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_gc_lists_superseded_runs_outside_the_top_and_removes_them_only_when_asked(tmp_path):
+    results = tmp_path / "results"
+    config = write_config(tmp_path / "luigi.cfg", {"layout": {"data_root": str(tmp_path / "data"),
+                                                              "results_root": str(results)}})
+    # v1 and v2 share params: v2, newer, supersedes v1 (the model file changed). v3 has its own.
+    runs = {"v1": ('{"lr": 1}', 0.70, "2026-01-01T00:00:01+00:00"),
+            "v2": ('{"lr": 1}', 0.80, "2026-01-02T00:00:01+00:00"),
+            "v3": ('{"lr": 2}', 0.60, "2026-01-03T00:00:01+00:00"),
+            "v4": ('{"lr": 2}', 0.90, "2026-01-01T00:00:01+00:00")}
+    versioning.update_index(results / "index.json", lambda index: index.update(fabricated(results, runs)))
+
+    listed = gc(tmp_path, config, "--keep-top", "1")
+    assert listed.returncode == 0, listed.stderr
+    # v4 is older than v3 but the best evaluation: kept. v1 is superseded by v2 and not in the top 1.
+    assert [line.split()[2] for line in listed.stdout.splitlines()[:-1]] == ["Train/v1"]
+    assert "0.0 MB" in listed.stdout and "pass --yes to remove them" in listed.stdout
+    assert (results / "ds" / "cnn-v1").is_dir(), "nothing is removed without --yes"
+
+    # A task writing into v1's folder holds its stage lock: then v1 stays.
+    lock = tmp_path / "data" / ".locks" / "busy.lock"
+    with file_lock(lock, guards=str((results / "ds" / "cnn-v1" / "evaluate-validation-x").resolve())):
+        busy = gc(tmp_path, config, "--keep-top", "1", "--yes")
+    assert "kept" in busy.stdout and (results / "ds" / "cnn-v1").is_dir()
+
+    removed = gc(tmp_path, config, "--keep-top", "1", "--yes")
+    assert removed.returncode == 0 and "removed 1 version(s)" in removed.stdout, removed.stdout + removed.stderr
+    assert not (results / "ds" / "cnn-v1").exists()
+    assert all((results / "ds" / f"cnn-{version}").is_dir() for version in ("v2", "v3", "v4"))
+    index = read_json(results / "index.json")
+    assert "Train/v1" not in index and "Evaluate/ev1" not in index and "Train/v2" in index
+    assert [row["run"] for row in read_csv(results / "leaderboard.csv")] == ["cnn-v4", "cnn-v2", "cnn-v3"]

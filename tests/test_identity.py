@@ -1,0 +1,147 @@
+"""One identity, on the task graph alone (no TensorFlow, nothing run): a task's Luigi id and its
+folder change together, with every significant parameter of its own stage and of every stage
+upstream, with the model file and with the layout roots; insignificant parameters change neither."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, cli_sections, tiny_config, write_config
+
+FAMILIES = ("Download", "Convert", "Train", "Evaluate", "Predict", "Report", "RunRecord")
+# Predict does not follow Evaluate; the Report's own Predict follows the evaluation, not Predict's settings.
+DOWNSTREAM = {"Download": set(FAMILIES), "Convert": set(FAMILIES) - {"Download"},
+              "Train": {"Train", "Evaluate", "Predict", "Report", "RunRecord"},
+              "Evaluate": {"Evaluate", "Report", "RunRecord"}, "Predict": {"Predict", "RunRecord"}}
+CHANGES = {
+    "Download": {"dataset": "other", "source_url": "file:other.tar.gz", "skip_failed_images": "true"},
+    "Convert": {"image_size": "32", "channels": "3", "validation_fraction": "0.3", "test_fraction": "0.1",
+                "split_seed": "8", "num_shards": "3", "max_bad_fraction": "0.5"},
+    "Train": {"model_def": "dnn", "params": "{}", "max_steps": "13", "batch_size": "9", "tf_random_seed": "2",
+              "early_stopping_steps": "50"},
+    "Evaluate": {"split": "validation"},
+    "Predict": {"split": "validation", "export": "best"},
+}
+# Settings that change how, not what: neither ids nor folders may move.
+INSIGNIFICANT = {"Download": {"parallel_fetches": "2", "timeout_s": "5"},
+                 "Train": {"save_checkpoints_steps": "3", "eval_throttle_secs": "60", "keep_checkpoint_max": "9",
+                           "log_step_count_steps": "3", "save_summary_steps": "3"},
+                 "Evaluate": {"batch_size": "7"}, "Predict": {"batch_size": "7"}}
+
+
+def graph(luigi_config, sections) -> dict[str, tuple[str, str]]:
+    """family -> (task id, folder) of each stage of RunAll's DAG under `sections`; Predict is
+    RunAll's own (the Report's follows its evaluation)."""
+    from tasks import RunAll
+
+    luigi_config(sections)
+    root = RunAll()
+    evaluate, report, predict = root.stages()
+    stages = [evaluate.train.convert.download, evaluate.train.convert, evaluate.train, evaluate, predict, report,
+              root.closing()]
+    return {task.get_task_family(): (task.task_id, str(task.directory)) for task in stages}
+
+
+@pytest.fixture
+def base_sections(tmp_path):
+    sections = tiny_config(tmp_path, "file:tiny.tar.gz")
+    sections["Predict"] = {"input_dir": "", "split": "test", "export": "final"}
+    return sections
+
+
+def changed(base: dict, after: dict) -> set[str]:
+    """The families whose id changed; every one of them must have a new folder too, and the rest neither."""
+    ids = {family for family in base if base[family][0] != after[family][0]}
+    folders = {family for family in base if base[family][1] != after[family][1]}
+    assert ids == folders, f"ids changed for {sorted(ids)} but folders for {sorted(folders)}"
+    return ids
+
+
+@pytest.mark.parametrize("section, key", [(section, key) for section, values in CHANGES.items() for key in values])
+def test_each_significant_parameter_moves_its_stage_and_everything_downstream(luigi_config, base_sections,
+                                                                             section, key):
+    base = graph(luigi_config, base_sections)
+    sections = copy.deepcopy(base_sections)
+    sections[section][key] = CHANGES[section][key]
+    if key == "model_def":
+        sections["Train"]["params"] = "{}"  # the tiny config's params are the cnn model's
+    assert changed(base, graph(luigi_config, sections)) == DOWNSTREAM[section]
+
+
+@pytest.mark.parametrize("section, key", [(section, key) for section, values in INSIGNIFICANT.items()
+                                          for key in values])
+def test_insignificant_parameters_move_nothing(luigi_config, base_sections, section, key):
+    base = graph(luigi_config, base_sections)
+    sections = copy.deepcopy(base_sections)
+    sections[section][key] = INSIGNIFICANT[section][key]
+    assert changed(base, graph(luigi_config, sections)) == set()
+
+
+def test_checkpoint_spacing_is_significant_only_with_early_stopping(luigi_config, base_sections):
+    sections = copy.deepcopy(base_sections)
+    sections["Train"]["early_stopping_steps"] = "50"
+    stopping = graph(luigi_config, sections)
+    sections["Train"]["save_checkpoints_steps"] = "3"
+    assert changed(stopping, graph(luigi_config, sections)) == DOWNSTREAM["Train"]
+
+
+def test_pinning_a_checksum_keeps_the_download_and_everything_after(luigi_config, base_sections):
+    base = graph(luigi_config, base_sections)
+    sections = copy.deepcopy(base_sections)
+    sections["Download"]["source_url"] += "#sha256=" + "ab" * 32
+    assert changed(base, graph(luigi_config, sections)) == set()
+
+
+def test_the_model_files_source_is_part_of_train_and_what_follows(luigi_config, base_sections, tmp_path):
+    model = tmp_path / "model.py"
+    model.write_text((REPO / "model_defs" / "cnn.py").read_text())
+    sections = copy.deepcopy(base_sections)
+    sections["Train"]["model_def"] = str(model)
+    before = graph(luigi_config, sections)
+    model.write_text(model.read_text() + "\n# a changed comment counts too\n")
+    assert changed(before, graph(luigi_config, sections)) == DOWNSTREAM["Train"]
+
+
+@pytest.mark.parametrize("root, moved", [("data_root", {"Download", "Convert"}),
+                                         ("results_root", set(FAMILIES) - {"Download", "Convert"})])
+def test_the_layout_roots_are_part_of_the_id_of_the_stages_under_them(luigi_config, base_sections, tmp_path,
+                                                                     root, moved):
+    # A root is where, not what: versions stay, but the folders under it, and so the ids, move.
+    base = graph(luigi_config, base_sections)
+    sections = copy.deepcopy(base_sections)
+    sections["layout"][root] = str(tmp_path / "elsewhere")
+    assert changed(base, graph(luigi_config, sections)) == moved
+
+
+def test_the_same_task_built_two_ways_has_one_id(luigi_config, base_sections):
+    from tasks import Convert, Evaluate, Report, Train
+
+    luigi_config(base_sections)
+    explicit = Report(evaluate=Evaluate(train=Train(convert=Convert())))
+    assert explicit.task_id == Report().task_id and explicit == Report()
+    assert len({Train(convert=Convert()), Train()}) == 1
+
+
+def test_two_datasets_share_no_task_and_two_trainings_share_their_upstream(luigi_config, base_sections):
+    first = graph(luigi_config, base_sections)
+    sections = copy.deepcopy(base_sections)
+    sections["Download"]["dataset"] = "second"
+    second = graph(luigi_config, sections)
+    assert not {task_id for task_id, _ in first.values()} & {task_id for task_id, _ in second.values()}
+    sections = copy.deepcopy(base_sections)
+    sections["Train"]["params"] = '{"conv_filters": [8], "dense_units": 32}'
+    other_params = graph(luigi_config, sections)
+    assert {family for family in first if first[family] == other_params[family]} == {"Download", "Convert"}
+
+
+def test_building_the_graph_does_not_import_tensorflow(tmp_path):
+    config = write_config(tmp_path / "luigi.cfg", cli_sections(tmp_path, "file:tiny.tar.gz"))
+    probe = ("import sys, tasks\nroot = tasks.RunAll()\nprint(root.task_id)\n"
+             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "LUIGI_CONFIG_PATH": str(config)})
+    assert result.returncode == 0 and result.stdout.startswith("RunAll_"), result.stderr[-2000:]
