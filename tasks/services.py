@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.parse
 from pathlib import Path
 
 from pipeline.errors import ConfigError, PipelineError
@@ -91,13 +89,6 @@ def stop_scheduler(state_dir: Path, *, timeout_s: float = 15.0) -> int | None:
         time.sleep(0.1)
     pidfile.unlink(missing_ok=True)
     return pid
-
-
-def tensorboard_url(base_url: str, results_root: Path, run_dir: Path) -> str:
-    """A link to TensorBoard's time series showing only one run, when TensorBoard serves `results_root`."""
-    run = Path(run_dir).resolve().relative_to(Path(results_root).resolve()).as_posix()
-    query = urllib.parse.urlencode({"runFilter": f"^{re.escape(run)}/"})
-    return f"{base_url.rstrip('/')}/?{query}#timeseries"
 
 
 def main(argv: list[str] | None = None) -> int:

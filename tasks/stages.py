@@ -28,10 +28,9 @@ from pipeline.models import (MODEL_DIR, RUN_CONFIG_KEYS, check_param_overrides, 
                              require_positive, resolve_model_file, validate_training_settings)
 from pipeline.versioning import safe_name, update_index
 from pipeline.leaderboard import ROW_KEY, rebuild_leaderboard
-from tasks.config import layout, tensorboard
+from tasks.config import layout, tensorboard, tensorboard_url
 from tasks.parameters import ParamsParameter, UpstreamParameter
 from tasks.progress import TaskProgress
-from tasks.services import tensorboard_url
 from tasks.stage import Rerunnable, Stage, index_path
 
 

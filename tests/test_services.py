@@ -4,7 +4,8 @@ import urllib.parse
 import pytest
 
 from pipeline.errors import ConfigError
-from tasks.services import is_listening, main, start_scheduler, stop_scheduler, tensorboard_url
+from tasks.config import tensorboard_url
+from tasks.services import is_listening, main, start_scheduler, stop_scheduler
 from tests.conftest import free_port, luigi_command, repo_config, tiny_config, write_config
 
 
