@@ -318,6 +318,12 @@ class Predict(Stage):
             raise ConfigError(f"input_dir={self.input_dir!r} is not a folder; expected a folder of images, "
                               "or empty to predict a split")
 
+    def significant_values(self):
+        values = super().significant_values()
+        if self.input_dir:
+            del values["split"]  # not read when a folder is predicted: no new version for it
+        return values
+
     def content(self):
         if not self.input_dir:
             return b""

@@ -89,6 +89,16 @@ def test_checkpoint_spacing_is_significant_only_with_early_stopping(luigi_config
     assert changed(stopping, graph(luigi_config, sections)) == DOWNSTREAM["Train"]
 
 
+def test_the_split_of_a_prediction_on_a_folder_moves_nothing(luigi_config, base_sections, tmp_path):
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "a.png").write_bytes(b"not read here")
+    sections = copy.deepcopy(base_sections)
+    sections["Predict"]["input_dir"] = str(tmp_path / "new")
+    base = graph(luigi_config, sections)
+    sections["Predict"]["split"] = "validation"
+    assert changed(base, graph(luigi_config, sections)) == set()
+
+
 def test_pinning_a_checksum_keeps_the_download_and_everything_after(luigi_config, base_sections):
     base = graph(luigi_config, base_sections)
     sections = copy.deepcopy(base_sections)
