@@ -17,6 +17,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -109,6 +110,20 @@ def update_index(index_path: Path, change: Callable[[dict], None],
         if then is not None:
             then(index)
     return index
+
+
+def is_inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies within it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def forget_folders(index_path: Path, folders: list[str], then: Callable[[dict], None] | None = None) -> dict:
+    """Drop from the index every version whose path lies within one of `folders` (removed ones)."""
+    def forget(index: dict) -> None:
+        for key in [key for key, entry in index.items() if any(is_inside(entry["path"], folder) for folder in folders)]:
+            del index[key]
+
+    return update_index(index_path, forget, then)
 
 
 def index_entry(stage: str, version: str, path: Path | str, identity: Mapping[str, Any], **extra: Any) -> dict:

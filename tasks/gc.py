@@ -9,14 +9,13 @@ running task is writing into (its stage lock is held).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from pipeline.fileio import held_locks, remove_tree
 from pipeline.leaderboard import leaderboard_rows, rebuild_leaderboard
-from pipeline.versioning import canonical_json, read_index, update_index
+from pipeline.versioning import canonical_json, forget_folders, is_inside, read_index
 from tasks.config import layout
 from tasks.stage import index_path, locks_folder
 
@@ -50,10 +49,6 @@ def kept(index: dict, keep_top: int) -> set[str]:
     return keep
 
 
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def size_of(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -67,9 +62,9 @@ def garbage(index: dict, keep_top: int) -> list[dict[str, Any]]:
     # Entries an older pipeline wrote have no identity to tell their configurations apart: kept.
     removable = {key: entry for key, entry in index.items() if key not in keep and "identity" in entry
                  # A folder holding a kept one (a run with a kept evaluation) stays.
-                 and not any(_inside(path, entry["path"]) for path in kept_paths)}
+                 and not any(is_inside(path, entry["path"]) for path in kept_paths)}
     outermost = [entry for key, entry in removable.items()
-                 if not any(other is not entry and _inside(entry["path"], other["path"])
+                 if not any(other is not entry and is_inside(entry["path"], other["path"])
                             for other in removable.values())]
     return [{"key": f"{entry['stage']}/{entry['version']}", "path": entry["path"],
              "bytes": size_of(Path(entry["path"])) if Path(entry["path"]).exists() else 0}
@@ -93,14 +88,9 @@ def main(argv: list[str]) -> int:
         return 0
     busy = held_locks(locks_folder())
     removed = []
-
-    def forget(index: dict) -> None:
-        for key in [key for key, entry in index.items() if any(_inside(entry["path"], path) for path in removed)]:
-            del index[key]
-
     try:
         for item in found:
-            writing = [path for path in busy if _inside(path, str(Path(item["path"]).resolve()))]
+            writing = [path for path in busy if is_inside(path, str(Path(item["path"]).resolve()))]
             if writing:
                 print(f"kept {item['path']}: a running task is writing {writing[0]}")
                 continue
@@ -108,7 +98,7 @@ def main(argv: list[str]) -> int:
             removed.append(item["path"])
     finally:
         # What was removed leaves the index even when a later removal fails.
-        update_index(index_path(), forget, then=lambda index: rebuild_leaderboard(layout().results_root, index))
+        forget_folders(index_path(), removed, then=lambda index: rebuild_leaderboard(layout().results_root, index))
     print(f"removed {len(removed)} version(s)")
     return 0
 

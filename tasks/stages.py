@@ -26,7 +26,7 @@ from pipeline.errors import ConfigError, StageOutputError
 from pipeline.fileio import TEMP_INFIX, read_json, remove_tree
 from pipeline.models import (MODEL_DIR, RUN_CONFIG_KEYS, check_param_overrides, declared_param_keys,
                              require_positive, resolve_model_file, validate_training_settings)
-from pipeline.versioning import safe_name, update_index
+from pipeline.versioning import forget_folders, safe_name
 from pipeline.leaderboard import ROW_KEY, rebuild_leaderboard
 from tasks.config import layout, tensorboard, tensorboard_url
 from tasks.parameters import ParamsParameter, UpstreamParameter
@@ -244,14 +244,7 @@ def forget_run(run_dir: Path) -> None:
     """Remove a run folder, with the evaluations and predictions of its weights, and their index
     entries and leaderboard rows."""
     remove_tree(run_dir)
-    inside = f"{run_dir}{os.sep}"
-
-    def forget(index: dict) -> None:
-        for key in [key for key, entry in index.items() if entry["path"] == str(run_dir)
-                    or entry["path"].startswith(inside)]:
-            del index[key]
-
-    update_index(index_path(), forget, then=lambda index: rebuild_leaderboard(layout().results_root, index))
+    forget_folders(index_path(), [str(run_dir)], then=lambda index: rebuild_leaderboard(layout().results_root, index))
 
 
 class Evaluate(Stage):

@@ -82,13 +82,19 @@ def test_a_layer_list_model_with_tensorflow_functions_in_params_runs_end_to_end(
     check_outputs(tanh_run)
 
 
-def test_a_model_whose_predictions_cannot_be_read_fails_before_training(tmp_path, config):
-    model_file = tmp_path / "embedding_only.py"
-    model_file.write_text((MODEL_FILES / "layer_list.py").read_text().replace(
-        'predictions={"output": logits}', 'predictions={"embedding": net}'))
+def run_edited_layer_list(tmp_path: Path, config: Path, name: str, old: str, new: str):
+    """RunAll on a copy of layer_list.py named `name`, with `old` replaced by `new`."""
+    model_file = tmp_path / name
+    source = (MODEL_FILES / "layer_list.py").read_text()
+    assert old in source
+    model_file.write_text(source.replace(old, new))
+    return run_watched(tmp_path, config, "RunAll", "--local-scheduler", "--Train-model-def", str(model_file),
+                       "--Train-params", "{}")
 
-    result = run_watched(tmp_path, config, "RunAll", "--local-scheduler", "--Train-model-def", str(model_file),
-                         "--Train-params", "{}")
+
+def test_a_model_whose_predictions_cannot_be_read_fails_before_training(tmp_path, config):
+    result = run_edited_layer_list(tmp_path, config, "embedding_only.py",
+                                   'predictions={"output": logits}', 'predictions={"embedding": net}')
 
     assert result.returncode == 30, result.output[-3000:]
     assert ("embedding_only.py: the PREDICT predictions are 'embedding' [2, 32]; expected class scores as "
@@ -97,12 +103,8 @@ def test_a_model_whose_predictions_cannot_be_read_fails_before_training(tmp_path
 
 
 def test_a_lambda_in_params_is_refused_before_anything_runs(tmp_path, config):
-    model_file = tmp_path / "lambda_activation.py"
-    model_file.write_text((MODEL_FILES / "layer_list.py").read_text().replace(
-        '"units": 32, "activation": tf.nn.relu', '"units": 32, "activation": lambda x: tf.nn.relu(x)'))
-
-    result = run_watched(tmp_path, config, "RunAll", "--local-scheduler", "--Train-model-def", str(model_file),
-                         "--Train-params", "{}")
+    result = run_edited_layer_list(tmp_path, config, "lambda_activation.py", '"units": 32, "activation": tf.nn.relu',
+                                   '"units": 32, "activation": lambda x: tf.nn.relu(x)')
 
     assert result.returncode == 40, result.output[-3000:]
     assert "lambda_activation.py: PARAMS['layers'][2]['activation'] is a lambda" in result.output
