@@ -40,7 +40,7 @@ bench: $(STAMP)
 		TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python bench/$$name.py 2> build/bench/$$name.log || { tail -30 build/bench/$$name.log; exit 1; }; \
 	done
 
-# 25 SIGKILL trials, 5 inside each stage; `make test` runs one per stage.
+# 50 SIGKILL trials, 5 inside each stage with local roots and 5 with S3 roots; `make test` runs one of each.
 crash-trials: $(STAMP)
 	CRASH_TRIALS=5 $(BIN)/python -m pytest -s tests/test_crashes.py $(PYTEST_ARGS)
 

@@ -48,7 +48,7 @@ LUIGI = str(Path(sys.executable).with_name("luigi"))
 def converted_sample(num_shards: int = 4) -> tuple[Path, dict]:
     """The embedded sample downloaded and converted with luigi.cfg's settings, once; (folder, metadata)."""
     from pipeline import convert, download
-    from pipeline.fileio import read_json
+    from pipeline.storage import read_json
 
     out = CACHE / f"tfrecords-{num_shards}"
     if not (out / "metadata.json").is_file():

@@ -19,7 +19,7 @@ BATCH = 256
 def exported_model(convert_dir: Path) -> Path:
     """A briefly trained cnn run on the sample, once; returns its SavedModel folder."""
     from pipeline import models, training
-    from pipeline.fileio import read_json
+    from pipeline.storage import read_json
 
     run_dir = CACHE / "predict-run"
     if not (run_dir / "train.json").is_file():

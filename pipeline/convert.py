@@ -8,17 +8,16 @@ the stage's marker, last.
 from __future__ import annotations
 
 import io
-import os
 import random
 import warnings
 from collections import Counter
-from pathlib import Path
 from typing import Iterable, Sequence
 
 from PIL import ExifTags, Image, ImageOps
 
 from pipeline.errors import ConfigError, CorruptShard, DatasetError, StageOutputError, UnusableImage
-from pipeline.fileio import atomic_path, read_json, sha256_file, visible, visible_keys, write_json_atomic
+from pipeline import storage
+from pipeline.storage import atomic_path, read_json, sha256_file, visible_keys, write_json
 from pipeline.progress import Progress
 
 SPLITS = ("train", "validation", "test")
@@ -52,18 +51,21 @@ def validate_conversion_params(image_size: int, channels: int, validation_fracti
         raise ConfigError(f"max_bad_fraction={max_bad_fraction}; expected a fraction in [0, 1]")
 
 
-def list_visible_files(folder: Path) -> list[Path]:
+def list_visible_files(folder: str) -> list[str]:
     """Every file below `folder`, sorted, leaving out hidden files and anything in hidden folders."""
-    return [Path(folder) / key for key in visible_keys(folder)]
+    return [storage.join(folder, key) for key in visible_keys(folder)]
 
 
-def list_images(raw_dir: Path) -> dict[str, list[str]]:
+def list_images(raw_dir: str) -> dict[str, list[str]]:
     """Class name -> sorted keys (`<class>/<relative path>`) of every visible file in its folder."""
-    raw_dir = Path(raw_dir)
-    classes = sorted(d.name for d in raw_dir.iterdir() if d.is_dir() and visible(d.name))
-    if len(classes) < 2:
-        raise DatasetError(f"{raw_dir}: found classes {classes}; expected at least two class folders")
-    return {name: [f"{name}/{key}" for key in visible_keys(raw_dir / name)] for name in classes}
+    by_class: dict[str, list[str]] = {}
+    # One listing of the whole tree: on S3, a listing per class folder would cost a request each.
+    for key in visible_keys(raw_dir):
+        if "/" in key:
+            by_class.setdefault(key.split("/", 1)[0], []).append(key)
+    if len(by_class) < 2:
+        raise DatasetError(f"{raw_dir}: found classes {sorted(by_class)}; expected at least two class folders")
+    return dict(sorted(by_class.items()))
 
 
 def split_keys(keys: Sequence[str], validation_fraction: float, test_fraction: float, seed: str) -> dict[str, list[str]]:
@@ -77,7 +79,7 @@ def split_keys(keys: Sequence[str], validation_fraction: float, test_fraction: f
             "train": shuffled[n_test + n_validation:]}
 
 
-def plan_conversion(raw_dir: Path, plan_path: Path, *, validation_fraction: float, test_fraction: float,
+def plan_conversion(raw_dir: str, plan_path: str, *, validation_fraction: float, test_fraction: float,
                     split_seed: int, num_shards: int) -> dict:
     """Assign every image to a split (stratified by class) and a shard; write the plan atomically."""
     listing = list_images(raw_dir)
@@ -94,7 +96,7 @@ def plan_conversion(raw_dir: Path, plan_path: Path, *, validation_fraction: floa
         random.Random(f"{split_seed}/{split}").shuffle(items)
         shards[split] = [[list(item) for item in items[i::num_shards]] for i in range(num_shards)]
     plan = {"class_names": class_names, "num_shards": num_shards, "shards": shards}
-    write_json_atomic(plan_path, plan)
+    write_json(plan_path, plan)
     return plan
 
 
@@ -113,7 +115,7 @@ _UNUSABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionB
                           Image.DecompressionBombError)
 
 
-def load_image(path: Path, image_size: int, channels: int) -> bytes:
+def load_image(path: str, image_size: int, channels: int) -> bytes:
     """Decode any image Pillow reads into `channels` at `image_size` square, as PNG bytes.
 
     EXIF orientation is applied, transparency is flattened onto white, and Pillow's
@@ -128,8 +130,8 @@ def load_image(path: Path, image_size: int, channels: int) -> bytes:
         raise UnusableImage(f"{type(error).__name__}: {error}") from error
 
 
-def _normalised_png(path: Path, image_size: int, channels: int) -> bytes:
-    with warnings.catch_warnings(), open(path, "rb") as handle:
+def _normalised_png(path: str, image_size: int, channels: int) -> bytes:
+    with warnings.catch_warnings(), storage.open_binary(path) as handle:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(handle) as opened:
             # exif_transpose copies every image; most have no orientation to apply.
@@ -160,7 +162,7 @@ def _normalised_png(path: Path, image_size: int, channels: int) -> bytes:
     return buffer.getvalue()
 
 
-def write_shard(raw_dir: Path, plan_path: Path, split: str, index: int, shard_path: Path, report_path: Path,
+def write_shard(raw_dir: str, plan_path: str, split: str, index: int, shard_path: str, report_path: str,
                 *, image_size: int, channels: int, progress: Progress | None = None) -> dict:
     """Write one shard of the plan and then its report (the shard's marker). Returns the report."""
     from pipeline import schema  # TensorFlow loads only in the processes that write records.
@@ -175,7 +177,7 @@ def write_shard(raw_dir: Path, plan_path: Path, split: str, index: int, shard_pa
         with tf.io.TFRecordWriter(str(temp)) as writer:
             for done, (key, label) in enumerate(items, start=1):
                 try:
-                    encoded = load_image(os.path.join(raw_dir, key), image_size, channels)
+                    encoded = load_image(storage.join(raw_dir, key), image_size, channels)
                 except UnusableImage as error:
                     bad.append({"key": key, "reason": str(error)})
                 else:
@@ -183,38 +185,39 @@ def write_shard(raw_dir: Path, plan_path: Path, split: str, index: int, shard_pa
                     per_class[class_names[label]] += 1
                 if progress:
                     progress(done, len(items), "images", f"{split} shard {index}")
-    report = {"file": Path(shard_path).name, "split": split, "records": sum(per_class.values()),
-              "sha256": sha256_file(shard_path), "per_class": dict(sorted(per_class.items())), "bad": bad}
-    write_json_atomic(report_path, report)
+        # Hashed before it is published: on S3, reading it back would fetch it again.
+        digest = sha256_file(temp)
+    report = {"file": storage.name(shard_path), "split": split, "records": sum(per_class.values()),
+              "sha256": digest, "per_class": dict(sorted(per_class.items())), "bad": bad}
+    write_json(report_path, report)
     return report
 
 
-def write_all_shards(raw_dir: Path, out_dir: Path, *, num_shards: int, image_size: int,
-                     channels: int) -> list[Path]:
+def write_all_shards(raw_dir: str, out_dir: str, *, num_shards: int, image_size: int,
+                     channels: int) -> list[str]:
     """Every shard of the plan in `out_dir`, one after another in this process (the ConvertShard
     tasks write them in parallel); returns the reports, for `finalize_conversion`."""
     reports = []
     for split in SPLITS:
         for index in range(num_shards):
-            reports.append(Path(out_dir) / report_name(split, index, num_shards))
-            write_shard(raw_dir, Path(out_dir) / PLAN_FILE, split, index,
-                        Path(out_dir) / shard_name(split, index, num_shards), reports[-1],
+            reports.append(storage.join(out_dir, report_name(split, index, num_shards)))
+            write_shard(raw_dir, storage.join(out_dir, PLAN_FILE), split, index,
+                        storage.join(out_dir, shard_name(split, index, num_shards)), reports[-1],
                         image_size=image_size, channels=channels)
     return reports
 
 
-def finalize_conversion(out_dir: Path, reports: Iterable[Path], metadata_path: Path, *, image_size: int,
+def finalize_conversion(out_dir: str, reports: Iterable[str], metadata_path: str, *, image_size: int,
                         channels: int, max_bad_fraction: float, source: dict) -> dict:
     """Check every shard against its report and the bad fraction, then write metadata.json last."""
-    out_dir = Path(out_dir)
-    plan = read_json(out_dir / PLAN_FILE)
+    plan = read_json(storage.join(out_dir, PLAN_FILE))
     splits = {split: {"count": 0, "per_class": Counter(), "shards": []} for split in SPLITS}
     bad = []
     for report_path in reports:
         report = read_json(report_path)
-        shard_path = out_dir / report["file"]
-        if not shard_path.exists() or sha256_file(shard_path) != report["sha256"]:
-            raise StageOutputError(f"{shard_path}: missing or its sha256 differs from {report_path.name}; "
+        shard_path = storage.join(out_dir, report["file"])
+        if not storage.exists(shard_path) or sha256_file(shard_path) != report["sha256"]:
+            raise StageOutputError(f"{shard_path}: missing or its sha256 differs from {storage.name(report_path)}; "
                                    "rerun Convert to rebuild it")
         split = splits[report["split"]]
         split["count"] += report["records"]
@@ -245,28 +248,27 @@ def finalize_conversion(out_dir: Path, reports: Iterable[Path], metadata_path: P
         "bad_fraction": bad_fraction,
         "source": source,
     }
-    write_json_atomic(metadata_path, metadata)
+    write_json(metadata_path, metadata)
     return metadata
 
 
-def shard_paths(convert_dir: Path, metadata: dict, split: str) -> list[str]:
+def shard_paths(convert_dir: str, metadata: dict, split: str) -> list[str]:
     """The shard files of one split, from metadata written by `finalize_conversion`, each checked
     against the sha256 recorded there: a missing or corrupt one raises CorruptShard naming it."""
     if split not in metadata["splits"]:
         raise ConfigError(f"split={split!r}; expected one of {', '.join(metadata['splits'])}")
     paths = []
     for shard in metadata["splits"][split]["shards"]:
-        path = Path(convert_dir) / shard["file"]
-        actual = sha256_file(path) if path.is_file() else None
+        path = storage.join(convert_dir, shard["file"])
+        actual = sha256_file(path) if storage.exists(path) else None
         if actual != shard["sha256"]:
             found = f"its sha256 is {actual}" if actual else "it is missing"
             raise CorruptShard(f"{path}: {found}, but metadata.json records {shard['sha256']}. The shard is "
-                               "corrupt; the next run rebuilds it", str(path))
-        paths.append(str(path))
+                               "corrupt; the next run rebuilds it", path)
+        paths.append(path)
     return paths
 
 
-def report_of(shard_path: str) -> Path:
+def report_of(shard_path: str) -> str:
     """The report written after a shard (see `write_shard`)."""
-    path = Path(shard_path)
-    return path.with_name(path.name.removesuffix(".tfrecord") + ".json")
+    return storage.join(storage.parent(shard_path), storage.name(shard_path).removesuffix(".tfrecord") + ".json")

@@ -1,30 +1,31 @@
 """Download stage: fetch an image-folder archive or a CSV manifest of images into `<class>/<file>`.
 
 Every scheme (http, https, file) goes through `fetch`, so the embedded dataset exercises the
-same code as a remote source. The class folders appear at their final path in one rename,
-with `download.json` already inside, so a crash never leaves a folder that looks complete.
+same code as a remote source. The files are fetched and extracted into a local work folder; the
+class folders then appear at their final location with `download.json` last (locally in one
+rename, with the marker already inside), so a crash never leaves a folder that looks complete.
 """
 from __future__ import annotations
 
 import csv
 import http.client
 import logging
-import os
 import re
 import stat
 import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 import zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path, PurePosixPath
 
 from pipeline.errors import ChecksumMismatch, ConfigError, DatasetError, DownloadError, UnsafeArchiveError
-from pipeline.fileio import (TEMP_INFIX, atomic_path, flush_to_disk, remove_tree, sha256_file, visible, visible_keys,
-                             write_json_atomic)
+from pipeline import storage
+from pipeline.storage import (TEMP_INFIX, atomic_path, flush_to_disk, publish_folder, remove_tree, sha256_file, visible,
+                              visible_keys, write_json)
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def _fetch_into(url: str, partial: Path, timeout_s: float, progress: Progress | 
             raise http.client.IncompleteRead(b"", expected - received)
 
 
-def download_dataset(source_url: str, target: Path, marker_name: str, *,
+def download_dataset(source_url: str, target: str, marker_name: str, *,
                      workers: int = 8, retries: int = 4, backoff_s: float = 0.5, timeout_s: float = 60.0,
                      skip_failed_images: bool = False, progress: Progress | None = None) -> dict:
     """Fetch `source_url` into `target/<class>/<file>` and write `target/<marker_name>` inside it.
@@ -153,12 +154,15 @@ def download_dataset(source_url: str, target: Path, marker_name: str, *,
     unless `skip_failed_images`: then it is left out and listed under "failed" in the marker.
     Returns the summary written to the marker.
     """
-    target = Path(target)
     kind = source_kind(source_url)
     source_url, sha256 = split_checksum(source_url)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = target.parent / f"{target.name}{TEMP_INFIX}{uuid.uuid4().hex[:8]}"
-    work.mkdir()
+    if storage.is_remote(target):
+        work_parent = None
+    else:
+        # Beside the target, so that the finished folder is renamed into place on one filesystem.
+        work_parent = storage.parent(target)
+        Path(work_parent).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{storage.name(target)}{TEMP_INFIX}", dir=work_parent))
     try:
         tree = work / "tree"
         if kind == "archive":
@@ -183,10 +187,8 @@ def download_dataset(source_url: str, target: Path, marker_name: str, *,
         summary = {"source_url": source_url, "sha256": digest, "kind": kind, "images_per_class": counts,
                    "ignored": ignored, "failed": failed}
         flush_to_disk()
-        write_json_atomic(root / marker_name, summary)
-        remove_tree(target)
-        os.rename(root, target)
-        flush_to_disk()
+        write_json(root / marker_name, summary)
+        publish_folder(root, target, marker_name)
         return summary
     finally:
         remove_tree(work)

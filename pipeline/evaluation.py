@@ -8,7 +8,6 @@ Estimator contract. `metrics.json` is written last and is the stage's marker.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,7 +16,8 @@ import tensorflow as tf
 from pipeline import outputs, training
 from pipeline.convert import shard_paths
 from pipeline.errors import DatasetError
-from pipeline.fileio import read_json, write_bytes_atomic, write_json_atomic
+from pipeline import storage
+from pipeline.storage import read_json, write_bytes, write_json
 from pipeline.plots import confusion_matrix_png
 from pipeline.progress import Progress
 
@@ -57,8 +57,8 @@ def predicted_class_ids(estimator: tf.estimator.Estimator, input_fn, checkpoint:
     return np.concatenate(class_ids) if class_ids else np.zeros([0], np.int64)
 
 
-def evaluate_model(run_dir: Path, convert_dir: Path, metadata_path: Path, split: str, out_dir: Path,
-                   metrics_path: Path, *, batch_size: int = 256, progress: Progress | None = None) -> dict:
+def evaluate_model(run_dir: str, convert_dir: str, metadata_path: str, split: str, out_dir: str,
+                   metrics_path: str, *, batch_size: int = 256, progress: Progress | None = None) -> dict:
     metadata = read_json(metadata_path)
     files = shard_paths(convert_dir, metadata, split)
     examples = metadata["splits"][split]["count"]
@@ -66,9 +66,9 @@ def evaluate_model(run_dir: Path, convert_dir: Path, metadata_path: Path, split:
         raise DatasetError(f"{metadata_path}: the {split!r} split holds no images; choose another split or "
                            "raise its fraction in Convert")
     class_names = metadata["class_names"]
-    model_dir = Path(run_dir) / training.MODEL_DIR
+    model_dir = storage.join(run_dir, training.MODEL_DIR)
     estimator = training.build_estimator(model_dir)
-    checkpoint = tf.train.latest_checkpoint(str(model_dir))
+    checkpoint = tf.train.latest_checkpoint(storage.tf_path(model_dir))
     batches = -(-examples // batch_size)
 
     def split_input():
@@ -88,14 +88,14 @@ def evaluate_model(run_dir: Path, convert_dir: Path, metadata_path: Path, split:
         "loss": float(result["loss"]),
         "accuracy": float(np.mean(labels == predicted)),
         "global_step": int(result["global_step"]),
-        "checkpoint": Path(checkpoint).name,
+        "checkpoint": storage.name(checkpoint),
         "class_names": class_names,
         "per_class": per_class_scores(confusion, class_names),
         "confusion_matrix": confusion.tolist(),
         "model_metrics": {name: _as_json(value) for name, value in sorted(result.items())
                           if name not in _ESTIMATOR_KEYS},
     }
-    write_bytes_atomic(Path(out_dir) / CONFUSION_MATRIX_PNG, confusion_matrix_png(
+    write_bytes(storage.join(out_dir, CONFUSION_MATRIX_PNG), confusion_matrix_png(
         confusion, class_names, f"{split}: accuracy {metrics['accuracy']:.4f} at step {metrics['global_step']}"))
-    write_json_atomic(metrics_path, metrics)
+    write_json(metrics_path, metrics)
     return metrics

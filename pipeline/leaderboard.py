@@ -10,10 +10,10 @@ import csv
 import datetime
 import html
 import io
-from pathlib import Path
 from typing import Iterable, Mapping
 
-from pipeline.fileio import write_bytes_atomic
+from pipeline import storage
+from pipeline.storage import write_bytes
 
 LEADERBOARD_HTML = "leaderboard.html"
 LEADERBOARD_CSV = "leaderboard.csv"
@@ -72,14 +72,15 @@ tbody tr:first-child {{ background: #eef6ee; }}
 """
 
 
-def write_table(rows: list[dict], csv_path: Path, html_path: Path, title: str) -> None:
+def write_table(rows: list[dict], csv_path: str, html_path: str, title: str) -> None:
     """The rows as an HTML page, then as the CSV it links, each written atomically: the CSV last."""
-    write_bytes_atomic(html_path, render_html(rows, title, Path(csv_path).name).encode("utf-8"))
-    write_bytes_atomic(csv_path, render_csv(rows).encode("utf-8"))
+    write_bytes(html_path, render_html(rows, title, storage.name(csv_path)).encode("utf-8"))
+    write_bytes(csv_path, render_csv(rows).encode("utf-8"))
 
 
-def rebuild_leaderboard(results_root: Path, index: Mapping[str, dict]) -> list[dict]:
+def rebuild_leaderboard(results_root: str, index: Mapping[str, dict]) -> list[dict]:
     """Rewrite results/leaderboard.html and .csv from the index; returns the rows."""
     rows = leaderboard_rows(index)
-    write_table(rows, Path(results_root) / LEADERBOARD_CSV, Path(results_root) / LEADERBOARD_HTML, "Leaderboard")
+    write_table(rows, storage.join(results_root, LEADERBOARD_CSV), storage.join(results_root, LEADERBOARD_HTML),
+                "Leaderboard")
     return rows

@@ -11,11 +11,13 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
+from pipeline import storage
 from pipeline.errors import ConfigError, ModelDefinitionError
 
 MODEL_DEFS_DIR = Path(__file__).resolve().parent.parent / "model_defs"
@@ -47,15 +49,21 @@ def resolve_model_file(model_def: str, model_defs_dir: Path = MODEL_DEFS_DIR) ->
 @dataclass(frozen=True)
 class ModelFile:
     """A loaded model file: where it is, its model_fn, and its PARAMS (the defaults)."""
-    path: Path
+    path: Path | str
     model_fn: Callable
     defaults: dict
 
 
-def load_model(model_file: Path) -> ModelFile:
-    model_file = Path(model_file)
-    module_name = f"model_def_{model_file.stem}_{hashlib.sha256(model_file.read_bytes()).hexdigest()[:8]}"
-    spec = importlib.util.spec_from_file_location(module_name, model_file)
+def load_model(model_file: Path | str) -> ModelFile:
+    """Import a model file, local or (a run's snapshot) on S3."""
+    source = storage.read_bytes(model_file)
+    module_name = f"model_def_{Path(storage.name(model_file)).stem}_{hashlib.sha256(source).hexdigest()[:8]}"
+    local = model_file
+    if storage.is_remote(model_file):
+        # Imported from a local copy: tracebacks and AutoGraph read a function's source from its file.
+        local = Path(tempfile.gettempdir()) / f"{module_name}.py"
+        storage.write_bytes(local, source)
+    spec = importlib.util.spec_from_file_location(module_name, local)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not isinstance(getattr(module, "PARAMS", None), dict):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import logging
 from contextlib import closing
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -18,7 +17,8 @@ import tensorflow as tf
 from pipeline import outputs, schema
 from pipeline.convert import list_visible_files, load_image, shard_paths
 from pipeline.errors import DatasetError, UnusableImage
-from pipeline.fileio import atomic_path
+from pipeline import storage
+from pipeline.storage import atomic_path
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -34,14 +34,14 @@ def _record_batches(files: Sequence[str], image_shape: Sequence[int], batch_size
         image = schema.decode_stored_pixels(parsed[schema.ENCODED], image_shape) if pixels else parsed[schema.ENCODED]
         return parsed[schema.KEY], parsed[schema.LABEL], image
 
-    dataset = (tf.data.TFRecordDataset(list(files)).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = (tf.data.TFRecordDataset([storage.tf_path(file) for file in files]).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
                .batch(batch_size).prefetch(tf.data.AUTOTUNE))
     for keys, labels, images in dataset.as_numpy_iterator():
         inputs = {schema.IMAGE: schema.scale_pixels(images).numpy()} if pixels else {schema.SERVING_INPUT: images}
         yield [k.decode("utf-8") for k in keys], labels.tolist(), inputs
 
 
-def _folder_batches(files: Sequence[Path], input_dir: Path, image_size: int, channels: int,
+def _folder_batches(files: Sequence[str], input_dir: str, image_size: int, channels: int,
                     batch_size: int) -> Iterator[tuple[list[str], list[None], dict[str, list[bytes]]]]:
     paths, encoded = [], []
     for path in files:
@@ -50,7 +50,7 @@ def _folder_batches(files: Sequence[Path], input_dir: Path, image_size: int, cha
         except UnusableImage as error:
             log.warning("skipping %s: %s", path, error)
             continue
-        paths.append(path.relative_to(input_dir).as_posix())
+        paths.append(storage.relative(path, input_dir))
         if len(paths) == batch_size:
             yield paths, [None] * len(paths), {schema.SERVING_INPUT: encoded}
             paths, encoded = [], []
@@ -58,7 +58,7 @@ def _folder_batches(files: Sequence[Path], input_dir: Path, image_size: int, cha
         yield paths, [None] * len(paths), {schema.SERVING_INPUT: encoded}
 
 
-def _load_for_serving(export_dir: Path) -> tuple[tf.compat.v1.Session, Mapping[str, Any]]:
+def _load_for_serving(export_dir: str) -> tuple[tf.compat.v1.Session, Mapping[str, Any]]:
     """The SavedModel in a session of its own graph, and its signature defs.
 
     Loaded the TF1 way, as the Estimator exported it: `tf.saved_model.load` costs twice the time
@@ -68,12 +68,13 @@ def _load_for_serving(export_dir: Path) -> tuple[tf.compat.v1.Session, Mapping[s
     graph = tf.Graph()
     session = tf.compat.v1.Session(graph=graph)
     with graph.as_default():
-        meta_graph = tf.compat.v1.saved_model.load(session, [tf.saved_model.SERVING], str(export_dir))
+        meta_graph = tf.compat.v1.saved_model.load(session, [tf.saved_model.SERVING],
+                                                     storage.tf_path(export_dir))
     return session, meta_graph.signature_def
 
 
-def predict_to_csv(export_dir: Path, metadata: dict, output_csv: Path, *, convert_dir: Path | None = None,
-                   split: str = "test", input_dir: Path | None = None, batch_size: int = 256,
+def predict_to_csv(export_dir: str, metadata: dict, output_csv: str, *, convert_dir: str | None = None,
+                   split: str = "test", input_dir: str | None = None, batch_size: int = 256,
                    progress: Progress | None = None) -> int:
     """Write one row per image: key or path, true label (blank when unknown), predicted class
     name and id, and the probability of each class, read from the export's outputs as
@@ -81,8 +82,7 @@ def predict_to_csv(export_dir: Path, metadata: dict, output_csv: Path, *, conver
     class_names = metadata["class_names"]
     image_shape = metadata["image_shape"]
     if input_dir is not None:
-        input_dir = Path(input_dir)
-        if not input_dir.is_dir():
+        if not storage.is_dir(input_dir):
             raise DatasetError(f"input_dir={str(input_dir)!r} is not a folder; expected a folder of images")
         files, key_column = list_visible_files(input_dir), "path"
         images = len(files)
@@ -109,7 +109,7 @@ def predict_to_csv(export_dir: Path, metadata: dict, output_csv: Path, *, conver
 
 
 def _write_rows(session: tf.compat.v1.Session, feeds: Mapping[str, str], fetches: Mapping[str, str],
-                keys: outputs.OutputKeys, batches: Iterator, output_csv: Path, key_column: str,
+                keys: outputs.OutputKeys, batches: Iterator, output_csv: str, key_column: str,
                 class_names: Sequence[str], total_batches: int, progress: Progress | None, source: str) -> int:
     """Run every batch through the signature and write its rows to `output_csv` atomically; a
     `source` that gave no image leaves no file."""

@@ -13,13 +13,14 @@ import csv
 import datetime
 import hashlib
 import html
+import io
 import json
-from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from pipeline import training
 from pipeline.evaluation import CONFUSION_MATRIX_PNG
-from pipeline.fileio import read_json, write_bytes_atomic
+from pipeline import storage
+from pipeline.storage import read_json, write_bytes
 from pipeline.plots import curves_png
 from pipeline.training import VALIDATION
 
@@ -45,22 +46,22 @@ code { font-size: .9em; }
 """
 
 
-def read_scalars(event_dir: Path) -> dict[str, list[tuple[int, float]]]:
+def read_scalars(event_dir: str) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series in the TensorBoard event files directly inside `event_dir`."""
     from tensorboard.backend.event_processing import event_accumulator
 
-    if not Path(event_dir).is_dir():
+    if not storage.is_dir(event_dir):
         return {}
-    accumulator = event_accumulator.EventAccumulator(str(event_dir), size_guidance={event_accumulator.SCALARS: 0})
+    accumulator = event_accumulator.EventAccumulator(storage.tf_path(event_dir), size_guidance={event_accumulator.SCALARS: 0})
     accumulator.Reload()
     return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
             for tag in accumulator.Tags()["scalars"]}
 
 
-def misclassified(predictions_csv: Path, limit: int = MISCLASSIFIED_SHOWN) -> list[dict]:
+def misclassified(predictions_csv: str, limit: int = MISCLASSIFIED_SHOWN) -> list[dict]:
     """The most confidently wrong predictions: key, true and predicted label, and that probability."""
     wrong = []
-    with open(predictions_csv, newline="", encoding="utf-8") as handle:
+    with io.StringIO(storage.read_text(predictions_csv), newline="") as handle:
         for row in csv.DictReader(handle):
             if row["true_label"] and row["true_label"] != row["predicted_label"]:
                 wrong.append({"key": row["key"], "true_label": row["true_label"],
@@ -80,7 +81,8 @@ def _encoded_images(shard_files: Sequence[str], keys: Iterable[str]) -> dict[str
     found: dict[str, bytes] = {}
     if not wanted:
         return found
-    for record in tf.data.TFRecordDataset(list(shard_files)).map(schema.parse_example).as_numpy_iterator():
+    records = tf.data.TFRecordDataset([storage.tf_path(file) for file in shard_files]).map(schema.parse_example)
+    for record in records.as_numpy_iterator():
         key = record[schema.KEY].decode("utf-8")
         if key in wanted:
             found[key] = bytes(record[schema.ENCODED])
@@ -148,30 +150,30 @@ def render_report(*, title: str, metrics: dict, train: dict, versions: Mapping[s
 """
 
 
-def write_report(run_dir: Path, train_marker: Path, metrics_path: Path, predictions_csv: Path,
-                 shard_files: Sequence[str], report_path: Path, *, versions: Mapping[str, str]) -> None:
+def write_report(run_dir: str, train_marker: str, metrics_path: str, predictions_csv: str,
+                 shard_files: Sequence[str], report_path: str, *, versions: Mapping[str, str]) -> None:
     """Gather one evaluation's results and write its report.html atomically.
 
     `versions` maps stage names to the versions shown (data and run); `shard_files` are the
     TFRecords of the evaluated split, where misclassified images are read back from.
     """
-    run_dir, metrics_path = Path(run_dir), Path(metrics_path)
     metrics = read_json(metrics_path)
     train = read_json(train_marker)
-    model_dir = run_dir / training.MODEL_DIR
+    model_dir = storage.join(run_dir, training.MODEL_DIR)
     # Evaluations on the validation split, while training and by Evaluate, share its event folder.
-    scalars = {"train": read_scalars(model_dir), VALIDATION: read_scalars(model_dir / f"eval_{VALIDATION}"),
-               metrics["split"]: read_scalars(model_dir / f"eval_{metrics['split']}")}
+    scalars = {"train": read_scalars(model_dir), VALIDATION: read_scalars(storage.join(model_dir, f"eval_{VALIDATION}")),
+               metrics["split"]: read_scalars(storage.join(model_dir, f"eval_{metrics['split']}"))}
     charts = {tag: curves_png(tag, series, log_scale=tag == "loss") for tag in CHARTED_TAGS
               if (series := {name: found[tag] for name, found in scalars.items() if found.get(tag)})}
     examples = misclassified(predictions_csv)
     images = _encoded_images(shard_files, (e["key"] for e in examples))
     examples = [{**e, "png": images[e["key"]]} for e in examples if e["key"] in images]
-    model_source = (model_dir / training.MODEL_FILE).read_bytes()
+    model_source = storage.read_bytes(storage.join(model_dir, training.MODEL_FILE))
     page = render_report(
-        title=f"{run_dir.parent.name} / {run_dir.name}: {train['model_file']} on {metrics['split']}",
+        title=f"{storage.name(storage.parent(run_dir))} / {storage.name(run_dir)}: {train['model_file']} on "
+              f"{metrics['split']}",
         metrics=metrics, train=train, versions=versions,
         model_sha256=hashlib.sha256(model_source).hexdigest(),
-        confusion_png=(metrics_path.parent / CONFUSION_MATRIX_PNG).read_bytes(),
+        confusion_png=storage.read_bytes(storage.join(storage.parent(metrics_path), CONFUSION_MATRIX_PNG)),
         charts=charts, examples=examples)
-    write_bytes_atomic(report_path, page.encode("utf-8"))
+    write_bytes(report_path, page.encode("utf-8"))

@@ -14,7 +14,6 @@ import inspect
 import logging
 import math
 import platform
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import tensorflow as tf
@@ -22,7 +21,8 @@ import tensorflow as tf
 from pipeline import models, outputs, schema
 from pipeline.convert import shard_paths
 from pipeline.errors import ModelDefinitionError, StageOutputError
-from pipeline.fileio import flush_to_disk, read_json, remove_tree, write_json_atomic
+from pipeline import storage
+from pipeline.storage import flush_to_disk, read_json, remove_tree, write_json
 from pipeline.models import MODEL_DIR, ModelFile
 from pipeline.params import Params, as_params, from_json, to_json
 from pipeline.progress import Progress
@@ -54,7 +54,7 @@ def input_fn(files: Sequence[str], image_shape: Sequence[int], batch_size: int, 
     Pixels are scaled to floats per batch, one vectorised op instead of one per image.
     """
     image_shape = list(image_shape)
-    dataset = tf.data.Dataset.from_tensor_slices(list(files))
+    dataset = tf.data.Dataset.from_tensor_slices([storage.tf_path(file) for file in files])
     if training:
         dataset = dataset.shuffle(len(files), seed=seed)
     dataset = dataset.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 4),
@@ -124,17 +124,18 @@ def run_params(model: ModelFile, recorded: Mapping[str, Any], dataset: Mapping[s
     return as_params(params)
 
 
-def build_estimator(model_dir: Path, hooks_for_loss: Callable[[tf.Tensor], list] | None = None
+def build_estimator(model_dir: str, hooks_for_loss: Callable[[tf.Tensor], list] | None = None
                     ) -> tf.estimator.Estimator:
-    """Rebuild the Estimator of a run from the snapshot in its model_dir.
+    """Rebuild the Estimator of a run from the snapshot in its model_dir (a local folder or on S3).
 
     `hooks_for_loss(loss)` returns training hooks that need the model's loss tensor.
     """
-    model_dir = Path(model_dir)
-    model = models.load_model(model_dir / MODEL_FILE)
+    model = models.load_model(storage.join(model_dir, MODEL_FILE))
     model_fn = model.model_fn if hooks_for_loss is None else _with_training_hooks(model.model_fn, hooks_for_loss)
-    run_config = tf.estimator.RunConfig(model_dir=str(model_dir), **read_json(model_dir / RUN_CONFIG_FILE))
-    params = run_params(model, read_json(model_dir / PARAMS_FILE), read_json(model_dir / DATASET_FILE))
+    run_config = tf.estimator.RunConfig(model_dir=storage.tf_path(model_dir),
+                                        **read_json(storage.join(model_dir, RUN_CONFIG_FILE)))
+    params = run_params(model, read_json(storage.join(model_dir, PARAMS_FILE)),
+                        read_json(storage.join(model_dir, DATASET_FILE)))
     return tf.estimator.Estimator(model_fn, config=run_config, params=params)
 
 
@@ -153,7 +154,7 @@ def check_predictions(model: ModelFile, params: Params, dataset: Mapping[str, An
             {outputs.SINGLE_OUTPUT: spec.predictions}
         shapes = {name: (tensor.shape.as_list() if tensor.shape.rank is not None else [], tensor.dtype.is_floating)
                   for name, tensor in predictions.items()}
-    return outputs.output_keys(shapes, dataset["n_classes"], f"{model.path.name}")
+    return outputs.output_keys(shapes, dataset["n_classes"], storage.name(model.path))
 
 
 def library_versions() -> dict[str, str]:
@@ -162,28 +163,29 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _write_snapshot(model_dir: Path, model_file: Path, params: Mapping[str, Any], dataset: Mapping[str, Any],
+def _write_snapshot(model_dir: str, model_file: str, params: Mapping[str, Any], dataset: Mapping[str, Any],
                     run_config: Mapping[str, Any]) -> None:
-    model_dir.mkdir(parents=True, exist_ok=True)
-    snapshot = model_dir / MODEL_FILE
-    source = Path(model_file).read_bytes()
-    if snapshot.exists() and snapshot.read_bytes() != source:
+    snapshot = storage.join(model_dir, MODEL_FILE)
+    source = storage.read_bytes(model_file)
+    if storage.exists(snapshot) and storage.read_bytes(snapshot) != source:
         # The run folder's version includes the model source, so this means the folder was tampered with.
-        raise StageOutputError(f"{snapshot} differs from {model_file}; remove {model_dir.parent} or rerun Train")
-    snapshot.write_bytes(source)
-    write_json_atomic(model_dir / PARAMS_FILE, dict(params))
-    write_json_atomic(model_dir / DATASET_FILE, dict(dataset))
-    write_json_atomic(model_dir / RUN_CONFIG_FILE, dict(run_config))
-    write_json_atomic(model_dir / VERSIONS_FILE, library_versions())
+        raise StageOutputError(f"{snapshot} differs from {model_file}; remove {storage.parent(model_dir)} "
+                               "or rerun Train")
+    storage.write_bytes(snapshot, source)
+    write_json(storage.join(model_dir, PARAMS_FILE), dict(params))
+    write_json(storage.join(model_dir, DATASET_FILE), dict(dataset))
+    write_json(storage.join(model_dir, RUN_CONFIG_FILE), dict(run_config))
+    write_json(storage.join(model_dir, VERSIONS_FILE), library_versions())
 
 
-def _newest_export(folder: Path) -> Path | None:
-    exports = sorted(path for path in Path(folder).glob("[0-9]*") if (path / "saved_model.pb").is_file())
+def _newest_export(folder: str) -> str | None:
+    exports = [path for path in storage.glob(storage.join(folder, "[0-9]*"))
+               if storage.exists(storage.join(path, "saved_model.pb"))]
     return exports[-1] if exports else None
 
 
-def train_model(model_file: Path, params_overrides: Mapping[str, Any], convert_dir: Path, metadata_path: Path,
-                run_dir: Path, marker_path: Path, *, max_steps: int, batch_size: int,
+def train_model(model_file: str, params_overrides: Mapping[str, Any], convert_dir: str, metadata_path: str,
+                run_dir: str, marker_path: str, *, max_steps: int, batch_size: int,
                 run_config: Mapping[str, Any], eval_throttle_secs: int = 0, early_stopping_steps: int = 0,
                 hooks: Sequence[tf.estimator.SessionRunHook] = (), progress: Progress | None = None) -> dict:
     """Train to `max_steps` (resuming from model_dir), evaluating on the validation split after
@@ -191,7 +193,6 @@ def train_model(model_file: Path, params_overrides: Mapping[str, Any], convert_d
     validation loss; stop early after `early_stopping_steps` steps without a lower validation
     loss (0: never). Then export the final model and write the marker last."""
     models.validate_training_settings(max_steps, batch_size, run_config)
-    run_dir = Path(run_dir)
     metadata = read_json(metadata_path)
     model = models.load_model(model_file)
     dataset = {"n_classes": len(metadata["class_names"]), "image_shape": metadata["image_shape"]}
@@ -199,7 +200,7 @@ def train_model(model_file: Path, params_overrides: Mapping[str, Any], convert_d
                                    {"n_classes": dataset["n_classes"]})
     recorded.pop("feature_columns", None)  # filled in from the dataset whenever the model is built
     check_predictions(model, run_params(model, recorded, dataset), dataset)
-    model_dir = run_dir / MODEL_DIR
+    model_dir = storage.join(run_dir, MODEL_DIR)
     _write_snapshot(model_dir, model_file, recorded, dataset, run_config)
     estimator = build_estimator(
         model_dir, progress and (lambda loss: [ProgressHook(progress, max_steps, loss)]))
@@ -235,17 +236,17 @@ def train_model(model_file: Path, params_overrides: Mapping[str, Any], convert_d
     global_step = int(estimator.get_variable_value(tf.compat.v1.GraphKeys.GLOBAL_STEP))
 
     # An export left by a crash before the marker was written is stale: export again, once.
-    export_root = run_dir / EXPORT_DIR
+    export_root = storage.join(run_dir, EXPORT_DIR)
     remove_tree(export_root)
-    export_dir = Path(estimator.export_saved_model(str(export_root), receiver).decode())
-    if not (export_dir / "saved_model.pb").is_file():
+    export_dir = estimator.export_saved_model(storage.tf_path(export_root), receiver).decode()
+    if not storage.exists(storage.join(export_dir, "saved_model.pb")):
         raise StageOutputError(f"{export_dir}: export_saved_model returned but wrote no saved_model.pb")
-    best_export = _newest_export(model_dir / EXPORT_DIR / BEST_EXPORT)
+    best_export = _newest_export(storage.join(model_dir, EXPORT_DIR, BEST_EXPORT))
     flush_to_disk()  # TensorFlow writes checkpoints and the exports without flushing them
-    summary = {"global_step": global_step, "export_dir": str(export_dir.relative_to(run_dir)),
-               "best_export_dir": str(best_export.relative_to(run_dir)) if best_export else None,
-               "model_dir": MODEL_DIR, "model_file": Path(model_file).name, "params": recorded,
+    summary = {"global_step": global_step, "export_dir": storage.relative(export_dir, run_dir),
+               "best_export_dir": storage.relative(best_export, run_dir) if best_export else None,
+               "model_dir": MODEL_DIR, "model_file": storage.name(model_file), "params": recorded,
                "run_config": dict(run_config), "max_steps": max_steps, "batch_size": batch_size,
                "early_stopping_steps": early_stopping_steps}
-    write_json_atomic(marker_path, summary)
+    write_json(marker_path, summary)
     return summary

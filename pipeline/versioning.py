@@ -17,13 +17,12 @@ import functools
 import hashlib
 import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from pipeline.errors import ConfigError
-from pipeline.fileio import file_lock, read_json, write_json_atomic
+from pipeline.storage import file_lock, read_json, write_json
 
 VERSION_LENGTH = 12
 INDEX_FILE = "index.json"
@@ -88,25 +87,27 @@ def code_fingerprint(module: str) -> str:
     return digest.hexdigest()
 
 
-def index_lock(index_path: Path):
-    """Held while the index, or a view rebuilt from it, is read and rewritten, across processes."""
-    index_path = Path(index_path)
-    return file_lock(index_path.with_name(index_path.name + ".lock"))
+def index_lock(index_path: str):
+    """Held while the index, or a view rebuilt from it, is read and rewritten, across processes
+    (and machines, for an index on S3)."""
+    return file_lock(f"{index_path}.lock")
 
 
-def read_index(index_path: Path) -> dict:
-    index_path = Path(index_path)
-    return read_json(index_path) if index_path.exists() else {}
+def read_index(index_path: str) -> dict:
+    try:
+        return read_json(index_path)
+    except FileNotFoundError:
+        return {}
 
 
-def update_index(index_path: Path, change: Callable[[dict], None],
+def update_index(index_path: str, change: Callable[[dict], None],
                  then: Callable[[dict], None] | None = None) -> dict:
     """Apply `change` to the index in place and write it back, then call `then` with it (to rebuild
     a view), all under the index's lock, so that concurrent updates never leave a stale view."""
     with index_lock(index_path):
         index = read_index(index_path)
         change(index)
-        write_json_atomic(Path(index_path), index)
+        write_json(index_path, index)
         if then is not None:
             then(index)
     return index
@@ -114,10 +115,10 @@ def update_index(index_path: Path, change: Callable[[dict], None],
 
 def is_inside(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or lies within it."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def forget_folders(index_path: Path, folders: list[str], then: Callable[[dict], None] | None = None) -> dict:
+def forget_folders(index_path: str, folders: list[str], then: Callable[[dict], None] | None = None) -> dict:
     """Drop from the index every version whose path lies within one of `folders` (removed ones)."""
     def forget(index: dict) -> None:
         for key in [key for key, entry in index.items() if any(is_inside(entry["path"], folder) for folder in folders)]:
@@ -126,7 +127,7 @@ def forget_folders(index_path: Path, folders: list[str], then: Callable[[dict], 
     return update_index(index_path, forget, then)
 
 
-def index_entry(stage: str, version: str, path: Path | str, identity: Mapping[str, Any], **extra: Any) -> dict:
+def index_entry(stage: str, version: str, path: str, identity: Mapping[str, Any], **extra: Any) -> dict:
     """An index entry: what was made, where, from what, and when, plus `extra` for views."""
     return {"stage": stage, "version": version, "path": str(path),
             "identity": json.loads(canonical_json(identity)),

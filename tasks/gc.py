@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from pipeline.fileio import held_locks, remove_tree
+from pipeline.storage import absolute, held_locks, remove_tree, size_of
 from pipeline.leaderboard import leaderboard_rows, rebuild_leaderboard
 from pipeline.versioning import canonical_json, forget_folders, is_inside, read_index
 from tasks.config import layout
@@ -49,12 +48,6 @@ def kept(index: dict, keep_top: int) -> set[str]:
     return keep
 
 
-def size_of(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
-
-
 def garbage(index: dict, keep_top: int) -> list[dict[str, Any]]:
     """The versions to remove, outermost folders only (a run folder holds its evaluations), with sizes."""
     keep = kept(index, keep_top)
@@ -67,7 +60,7 @@ def garbage(index: dict, keep_top: int) -> list[dict[str, Any]]:
                  if not any(other is not entry and is_inside(entry["path"], other["path"])
                             for other in removable.values())]
     return [{"key": f"{entry['stage']}/{entry['version']}", "path": entry["path"],
-             "bytes": size_of(Path(entry["path"])) if Path(entry["path"]).exists() else 0}
+             "bytes": size_of(entry["path"])}
             for entry in sorted(outermost, key=lambda entry: entry["path"])]
 
 
@@ -90,11 +83,11 @@ def main(argv: list[str]) -> int:
     removed = []
     try:
         for item in found:
-            writing = [path for path in busy if is_inside(path, str(Path(item["path"]).resolve()))]
+            writing = [path for path in busy if is_inside(path, absolute(item["path"]))]
             if writing:
                 print(f"kept {item['path']}: a running task is writing {writing[0]}")
                 continue
-            remove_tree(Path(item["path"]))
+            remove_tree(item["path"])
             removed.append(item["path"])
     finally:
         # What was removed leaves the index even when a later removal fails.

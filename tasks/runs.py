@@ -12,12 +12,12 @@ exits 0 exactly when all it asked for exists.
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import luigi
 
 from pipeline.errors import ConfigError
-from pipeline.fileio import TEMP_INFIX, read_json, write_json_atomic
+from pipeline import storage
+from pipeline.storage import TEMP_INFIX, read_json, write_json
 from pipeline.leaderboard import ROW_KEY, ranked, write_table
 from pipeline.models import DATASET_PARAMS, declared_param_keys, resolve_model_file
 from pipeline.versioning import read_index
@@ -68,13 +68,13 @@ class RunRecord(Stage):
     stage it took; in `run-<version>/` of the Train folder."""
 
     marker_name = "run.json"
-    library = "pipeline.fileio"
+    library = "pipeline.storage"
     evaluate = UpstreamParameter(Evaluate)
     report = UpstreamParameter(Report)
     predict = UpstreamParameter(Predict)
 
     def folder(self, version):
-        return self.evaluate.train.directory / f"run-{version}"
+        return storage.join(self.evaluate.train.directory, f"run-{version}")
 
     def requires(self):
         return list(dag(*self.upstream()))
@@ -84,11 +84,11 @@ class RunRecord(Stage):
         # as this record's requirements do to Train: the finished run's TensorBoard link lives here.
         self.set_tracking_url(self.evaluate.train.tensorboard_link())
         metrics = read_json(self.evaluate.marker)
-        write_json_atomic(self.marker, {
+        write_json(self.marker, {
             "result": {key: metrics[key] for key in ("split", "accuracy", "loss", "examples", "global_step")},
-            "report": str(self.report.marker), "predictions": str(self.predict.marker),
+            "report": self.report.marker, "predictions": self.predict.marker,
             "stages": {task.task_id: {"stage": task.get_task_family(), "version": task.version,
-                                      "path": str(task.directory)}
+                                      "path": task.directory}
                        for task in self.requires() if isinstance(task, Stage)}})
 
     def result(self) -> str:
@@ -167,21 +167,21 @@ class Comparison(Stage):
         return self.sweep.trains()[0].dataset
 
     def folder(self, version):
-        return Path(layout().results_root)
+        return layout().results_root
 
     @property
     def marker(self):
-        return self.directory / f"sweep-{self.version}.csv"
+        return storage.join(self.directory, f"sweep-{self.version}.csv")
 
     @property
     def owned(self):
         return self.marker
 
-    def page(self) -> Path:
-        return self.marker.with_suffix(".html")
+    def page(self) -> str:
+        return self.marker.removesuffix(".csv") + ".html"
 
     def temporaries(self):
-        return [Path(f"{self.marker}{TEMP_INFIX}*"), Path(f"{self.page()}{TEMP_INFIX}*")]
+        return [f"{self.marker}{TEMP_INFIX}*", f"{self.page()}{TEMP_INFIX}*"]
 
     def requires(self):
         return list(dag(*self.sweep.requires()))
@@ -199,7 +199,7 @@ class Comparison(Stage):
         write_table(self.rows(), self.marker, self.page(), f"Sweep {self.version}")
 
     def summary(self) -> str:
-        lines = [f"SWEEP {len(self.evaluations())} runs, best first ({self.marker}, {self.page().name}):"]
+        lines = [f"SWEEP {len(self.evaluations())} runs, best first ({self.marker}, {storage.name(self.page())}):"]
         for row in self.rows():
             lines.append(f"    {row['rank']:>3}. {row['accuracy']:.4f} accuracy  {row['loss']:.4f} loss  "
                          f"{row['model']:<12} {row['params']}  {row['run']}")

@@ -16,18 +16,17 @@ import importlib
 import logging
 import sys
 import time
-from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, ClassVar, Iterator
 
 import luigi
 
-from pipeline import versioning
+from pipeline import storage, versioning
 from pipeline.errors import CorruptShard
-from pipeline.fileio import TEMP_INFIX, file_lock, remove_temporaries
+from pipeline.storage import TEMP_INFIX, file_lock, remove_temporaries
 from pipeline.leaderboard import rebuild_leaderboard
 from pipeline.convert import report_of
-from tasks.config import layout
+from tasks.config import layout, isolate_remote_io
 from tasks.console import pipeline_error
 from tasks.parameters import UpstreamParameter
 
@@ -38,9 +37,19 @@ def _short_hash(text: str, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def location(path: Path | str) -> str:
-    """An output's place as every process on this machine names it: its absolute path."""
-    return str(Path(path).resolve())
+def location(path: str) -> str:
+    """An output's place as every process names it: its S3 URI or absolute local path."""
+    return storage.absolute(path)
+
+
+class StorageTarget(luigi.Target):
+    """A file on a local disk or in S3 (see pipeline.storage), as a Luigi target."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+
+    def exists(self) -> bool:
+        return storage.exists(self.path)
 
 
 def dag(*roots: luigi.Task) -> Iterator[luigi.Task]:
@@ -108,7 +117,8 @@ class Identified(luigi.Task):
 
 class Rerunnable(Identified):
     """A task complete when its output exists; under --rerun, only once it was rewritten after the
-    task was scheduled. The check reads the file's time, so it holds in forked worker processes too."""
+    task was scheduled. The check reads the file's time, so it holds in forked worker processes too.
+    Its output is a `StorageTarget`."""
 
     rerun = luigi.BoolParameter(default=False, significant=False,
                                 description="Ignore this stage's finished outputs and run it again; "
@@ -119,17 +129,15 @@ class Rerunnable(Identified):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._scheduled_ns = time.time_ns()
+        isolate_remote_io()
 
     def id_suffix(self) -> str:
         return _short_hash(location(self.output().path))
 
     def done(self) -> bool:
         """Whether the output is there (and, under --rerun, rewritten since scheduling); no side effects."""
-        try:
-            modified_ns = Path(self.output().path).stat().st_mtime_ns
-        except FileNotFoundError:
-            return False
-        return not self.rerun or modified_ns >= self._scheduled_ns
+        path = self.output().path
+        return storage.written_since(path, self._scheduled_ns) if self.rerun else storage.exists(path)
 
     def complete(self) -> bool:
         done = self.done()
@@ -161,12 +169,12 @@ class Rerunnable(Identified):
             try:
                 self.produce()
             except CorruptShard as error:
-                report_of(error.shard).unlink(missing_ok=True)
+                storage.remove_tree(report_of(error.shard))
                 raise
             self.produced()
 
-    def lock_path(self) -> Path:
-        return locks_folder() / f"{_short_hash(location(self.output().path), 20)}.lock"
+    def lock_path(self) -> str:
+        return storage.join(locks_folder(), f"{_short_hash(location(self.output().path), 20)}.lock")
 
     def produce(self) -> None:
         """Write the output: unpack the inputs and call one `pipeline` function."""
@@ -180,9 +188,9 @@ class Rerunnable(Identified):
         # process waiting for this task prints it): the pipeline's own message, or a bug's traceback.
         return str(pipeline_error(exception) or super().on_failure(exception))
 
-    def temporaries(self) -> list[Path]:
+    def temporaries(self) -> list[str]:
         """Glob patterns of what an interrupted run of this task may have left."""
-        return [Path(f"{self.output().path}{TEMP_INFIX}*")]
+        return [f"{self.output().path}{TEMP_INFIX}*"]
 
 
 class Stage(Rerunnable):
@@ -232,19 +240,19 @@ class Stage(Rerunnable):
         return versioning.version_of(self.identity)
 
     @functools.cached_property
-    def directory(self) -> Path:
+    def directory(self) -> str:
         return self.folder(self.version)
 
-    def folder(self, version: str) -> Path:
+    def folder(self, version: str) -> str:
         raise NotImplementedError
 
     @property
-    def marker(self) -> Path:
+    def marker(self) -> str:
         """The file written last: while it is missing, the stage is not complete."""
-        return self.directory / self.marker_name
+        return storage.join(self.directory, self.marker_name)
 
     @property
-    def owned(self) -> Path:
+    def owned(self) -> str:
         """What is this stage's alone, which removing it removes: its folder, or its marker where
         it writes into a folder that is not its own."""
         return self.directory
@@ -262,12 +270,12 @@ class Stage(Rerunnable):
         repaired, before this one runs."""
         return []
 
-    def output(self) -> luigi.LocalTarget:
-        return luigi.LocalTarget(str(self.marker))
+    def output(self) -> StorageTarget:
+        return StorageTarget(self.marker)
 
-    def temporaries(self) -> list[Path]:
+    def temporaries(self) -> list[str]:
         # A stage's folder is its own (nested stages live in subfolders), so anything temporary in it is stale.
-        return [self.directory / f"*{TEMP_INFIX}*"]
+        return [storage.join(self.directory, f"*{TEMP_INFIX}*")]
 
     @property
     def index_key(self) -> str:
@@ -277,7 +285,7 @@ class Stage(Rerunnable):
         """Add this completed stage to the index; True when that changes what the leaderboard shows."""
         index[self.index_key] = versioning.index_entry(
             self.get_task_family(), self.version, self.owned, self.identity, dataset=self.dataset,
-            marker=str(self.marker), upstream=self.upstream_keys())
+            marker=self.marker, upstream=self.upstream_keys())
         return False
 
     def upstream_keys(self) -> list[str]:
@@ -302,10 +310,10 @@ def _thawed(value: Any) -> Any:
     return value
 
 
-def locks_folder() -> Path:
-    return Path(layout().data_root) / ".locks"
+def locks_folder() -> str:
+    return storage.join(layout().data_root, ".locks")
 
 
-def index_path() -> Path:
-    return Path(layout().results_root) / versioning.INDEX_FILE
+def index_path() -> str:
+    return storage.join(layout().results_root, versioning.INDEX_FILE)
 

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import luigi
 from luigi.util import inherits
 
-from pipeline import download
+from pipeline import download, storage
 from pipeline.convert import (PLAN_FILE, SPLITS, finalize_conversion, plan_conversion, report_name, shard_name,
                               shard_paths, validate_conversion_params, write_shard)
 from pipeline.errors import ConfigError, StageOutputError
-from pipeline.fileio import TEMP_INFIX, read_json, remove_tree
+from pipeline.storage import TEMP_INFIX, read_json, remove_tree
 from pipeline.models import (MODEL_DIR, RUN_CONFIG_KEYS, check_param_overrides, declared_param_keys,
                              require_positive, resolve_model_file, validate_training_settings)
 from pipeline.versioning import forget_folders, safe_name
@@ -31,7 +30,7 @@ from pipeline.leaderboard import ROW_KEY, rebuild_leaderboard
 from tasks.config import layout, tensorboard, tensorboard_url
 from tasks.parameters import ParamsParameter, UpstreamParameter
 from tasks.progress import TaskProgress
-from tasks.stage import Rerunnable, Stage, index_path
+from tasks.stage import Rerunnable, Stage, StorageTarget, index_path
 
 
 class Download(Stage):
@@ -62,11 +61,11 @@ class Download(Stage):
         return {**super().significant_values(), "source_url": download.split_checksum(self.source_url)[0]}
 
     def folder(self, version):
-        return Path(layout().data_root) / "raw" / self.dataset / version
+        return storage.join(layout().data_root, "raw", self.dataset, version)
 
     def temporaries(self):
         # The work folder beside the version's folder; see download.download_dataset.
-        return [self.directory.parent / f"{self.directory.name}{TEMP_INFIX}*"]
+        return [f"{self.directory}{TEMP_INFIX}*"]
 
     def produce(self):
         with TaskProgress(self) as progress:
@@ -94,7 +93,7 @@ class Convert(Stage):
                                    self.num_shards, self.max_bad_fraction)
 
     def folder(self, version):
-        return Path(layout().data_root) / "tfrecords" / self.dataset / version
+        return storage.join(layout().data_root, "tfrecords", self.dataset, version)
 
     def shards(self) -> list[ConvertShard]:
         return [self.clone(ConvertShard, split=split, index=index)
@@ -110,7 +109,7 @@ class Convert(Stage):
 
     def produce(self):
         raw = self.download
-        finalize_conversion(self.directory, [Path(target.path) for target in self.input()], self.marker,
+        finalize_conversion(self.directory, [target.path for target in self.input()], self.marker,
                             image_size=self.image_size, channels=self.channels,
                             max_bad_fraction=self.max_bad_fraction,
                             source={"download_version": raw.version, **read_json(raw.marker)})
@@ -127,10 +126,10 @@ class PlanConversion(Rerunnable):
         return self.download
 
     def output(self):
-        return luigi.LocalTarget(str(self.convert().directory / PLAN_FILE))
+        return StorageTarget(storage.join(self.convert().directory, PLAN_FILE))
 
     def produce(self):
-        plan_conversion(self.download.directory, Path(self.output().path),
+        plan_conversion(self.download.directory, self.output().path,
                         validation_fraction=self.validation_fraction, test_fraction=self.test_fraction,
                         split_seed=self.split_seed, num_shards=self.num_shards)
 
@@ -148,18 +147,18 @@ class ConvertShard(Rerunnable):
 
     def output(self):
         folder = self.clone(Convert).directory
-        return luigi.LocalTarget(str(folder / report_name(self.split, self.index, self.num_shards)))
+        return StorageTarget(storage.join(folder, report_name(self.split, self.index, self.num_shards)))
 
-    def shard_path(self) -> Path:
-        return Path(self.output().path).with_name(shard_name(self.split, self.index, self.num_shards))
+    def shard_path(self) -> str:
+        return storage.join(storage.parent(self.output().path), shard_name(self.split, self.index, self.num_shards))
 
     def temporaries(self):
-        return [*super().temporaries(), Path(f"{self.shard_path()}{TEMP_INFIX}*")]
+        return [*super().temporaries(), f"{self.shard_path()}{TEMP_INFIX}*"]
 
     def produce(self):
         with TaskProgress(self) as progress:
-            write_shard(self.download.directory, Path(self.input()["plan"].path), self.split, self.index,
-                        self.shard_path(), Path(self.output().path), image_size=self.image_size,
+            write_shard(self.download.directory, self.input()["plan"].path, self.split, self.index,
+                        self.shard_path(), self.output().path, image_size=self.image_size,
                         channels=self.channels, progress=progress)
 
 
@@ -214,16 +213,17 @@ class Train(Stage):
         return resolve_model_file(self.model_def).read_bytes()
 
     def folder(self, version):
-        return Path(layout().results_root) / self.dataset / f"{Path(self.model_def).stem}-{version}"
+        return storage.join(layout().results_root, self.dataset, f"{Path(self.model_def).stem}-{version}")
 
     def temporaries(self):
-        model_dir = self.directory / MODEL_DIR
+        model_dir = storage.join(self.directory, MODEL_DIR)
         # A checkpoint save cut short leaves TensorFlow's own temporary shard folder, and an
         # export cut short its temp-<timestamp> folder.
-        return [*super().temporaries(), model_dir / "model.ckpt-*_temp*", model_dir / "export" / "*" / "temp-*"]
+        return [*super().temporaries(), storage.join(model_dir, "model.ckpt-*_temp*"),
+                storage.join(model_dir, "export", "*", "temp-*")]
 
     def tensorboard_link(self) -> str:
-        return tensorboard_url(tensorboard().url, Path(layout().results_root), self.directory)
+        return tensorboard_url(tensorboard().url, layout().results_root, self.directory)
 
     def produce(self):
         from pipeline.training import train_model
@@ -233,18 +233,19 @@ class Train(Stage):
         convert = self.convert
         self.set_tracking_url(self.tensorboard_link())
         with TaskProgress(self) as progress:
-            train_model(resolve_model_file(self.model_def), self.significant_values()["params"], convert.directory,
+            train_model(str(resolve_model_file(self.model_def)), self.significant_values()["params"],
+                        convert.directory,
                         convert.marker, self.directory, self.marker, max_steps=self.max_steps,
                         batch_size=self.batch_size, run_config=self.run_config(),
                         eval_throttle_secs=self.eval_throttle_secs, early_stopping_steps=self.early_stopping_steps,
                         progress=progress)
 
 
-def forget_run(run_dir: Path) -> None:
+def forget_run(run_dir: str) -> None:
     """Remove a run folder, with the evaluations and predictions of its weights, and their index
     entries and leaderboard rows."""
     remove_tree(run_dir)
-    forget_folders(index_path(), [str(run_dir)], then=lambda index: rebuild_leaderboard(layout().results_root, index))
+    forget_folders(index_path(), [run_dir], then=lambda index: rebuild_leaderboard(layout().results_root, index))
 
 
 class Evaluate(Stage):
@@ -261,7 +262,7 @@ class Evaluate(Stage):
         require_positive("batch_size", self.batch_size)
 
     def folder(self, version):
-        return self.train.directory / f"evaluate-{self.split}-{version}"
+        return storage.join(self.train.directory, f"evaluate-{self.split}-{version}")
 
     def also_reads(self):
         return [self.train.convert]
@@ -280,7 +281,7 @@ class Evaluate(Stage):
         super().record(index)
         metrics, train = read_json(self.marker), self.train
         index[self.index_key][ROW_KEY] = {
-            "run": train.directory.name, "model": Path(train.model_def).stem, "dataset": self.dataset,
+            "run": storage.name(train.directory), "model": Path(train.model_def).stem, "dataset": self.dataset,
             "split": self.split, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
             "global_step": metrics["global_step"], "params": json.dumps(train.significant_values()["params"],
                                                                         sort_keys=True),
@@ -326,7 +327,7 @@ class Predict(Stage):
         return hashlib.sha256("\n".join(listing).encode()).digest()
 
     def folder(self, version):
-        return self.train.directory / f"predict-{version}"
+        return storage.join(self.train.directory, f"predict-{version}")
 
     def also_reads(self):
         return [self.train.convert]
@@ -340,9 +341,8 @@ class Predict(Stage):
             raise StageOutputError(f"{train.marker}: Train made no best export (its validation split is empty); "
                                    "use --export final")
         with TaskProgress(self) as progress:
-            predict_to_csv(train.directory / export, read_json(convert.marker), self.marker,
-                           convert_dir=convert.directory, split=self.split,
-                           input_dir=Path(self.input_dir) if self.input_dir else None,
+            predict_to_csv(storage.join(train.directory, export), read_json(convert.marker), self.marker,
+                           convert_dir=convert.directory, split=self.split, input_dir=self.input_dir or None,
                            batch_size=self.batch_size, progress=progress)
 
 
@@ -364,7 +364,7 @@ class Report(Stage):
     def folder(self, version):
         # Within its evaluation's folder, but a folder per version: a report of other predictions,
         # or made by changed report code, must not find an older report.html and count as done.
-        return self.evaluate.directory / f"report-{version}"
+        return storage.join(self.evaluate.directory, f"report-{version}")
 
     def also_reads(self):
         return [self.evaluate.train, self.evaluate.train.convert]
@@ -384,5 +384,5 @@ class Report(Stage):
         super().record(index)
         row = index.get(self.evaluate.index_key, {}).get(ROW_KEY)
         if row is not None:
-            row["report"] = os.path.relpath(self.marker, layout().results_root)
+            row["report"] = storage.relative(self.marker, layout().results_root)
         return row is not None

@@ -354,3 +354,81 @@ def tar_bytes(members: dict[str, bytes], special: tuple[tarfile.TarInfo, ...] = 
         for info in special:
             tar.addfile(info, io.BytesIO(bytes(info.size)) if info.size else None)
     return buffer.getvalue()
+
+
+# A secret key no real account has, recognisable wherever it would leak (tests/test_s3.py looks).
+PLANTED_SECRET_KEY = "plantedSECRET" + "x7Qk2ZrV9wLp4NmT8sJd1HfB6cYgE3uA"
+
+
+@dataclass
+class S3Server:
+    """A real S3 server (moto's) on 127.0.0.1, and one bucket of it for this test session."""
+    endpoint: str
+    bucket: str
+
+    def env(self) -> dict[str, str]:
+        """The variables a process reaches the server with, as the README tells users to set them."""
+        return {"S3_ENDPOINT": self.endpoint, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "PIPELINETESTKEY",
+                "AWS_SECRET_ACCESS_KEY": PLANTED_SECRET_KEY, "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def client(self):
+        import boto3
+
+        env = self.env()
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=env["AWS_REGION"],
+                            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every object key under `prefix` in the bucket."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted(entry["Key"] for page in pages for entry in page.get("Contents", []))
+
+    def read(self, key: str) -> bytes:
+        return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server in a process of its own on a free loopback port, with a fresh bucket; stopped
+    afterwards. This process's environment points at it for the session, as a user's shell would."""
+    from pipeline import storage
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto_server.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                                    "-p", str(port)], stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    server = S3Server(f"http://127.0.0.1:{port}", f"pipeline-{os.getpid()}")
+    saved = {name: os.environ.get(name) for name in server.env()}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not start:\n{log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        server.client().create_bucket(Bucket=server.bucket)
+        os.environ.update(server.env())
+        storage._clients.clear()
+        yield server
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        storage._clients.clear()
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

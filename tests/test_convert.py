@@ -1,6 +1,7 @@
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from PIL import Image
 
 from pipeline import convert
 from pipeline.errors import ConfigError, CorruptShard, DatasetError, UnusableImage
-from pipeline.fileio import read_json
+from pipeline.storage import read_json
 from tests.conftest import REPO, png_claiming
 
 
@@ -260,8 +261,8 @@ def test_a_corrupt_shard_is_named_with_its_report(tmp_path):
         convert.shard_paths(out, metadata, "train")
     assert found.value.shard == str(shard)
     # The task that met it removes that report (the shard task's marker); the library only says which.
-    assert convert.report_of(found.value.shard) == out / convert.report_name("train", 1, 2)
-    assert convert.report_of(found.value.shard).exists()
+    assert convert.report_of(found.value.shard) == str(out / convert.report_name("train", 1, 2))
+    assert Path(convert.report_of(found.value.shard)).exists()
 
     shard.unlink()
     with pytest.raises(DatasetError, match="train-00001-of-00002.tfrecord: it is missing"):

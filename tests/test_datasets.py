@@ -10,7 +10,7 @@ import re
 import pytest
 from PIL import Image
 
-from pipeline.fileio import read_json
+from pipeline.storage import read_json
 from tests.conftest import FileServer, cli_sections, read_csv, run_watched, tar_bytes, write_config
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import versioning
-from pipeline.fileio import file_lock, read_json
+from pipeline.storage import file_lock, read_json
 from tests.conftest import REPO, cli_sections, luigi_env, read_csv, run_watched, write_config
 
 

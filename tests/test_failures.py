@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.convert import shard_name
-from pipeline.fileio import read_json
+from pipeline.storage import read_json
 from tasks.services import start_scheduler, stop_scheduler
 from tests.conftest import (REPO, FileServer, cli_sections, free_port, png_claiming, read_csv, run_watched, tar_bytes,
                             write_config)

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from pipeline import models, training
 from pipeline.errors import ConfigError, ModelDefinitionError
-from pipeline.fileio import write_json_atomic
+from pipeline.storage import write_json
 
 N_CLASSES = 3
 SHAPE = (28, 28, 1)
@@ -152,10 +152,10 @@ def test_training_progress_counts_global_steps_across_a_resume(name, tmp_path):
     model_dir = tmp_path / "model_dir"
     model_dir.mkdir()
     (model_dir / training.MODEL_FILE).write_bytes(model_file.read_bytes())
-    write_json_atomic(model_dir / training.PARAMS_FILE, models.merge_params(
+    write_json(model_dir / training.PARAMS_FILE, models.merge_params(
         model_file, models.load_model(model_file).defaults, OVERRIDES.get(name, {}), {"n_classes": N_CLASSES}))
-    write_json_atomic(model_dir / training.DATASET_FILE, DATASET)
-    write_json_atomic(model_dir / training.RUN_CONFIG_FILE, {"tf_random_seed": 1, "save_checkpoints_steps": 3})
+    write_json(model_dir / training.DATASET_FILE, DATASET)
+    write_json(model_dir / training.RUN_CONFIG_FILE, {"tf_random_seed": 1, "save_checkpoints_steps": 3})
     reports = []
     estimator = training.build_estimator(
         model_dir, lambda loss: [training.ProgressHook(lambda *report: reports.append(report), 5, loss)])

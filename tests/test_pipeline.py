@@ -1,11 +1,12 @@
 """End to end: the whole DAG into tmp_path, reruns, the luigi command, and the default configuration."""
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from pipeline.fileio import read_json
+from pipeline.storage import read_json
 from tasks import Convert, Evaluate, Predict, Report, RunAll, Train
 from tests.conftest import REPO, luigi_command, read_csv, repo_config, run_tasks, tiny_config, write_config
 
@@ -22,7 +23,7 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
                                           "RunRecord"])
 
     train = Train()
-    model_dir = train.directory / "model_dir"
+    model_dir = Path(train.directory) / "model_dir"
     assert (model_dir / "model_def.py").read_bytes() == (REPO / "model_defs" / "cnn.py").read_bytes()
     assert read_json(model_dir / "params.json")["conv_filters"] == [8]
     assert read_json(model_dir / "params.json")["n_classes"] == 3
@@ -31,14 +32,14 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
     assert list(model_dir.glob("events.out.tfevents.*")) and list((model_dir / "eval_test").glob("events.*"))
     marker = read_json(train.marker)
     assert marker["global_step"] == 12
-    assert (train.directory / marker["export_dir"] / "saved_model.pb").is_file()
+    assert (Path(train.directory) / marker["export_dir"] / "saved_model.pb").is_file()
 
     metadata = read_json(Convert().marker)
     metrics = read_json(Evaluate().marker)
     assert metrics["global_step"] == 12 and metrics["examples"] == metadata["splits"]["test"]["count"] == 18
     assert set(metrics["per_class"]) == {"0", "1", "2"} and 0.0 <= metrics["accuracy"] <= 1.0
     assert sum(map(sum, metrics["confusion_matrix"])) == 18
-    assert Image.open(Evaluate().directory / "confusion_matrix.png").size[0] > 100
+    assert Image.open(Path(Evaluate().directory) / "confusion_matrix.png").size[0] > 100
 
     rows = read_csv(Predict().marker)
     assert len(rows) == 18 and set(rows[0]) == {"key", "true_label", "predicted_label", "predicted_id",
@@ -51,29 +52,29 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
     assert sorted(entry["stage"] for entry in index.values()) == sorted(
         ["Download", "Convert", "Train", "Evaluate", "Predict", "Report", "RunRecord"])
     assert index[f"Train/{train.version}"]["upstream"] == [f"Convert/{Train().convert.version}"]
-    report = Report().marker
-    assert report.parent == Evaluate().directory / f"report-{Report().version}" and report.name == "report.html"
+    report = Path(Report().marker)
+    assert report.parent == Path(Evaluate().directory) / f"report-{Report().version}" and report.name == "report.html"
     assert f"{metrics['accuracy']:.4f}" in report.read_text()
     board = read_csv(tmp_path / "results" / "leaderboard.csv")
     assert [(row["run"], row["report"]) for row in board] == [
-        (train.directory.name, str(report.relative_to(tmp_path / "results")))]
+        (Path(train.directory).name, str(report.relative_to(tmp_path / "results")))]
 
     # Nothing changed: nothing runs.
     assert run_tasks(RunAll()) == []
 
     # --rerun of one stage runs that stage alone and leaves its upstream as it was.
-    convert_marker_time = Convert().marker.stat().st_mtime_ns
+    convert_marker_time = Path(Convert().marker).stat().st_mtime_ns
     assert run_tasks(Train(rerun=True)) == ["Train"]
-    assert Convert().marker.stat().st_mtime_ns == convert_marker_time
+    assert Path(Convert().marker).stat().st_mtime_ns == convert_marker_time
     assert read_json(Train().marker)["global_step"] == 12
 
     # A params change reruns training and what reads it, in new folders beside the old ones.
     config["Train"]["params"] = '{"conv_filters": [8], "dense_units": 24}'
     luigi_config(config)
     assert run_tasks(RunAll()) == ["Evaluate", "Predict", "Report", "RunRecord", "Train"]
-    assert Train().directory != train.directory and train.marker.exists()
+    assert Path(Train().directory) != Path(train.directory) and Path(train.marker).exists()
     # The rerun above removed the first run's evaluation with its old weights.
-    second_run = Train().directory.name
+    second_run = Path(Train().directory).name
     assert [row["run"] for row in read_csv(tmp_path / "results" / "leaderboard.csv")] == [second_run]
 
     metadata_version = Convert().version
@@ -82,7 +83,7 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
     luigi_config(config)
     assert run_tasks(RunAll()) == sorted([*CONVERT_STEPS, "Train", "Evaluate", "Predict", "Report", "RunRecord"])
     board = read_csv(tmp_path / "results" / "leaderboard.csv")
-    assert sorted(row["run"] for row in board) == sorted([second_run, Train().directory.name])
+    assert sorted(row["run"] for row in board) == sorted([second_run, Path(Train().directory).name])
     assert {row["data_version"] for row in board} == {metadata_version, Convert().version}
     ranked = [(-float(row["accuracy"]), float(row["loss"])) for row in board]
     assert ranked == sorted(ranked) and [row["rank"] for row in board] == ["1", "2"]
@@ -91,7 +92,7 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
 def test_predict_on_a_folder_of_new_images(luigi_config, mnist_subset, tmp_path):
     luigi_config(tiny_config(tmp_path, mnist_subset.as_uri()))
     run_tasks(Train())
-    raw = Train().convert.download.directory
+    raw = Path(Train().convert.download.directory)
     new = tmp_path / "new" / "nested"
     new.mkdir(parents=True)
     shutil.copy(raw / "1" / sorted(os.listdir(raw / "1"))[0], new / "one.png")
@@ -101,7 +102,7 @@ def test_predict_on_a_folder_of_new_images(luigi_config, mnist_subset, tmp_path)
 
     assert run_tasks(Predict(input_dir=str(tmp_path / "new"))) == ["Predict"]
 
-    rows = read_csv(Predict(input_dir=str(tmp_path / "new")).marker)
+    rows = read_csv(Path(Predict(input_dir=str(tmp_path / "new")).marker))
     assert [r["path"] for r in rows] == ["nested/one.png", "nested/zero_big.jpg"]
     assert all(r["true_label"] == "" and r["predicted_label"] in {"0", "1", "2"} for r in rows)
 

@@ -3,7 +3,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import convert, models, prediction, schema, training
-from pipeline.fileio import read_json
+from pipeline.storage import read_json
 from tests.conftest import read_csv
 from tests.test_convert import converted_images
 

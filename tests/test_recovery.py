@@ -1,9 +1,11 @@
 """What a rerun repairs: a corrupt shard, rebuilt alone, and the temporary files a crash left."""
+from pathlib import Path
+
 import luigi
 import pytest
 
 from pipeline.convert import report_name, shard_name
-from pipeline.fileio import TEMP_INFIX, read_json
+from pipeline.storage import TEMP_INFIX, read_json
 from tasks import Convert, Download, Evaluate, RunAll, Train
 from tests.conftest import run_tasks, tiny_config
 
@@ -14,7 +16,7 @@ def test_a_corrupt_shard_is_detected_by_name_and_rebuilt_alone(luigi_config, mni
     luigi_config(tiny_config(tmp_path, mnist_subset.as_uri()))
     run_tasks(RunAll())
     metrics = read_json(Evaluate().marker)
-    convert_dir = Convert().directory
+    convert_dir = Path(Convert().directory)
     shard = convert_dir / shard_name("test", 0, 2)
     intact = shard.read_bytes()
     flipped = bytearray(intact)
@@ -42,9 +44,9 @@ def test_a_corrupt_shard_is_detected_by_name_and_rebuilt_alone(luigi_config, mni
 
 def test_temporaries_left_by_a_crash_are_removed_by_the_next_run(luigi_config, mnist_subset, tmp_path):
     luigi_config(tiny_config(tmp_path, mnist_subset.as_uri()))
-    download = Download().directory
-    convert = Convert().directory
-    run = Train().directory
+    download = Path(Download().directory)
+    convert = Path(Convert().directory)
+    run = Path(Train().directory)
     left = [download.parent / f"{download.name}{TEMP_INFIX}dead0001" / "tree" / "0" / "a.png",
             convert / f"{shard_name('train', 1, 2)}{TEMP_INFIX}dead0002",
             convert / f"metadata.json{TEMP_INFIX}dead0003",

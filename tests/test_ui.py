@@ -13,8 +13,8 @@ import re
 import shutil
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
+from dataclasses import dataclass
 
 import luigi
 import luigi.configuration
@@ -49,8 +49,8 @@ def scheduled_run(tmp_path_factory, mnist_subset):
     install_luigi_config(tiny_config(root, mnist_subset.as_uri()))
     try:
         succeeded = luigi.build([RunAll()], scheduler_host="127.0.0.1", scheduler_port=port, log_level="WARNING")
-        yield ScheduledRun(ui, succeeded, root / "results", Report().marker,
-                           Train().directory)
+        yield ScheduledRun(ui, succeeded, root / "results", Path(Report().marker),
+                           Path(Train().directory))
     finally:
         restore_luigi_config(original)
         stop_scheduler(root / "luigid")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.fileio import read_json
+from pipeline.storage import read_json
 from tests.conftest import REPO, cli_sections, read_csv, run_watched, write_config
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,473 @@
+"""Storage: every file the pipeline writes or reads, on a local disk or in S3, named by a string.
+
+A location is a local path or `s3://bucket/key`; `join`, `name` and `parent` treat both alike.
+Nothing appears at a final location until it is complete: a local file is written to a temporary
+sibling and renamed; an S3 object is written by one PUT, which readers see whole or not at all.
+S3 has no folder rename, so a folder (a stage's output) is complete only once its marker,
+written last, exists.
+
+Our own reads and writes go to S3 through boto3, with the standard AWS credential chain and
+`S3_ENDPOINT` for another server than AWS. TensorFlow's own (TFRecords, model_dir, exports) go
+through tf.io.gfile, whose `s3://` comes from tensorflow-io and the same variables (`tf_path`).
+boto3 here because this module also runs in the Luigi process that schedules, and a process
+that used tensorflow-io's S3 plugin aborts as it exits ("pure virtual method called", exit code
+134, tensorflow/io#1912): only task processes, which end with os._exit, use it.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import fnmatch
+import glob as local_glob
+import hashlib
+import importlib
+import io
+import json
+import logging
+import os
+import posixpath
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator
+
+log = logging.getLogger(__name__)
+
+S3_PREFIX = "s3://"
+# Temporary siblings carry this infix, so that what a crash left is recognisable as such.
+TEMP_INFIX = ".tmp-"
+# Names that operating systems and archivers leave beside data (.DS_Store, AppleDouble ._*, __MACOSX).
+_HIDDEN_PREFIXES = (".", "__MACOSX")
+# An S3 lock not renewed for this long belongs to a process that died: it is taken over.
+LOCK_TTL_S = 30.0
+_UPLOADS_AT_ONCE = 16
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    return str(location).startswith(S3_PREFIX)
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    return posixpath.join(str(base), *parts)
+
+
+def name(location: str | os.PathLike) -> str:
+    return posixpath.basename(str(location).rstrip("/"))
+
+
+def parent(location: str | os.PathLike) -> str:
+    return posixpath.dirname(str(location).rstrip("/"))
+
+
+def absolute(location: str | os.PathLike) -> str:
+    """The location as every process names it: an S3 URI, or an absolute local path."""
+    return str(location).rstrip("/") if is_remote(location) else str(Path(location).resolve())
+
+
+def relative(location: str | os.PathLike, root: str | os.PathLike) -> str:
+    """`location` relative to the folder `root`, with '/' between its parts."""
+    location, root = absolute(location), absolute(root)
+    if is_remote(location):
+        if not location.startswith(root + "/"):
+            raise ValueError(f"{location} is not inside {root}")
+        return location[len(root) + 1:]
+    return Path(location).relative_to(root).as_posix()
+
+
+def visible(file_name: str) -> bool:
+    """Whether a file or folder name is data rather than something an OS or archiver left."""
+    return not file_name.startswith(_HIDDEN_PREFIXES)
+
+
+def tf_path(location: str | os.PathLike) -> str:
+    """`location` as TensorFlow's file functions take it; for S3, with tensorflow-io's plugin
+    loaded. Only in processes that end with os._exit (see the module's docstring)."""
+    if is_remote(location):
+        importlib.import_module("tensorflow_io")  # registers s3:// with tf.io.gfile
+    return str(location)
+
+
+# S3, through boto3: one client per process, since a client made before a fork is not the child's.
+_clients: dict[int, Any] = {}
+
+
+def _s3():
+    pid = os.getpid()
+    if pid not in _clients:
+        import boto3
+        from botocore.config import Config
+
+        _clients.clear()
+        _clients[pid] = boto3.client(
+            "s3", endpoint_url=os.environ.get("S3_ENDPOINT") or None,
+            region_name=os.environ.get("AWS_REGION") or None,
+            verify=os.environ.get("S3_VERIFY_SSL", "1") not in ("0", "false"),
+            config=Config(retries={"max_attempts": 5, "mode": "standard"},
+                          max_pool_connections=_UPLOADS_AT_ONCE))
+    return _clients[pid]
+
+
+def _bucket_key(location: str) -> tuple[str, str]:
+    bucket, _, key = str(location)[len(S3_PREFIX):].partition("/")
+    return bucket, key.rstrip("/")
+
+
+def _is_missing(error: Exception) -> bool:
+    return getattr(error, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
+def _head(location: str) -> dict | None:
+    from botocore.exceptions import ClientError
+
+    bucket, key = _bucket_key(location)
+    try:
+        return _s3().head_object(Bucket=bucket, Key=key)
+    except ClientError as error:
+        if _is_missing(error):
+            return None
+        raise
+
+
+def _objects(folder: str) -> Iterator[tuple[str, dict]]:
+    """(key relative to `folder`, listing entry) of every object below the S3 folder `folder`."""
+    bucket, key = _bucket_key(folder)
+    prefix = f"{key}/" if key else ""
+    for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for entry in page.get("Contents", []):
+            yield entry["Key"][len(prefix):], entry
+
+
+# Reading.
+
+def exists(location: str | os.PathLike) -> bool:
+    """Whether the file `location` exists."""
+    return _head(str(location)) is not None if is_remote(location) else os.path.isfile(location)
+
+
+def is_dir(location: str | os.PathLike) -> bool:
+    if not is_remote(location):
+        return os.path.isdir(location)
+    return next(_objects(str(location)), None) is not None
+
+
+def written_since(location: str | os.PathLike, since_ns: int) -> bool:
+    """Whether the file `location` exists and was written at or after `since_ns` (time.time_ns())."""
+    if is_remote(location):
+        head = _head(str(location))
+        # S3 keeps whole seconds: an object written within the second of `since_ns` counts.
+        return head is not None and head["LastModified"].timestamp() >= since_ns // 1_000_000_000
+    try:
+        return os.stat(location).st_mtime_ns >= since_ns
+    except FileNotFoundError:
+        return False
+
+
+def read_bytes(location: str | os.PathLike) -> bytes:
+    if is_remote(location):
+        bucket, key = _bucket_key(str(location))
+        from botocore.exceptions import ClientError
+        try:
+            return _s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as error:
+            if _is_missing(error):
+                raise FileNotFoundError(f"no such object: {location}") from error
+            raise
+    return Path(location).read_bytes()
+
+
+@contextlib.contextmanager
+def open_binary(location: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A seekable binary handle on a file's bytes (an S3 object is fetched whole)."""
+    if is_remote(location):
+        yield io.BytesIO(read_bytes(location))
+    else:
+        with open(location, "rb") as handle:
+            yield handle
+
+
+def read_text(location: str | os.PathLike) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def read_json(location: str | os.PathLike) -> Any:
+    return json.loads(read_bytes(location))
+
+
+def sha256_file(location: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    if is_remote(location):
+        bucket, key = _bucket_key(str(location))
+        for chunk in _s3().get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(chunk_size):
+            digest.update(chunk)
+    else:
+        with open(location, "rb") as handle:
+            while chunk := handle.read(chunk_size):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def size_of(location: str | os.PathLike) -> int:
+    """Bytes in the file or folder `location` (0 if it does not exist)."""
+    if is_remote(location):
+        head = _head(str(location))
+        return head["ContentLength"] if head else sum(entry["Size"] for _, entry in _objects(str(location)))
+    path = Path(location)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+def visible_keys(folder: str | os.PathLike) -> list[str]:
+    """Relative POSIX paths of every file below `folder`, leaving out hidden files and anything in
+    hidden folders; sorted by path components. Locally `os.scandir` rather than `Path.rglob`: on
+    20k files, pathlib's per-file objects made listing cost more than a shard."""
+    if is_remote(folder):
+        keys = [key for key, _ in _objects(str(folder)) if all(map(visible, key.split("/")))]
+        return sorted(keys, key=lambda key: key.split("/"))
+    keys, pending = [], [""]
+    while pending:
+        prefix = pending.pop()
+        with os.scandir(os.path.join(folder, prefix)) as entries:
+            for entry in entries:
+                if not visible(entry.name):
+                    continue
+                key = f"{prefix}/{entry.name}" if prefix else entry.name
+                if entry.is_dir():
+                    pending.append(key)
+                elif entry.is_file():
+                    keys.append(key)
+    return sorted(keys, key=lambda key: key.split("/"))
+
+
+def subfolders(folder: str | os.PathLike) -> list[str]:
+    """Names of the visible folders directly in `folder` (on S3: the prefixes holding objects), sorted."""
+    if is_remote(folder):
+        names = {key.split("/", 1)[0] for key, _ in _objects(str(folder)) if "/" in key}
+    else:
+        names = {entry.name for entry in os.scandir(folder) if entry.is_dir()}
+    return sorted(filter(visible, names))
+
+
+def glob(pattern: str | os.PathLike) -> list[str]:
+    """Files and folders matching `pattern`, with wildcards in any of its components, sorted."""
+    pattern = str(pattern)
+    if not is_remote(pattern):
+        return sorted(local_glob.glob(pattern))
+    parts = pattern[len(S3_PREFIX):].split("/")
+    fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    if fixed < 2:
+        raise ValueError(f"{pattern}: a pattern needs a fixed bucket and folder before its wildcards")
+    base = S3_PREFIX + "/".join(parts[:fixed - 1])
+    wanted = parts[fixed - 1:]
+    found = set()
+    for key, _ in _objects(base):
+        components = key.split("/")
+        if len(components) >= len(wanted) and all(
+                fnmatch.fnmatchcase(component, part) for component, part in zip(components, wanted)):
+            found.add(join(base, *components[:len(wanted)]))
+    return sorted(found)
+
+
+# Writing.
+
+def _fsync(path: str | os.PathLike) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a local temporary file; once the block succeeds, it becomes `final` in one step.
+
+    Locally, a sibling of `final`, flushed to disk and renamed onto it, so that after a power
+    loss `final` holds either its old content or the whole new one. On S3, a file in the system's
+    temporary folder, uploaded as one object.
+    """
+    remote = is_remote(final)
+    if remote:
+        folder = None
+    else:
+        folder = Path(final).parent
+        folder.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f"{name(final)}{TEMP_INFIX}", dir=folder)
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        yield temp
+        if remote:
+            bucket, key = _bucket_key(str(final))
+            _s3().upload_file(str(temp), bucket, key)
+        else:
+            _fsync(temp)
+            os.replace(temp, final)
+            _fsync(folder)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def write_bytes(location: str | os.PathLike, data: bytes) -> None:
+    if is_remote(location):
+        bucket, key = _bucket_key(str(location))
+        _s3().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    with atomic_path(location) as temp:
+        temp.write_bytes(data)
+
+
+def write_json(location: str | os.PathLike, payload: Any) -> None:
+    write_bytes(location, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+def flush_to_disk() -> None:
+    """Flush everything written locally so far to disk. Called before a marker vouches for files
+    that were not written through `atomic_path`: an extracted archive, TensorFlow's checkpoints
+    and export. (What S3 acknowledged is stored already.)"""
+    os.sync()
+
+
+def publish_folder(local_folder: str | os.PathLike, final: str | os.PathLike, marker_name: str) -> None:
+    """Put the complete local folder `local_folder`, its marker already inside, at `final`, replacing
+    what is there: locally in one rename; on S3 file by file, the marker last."""
+    remove_tree(final)
+    if not is_remote(final):
+        os.rename(local_folder, final)
+        flush_to_disk()
+        return
+    keys = visible_keys(local_folder) + [key for key in _hidden_keys(local_folder)]
+    keys.remove(marker_name)
+    bucket, prefix = _bucket_key(str(final))
+    upload = lambda key: _s3().upload_file(os.path.join(local_folder, key), bucket, f"{prefix}/{key}")  # noqa: E731
+    with ThreadPoolExecutor(_UPLOADS_AT_ONCE) as pool:
+        list(pool.map(upload, keys))
+    upload(marker_name)
+
+
+def _hidden_keys(folder: str | os.PathLike) -> list[str]:
+    every = [os.path.relpath(os.path.join(root, file), folder) for root, _, files in os.walk(folder) for file in files]
+    return sorted(set(every) - set(visible_keys(folder)))
+
+
+def remove_tree(location: str | os.PathLike) -> None:
+    """Remove a file or folder if it exists."""
+    if is_remote(location):
+        bucket, key = _bucket_key(str(location))
+        keys = [key] + [f"{key}/{relative}" for relative, _ in _objects(str(location))]
+        for start in range(0, len(keys), 1000):
+            _s3().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]],
+                                                        "Quiet": True})
+        return
+    path = Path(location)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_temporaries(patterns: Iterable[str | os.PathLike]) -> None:
+    """Remove what matches the glob `patterns` (wildcards in any component): files or folders a
+    crashed run left."""
+    for pattern in patterns:
+        for leftover in glob(pattern):
+            log.warning("removing %s, left by an interrupted run", leftover)
+            remove_tree(leftover)
+
+
+# Locks: flock on a local file; on S3, an object created only if absent, renewed while held.
+
+@contextlib.contextmanager
+def file_lock(lock_path: str | os.PathLike, holder: str = "", guards: str = "") -> Iterator[None]:
+    """Hold an exclusive lock named `lock_path` across processes (on S3: across machines); block
+    until it is free, saying first what it waits for when `holder` describes it. `guards`, the
+    location being written under the lock, is written into the lock, for `held_locks`."""
+    locking = _s3_lock if is_remote(lock_path) else _local_lock
+    with locking(str(lock_path), holder, guards):
+        yield
+
+
+@contextlib.contextmanager
+def _local_lock(lock_path: str, holder: str, guards: str) -> Iterator[None]:
+    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if holder:
+                log.warning("waiting for another process, which is producing %s", holder)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.truncate(0)
+        lock.write(guards)
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _lock_age_s(head: dict) -> float:
+    return (datetime.datetime.now(datetime.timezone.utc) - head["LastModified"]).total_seconds()
+
+
+@contextlib.contextmanager
+def _s3_lock(lock_path: str, holder: str, guards: str) -> Iterator[None]:
+    from botocore.exceptions import ClientError
+
+    bucket, key = _bucket_key(lock_path)
+    body = json.dumps({"guards": guards, "host": socket.gethostname(), "pid": os.getpid()}).encode()
+    waiting = False
+    while True:
+        try:
+            _s3().put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+            break
+        except ClientError as error:
+            if error.response["Error"]["Code"] not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise
+        head = _head(lock_path)
+        if head is not None and _lock_age_s(head) > LOCK_TTL_S:
+            log.warning("taking over %s, not renewed for %.0f s: its holder is gone", lock_path, _lock_age_s(head))
+            _s3().delete_object(Bucket=bucket, Key=key)
+            continue
+        if holder and not waiting:
+            log.warning("waiting for another process, which is producing %s", holder)
+            waiting = True
+        time.sleep(1.0)
+    released = threading.Event()
+
+    def renew() -> None:
+        while not released.wait(LOCK_TTL_S / 6):
+            _s3().put_object(Bucket=bucket, Key=key, Body=body)
+
+    renewer = threading.Thread(target=renew, name=f"renew {lock_path}", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        released.set()
+        renewer.join()
+        _s3().delete_object(Bucket=bucket, Key=key)
+
+
+def held_locks(folder: str | os.PathLike) -> list[str]:
+    """What the locks in `folder` that some process holds now guard (see `file_lock`)."""
+    if is_remote(folder):
+        return [json.loads(read_bytes(join(folder, key)))["guards"] for key, entry in _objects(str(folder))
+                if key.endswith(".lock") and "/" not in key
+                and (datetime.datetime.now(datetime.timezone.utc) - entry["LastModified"]).total_seconds()
+                <= LOCK_TTL_S]
+    held = []
+    for lock_path in sorted(Path(folder).glob("*.lock")) if Path(folder).is_dir() else []:
+        with open(lock_path) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(lock.read())
+            else:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    return held
