@@ -31,7 +31,7 @@ test: $(STAMP)
 venv: $(STAMP)
 
 # Every benchmark prints its ratios against a baseline measured in the same run; see bench/RESULTS.md.
-BENCHMARKS := noop train predict convert index
+BENCHMARKS := noop train predict convert index scaleout
 bench: $(STAMP)
 	@nproc | xargs echo "cores:"; free -g | awk '/Mem:/ {print "memory: " $$2 " GiB"}'
 	@mkdir -p build/bench

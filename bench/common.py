@@ -22,14 +22,15 @@ REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 sys.path.insert(0, str(REPO))
 
 
-def bench_config(folder: Path, source_url: str) -> Path:
-    """luigi.cfg's settings with data and results in `folder` and the dataset from `source_url`;
-    returns the path of the configuration file written there."""
+def bench_config(folder: Path, source_url: str, roots: str | None = None) -> Path:
+    """luigi.cfg's settings with data and results in `folder` (or below `roots`, an S3 prefix) and the
+    dataset from `source_url`; returns the path of the configuration file written there."""
     import configparser
 
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(REPO / "luigi.cfg")
-    parser["layout"] = {"data_root": str(folder / "data"), "results_root": str(folder / "results")}
+    roots = roots or str(folder)
+    parser["layout"] = {"data_root": f"{roots}/data", "results_root": f"{roots}/results"}
     parser["Download"] = {"dataset": "bench", "source_url": source_url}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "luigi.cfg"

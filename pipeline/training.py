@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import json
 import logging
 import math
+import os
 import platform
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import tensorflow as tf
 
-from pipeline import models, outputs, schema
+from pipeline import cluster, models, outputs, schema
 from pipeline.convert import shard_paths
-from pipeline.errors import ModelDefinitionError, StageOutputError
+from pipeline.errors import DatasetError, ModelDefinitionError, StageOutputError
 from pipeline import storage
 from pipeline.storage import flush_to_disk, read_json, remove_tree, write_json
 from pipeline.models import MODEL_DIR, ModelFile
@@ -36,6 +39,8 @@ PARAMS_FILE = "params.json"
 DATASET_FILE = "dataset.json"
 RUN_CONFIG_FILE = "run_config.json"
 VERSIONS_FILE = "versions.json"
+# Each role's log when a cluster trains: what it ran, and how many steps.
+CLUSTER_LOGS = "cluster"
 # The split Train validates on; its evaluations land in model_dir/eval_validation.
 VALIDATION = "validation"
 BEST_EXPORT = "best"
@@ -124,16 +129,17 @@ def run_params(model: ModelFile, recorded: Mapping[str, Any], dataset: Mapping[s
     return as_params(params)
 
 
-def build_estimator(model_dir: str, hooks_for_loss: Callable[[tf.Tensor], list] | None = None
-                    ) -> tf.estimator.Estimator:
+def build_estimator(model_dir: str, hooks_for_loss: Callable[[tf.Tensor], list] | None = None,
+                    **run_config: Any) -> tf.estimator.Estimator:
     """Rebuild the Estimator of a run from the snapshot in its model_dir (a local folder or on S3).
 
-    `hooks_for_loss(loss)` returns training hooks that need the model's loss tensor.
+    `hooks_for_loss(loss)` returns training hooks that need the model's loss tensor; `run_config`
+    adds RunConfig settings that are not the run's (how it is distributed).
     """
     model = models.load_model(storage.join(model_dir, MODEL_FILE))
     model_fn = model.model_fn if hooks_for_loss is None else _with_training_hooks(model.model_fn, hooks_for_loss)
     run_config = tf.estimator.RunConfig(model_dir=storage.tf_path(model_dir),
-                                        **read_json(storage.join(model_dir, RUN_CONFIG_FILE)))
+                                        **{**read_json(storage.join(model_dir, RUN_CONFIG_FILE)), **run_config})
     params = run_params(model, read_json(storage.join(model_dir, PARAMS_FILE)),
                         read_json(storage.join(model_dir, DATASET_FILE)))
     return tf.estimator.Estimator(model_fn, config=run_config, params=params)
@@ -184,28 +190,12 @@ def _newest_export(folder: str) -> str | None:
     return exports[-1] if exports else None
 
 
-def train_model(model_file: str, params_overrides: Mapping[str, Any], convert_dir: str, metadata_path: str,
-                run_dir: str, marker_path: str, *, max_steps: int, batch_size: int,
-                run_config: Mapping[str, Any], eval_throttle_secs: int = 0, early_stopping_steps: int = 0,
-                hooks: Sequence[tf.estimator.SessionRunHook] = (), progress: Progress | None = None) -> dict:
-    """Train to `max_steps` (resuming from model_dir), evaluating on the validation split after
-    each checkpoint (at most once per `eval_throttle_secs`) and exporting the best model by
-    validation loss; stop early after `early_stopping_steps` steps without a lower validation
-    loss (0: never). Then export the final model and write the marker last."""
-    models.validate_training_settings(max_steps, batch_size, run_config)
-    metadata = read_json(metadata_path)
-    model = models.load_model(model_file)
-    dataset = {"n_classes": len(metadata["class_names"]), "image_shape": metadata["image_shape"]}
-    recorded = models.merge_params(model_file, to_json(model.defaults, "PARAMS"), params_overrides,
-                                   {"n_classes": dataset["n_classes"]})
-    recorded.pop("feature_columns", None)  # filled in from the dataset whenever the model is built
-    check_predictions(model, run_params(model, recorded, dataset), dataset)
-    model_dir = storage.join(run_dir, MODEL_DIR)
-    _write_snapshot(model_dir, model_file, recorded, dataset, run_config)
-    estimator = build_estimator(
-        model_dir, progress and (lambda loss: [ProgressHook(progress, max_steps, loss)]))
-
-    seed = run_config["tf_random_seed"]
+def _train(estimator: tf.estimator.Estimator, metadata: Mapping[str, Any], *, convert_dir: str, metadata_path: str,
+           max_steps: int, batch_size: int, eval_throttle_secs: int, early_stopping_steps: int,
+           hooks: Sequence[tf.estimator.SessionRunHook] = ()) -> None:
+    """Train `estimator` to `max_steps`, validating after its checkpoints when there is a validation
+    split: in this process, or as the role its RunConfig took from TF_CONFIG."""
+    seed = estimator.config.tf_random_seed
     # RunConfig seeds the graph, but Keras layers draw their initializers' seeds from Python's
     # `random`: without this, two runs of one version train different weights.
     tf.keras.utils.set_random_seed(seed)
@@ -220,7 +210,7 @@ def train_model(model_file: str, params_overrides: Mapping[str, Any], convert_di
         if early_stopping_steps:
             train_hooks.append(tf.estimator.experimental.stop_if_no_decrease_hook(
                 estimator, "loss", early_stopping_steps, eval_dir=estimator.eval_dir(VALIDATION),
-                run_every_secs=None, run_every_steps=run_config["save_checkpoints_steps"]))
+                run_every_secs=None, run_every_steps=estimator.config.save_checkpoints_steps))
         best = tf.estimator.BestExporter(name=BEST_EXPORT, serving_input_receiver_fn=receiver, exports_to_keep=1,
                                          event_file_pattern=f"eval_{VALIDATION}/*.tfevents.*")
         tf.estimator.train_and_evaluate(
@@ -233,6 +223,82 @@ def train_model(model_file: str, params_overrides: Mapping[str, Any], convert_di
     else:
         log.warning("the validation split is empty: training without validation, and without a best export")
         estimator.train(train_input, max_steps=max_steps, hooks=list(hooks))
+
+
+class StepCountHook(tf.estimator.SessionRunHook):
+    """Logs, as its process ends, how many training steps this process ran: each role of a cluster
+    says what it contributed to the shared global_step."""
+
+    def __init__(self, role: str):
+        self._role, self._steps = role, 0
+
+    def after_run(self, run_context, run_values):
+        self._steps += 1
+
+    def end(self, session):
+        log.info("%s ran %d training steps", self._role, self._steps)
+
+
+def run_role(model_dir: str, strategy: str, **training: Any) -> None:
+    """Train as the role of a cluster that TF_CONFIG names, from the snapshot in `model_dir`."""
+    task = json.loads(os.environ["TF_CONFIG"])["task"]
+    role = f"{task['type']} {task['index']}"
+    # Without this, worker N waits (N + 1) x 5 s before its first step.
+    config: dict[str, Any] = {"experimental_max_worker_delay_secs": 0}
+    if task["type"] == "chief":
+        # The evaluator runs beside the chief and may lag behind it: a checkpoint it has yet to
+        # evaluate (and export, when best) must not be deleted under it. 0 keeps them all.
+        config["keep_checkpoint_max"] = 0
+    if strategy == cluster.MIRRORED and task["type"] in ("chief", "worker"):
+        # Synchronous: every trainer computes a share of each step. The evaluator is no trainer,
+        # and building the strategy there fails (KeyError: 'evaluator').
+        config["train_distribute"] = tf.distribute.experimental.MultiWorkerMirroredStrategy()
+    estimator = build_estimator(model_dir, lambda loss: [StepCountHook(role)], **config)
+    metadata = read_json(training["metadata_path"])
+    cluster.wait_for_start()
+    _train(estimator, metadata, **training)
+
+
+def train_model(model_file: str, params_overrides: Mapping[str, Any], convert_dir: str, metadata_path: str,
+                run_dir: str, marker_path: str, *, max_steps: int, batch_size: int,
+                run_config: Mapping[str, Any], eval_throttle_secs: int = 0, early_stopping_steps: int = 0,
+                distribute: str = "none", cluster_workers: int = 2, strategy: str = cluster.PARAMETER_SERVER,
+                hooks: Sequence[tf.estimator.SessionRunHook] = (), progress: Progress | None = None) -> dict:
+    """Train to `max_steps` (resuming from model_dir), evaluating on the validation split after
+    each checkpoint (at most once per `eval_throttle_secs`) and exporting the best model by
+    validation loss; stop early after `early_stopping_steps` steps without a lower validation
+    loss (0: never). With `distribute="local"`, train as a cluster on this host instead: a chief
+    and `cluster_workers` workers, with a parameter server (`strategy="parameter_server"`,
+    asynchronous) or in lockstep (`"mirrored"`), and an evaluator. Then export the final model
+    and write the marker last."""
+    models.validate_training_settings(max_steps, batch_size, run_config)
+    metadata = read_json(metadata_path)
+    model = models.load_model(model_file)
+    dataset = {"n_classes": len(metadata["class_names"]), "image_shape": metadata["image_shape"]}
+    recorded = models.merge_params(model_file, to_json(model.defaults, "PARAMS"), params_overrides,
+                                   {"n_classes": dataset["n_classes"]})
+    recorded.pop("feature_columns", None)  # filled in from the dataset whenever the model is built
+    check_predictions(model, run_params(model, recorded, dataset), dataset)
+    model_dir = storage.join(run_dir, MODEL_DIR)
+    _write_snapshot(model_dir, model_file, recorded, dataset, run_config)
+    training = dict(convert_dir=convert_dir, metadata_path=metadata_path, max_steps=max_steps, batch_size=batch_size,
+                    eval_throttle_secs=eval_throttle_secs, early_stopping_steps=early_stopping_steps)
+    if distribute == "local":
+        if not metadata["splits"][VALIDATION]["count"]:
+            raise DatasetError(f"{metadata_path}: the validation split is empty; a training cluster needs it for "
+                               "its evaluator")
+        logs = cluster.run_local_cluster(
+            [sys.executable, "-m", "pipeline.training", json.dumps({"model_dir": model_dir, **training,
+                                                                    "strategy": strategy})],
+            cluster_workers, strategy)
+        for role, text in logs.items():
+            storage.write_bytes(storage.join(model_dir, CLUSTER_LOGS, f"{role}.log"), text.encode())
+        estimator = build_estimator(model_dir)
+    else:
+        estimator = build_estimator(
+            model_dir, progress and (lambda loss: [ProgressHook(progress, max_steps, loss)]))
+        _train(estimator, metadata, hooks=hooks, **training)
+    receiver = schema.serving_input_receiver_fn(metadata["image_shape"])
     global_step = int(estimator.get_variable_value(tf.compat.v1.GraphKeys.GLOBAL_STEP))
 
     # An export left by a crash before the marker was written is stale: export again, once.
@@ -247,6 +313,25 @@ def train_model(model_file: str, params_overrides: Mapping[str, Any], convert_di
                "best_export_dir": storage.relative(best_export, run_dir) if best_export else None,
                "model_dir": MODEL_DIR, "model_file": storage.name(model_file), "params": recorded,
                "run_config": dict(run_config), "max_steps": max_steps, "batch_size": batch_size,
-               "early_stopping_steps": early_stopping_steps}
+               "early_stopping_steps": early_stopping_steps, "distribute": distribute,
+               **({"cluster_workers": cluster_workers, "strategy": strategy} if distribute != "none" else {})}
     write_json(marker_path, summary)
     return summary
+
+
+if __name__ == "__main__":
+    # A role of a training cluster (see pipeline.cluster), with run_role's arguments as JSON. It
+    # leaves through os._exit: a process that used tensorflow-io's S3 plugin aborts in a normal exit.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    tf.get_logger().setLevel(logging.INFO)  # the chief's "Saving checkpoints" says it is ready
+    try:
+        run_role(**json.loads(sys.argv[1]))
+        code = 0
+    except BaseException:  # noqa: B036 - whatever ends the role, its traceback goes to its log
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

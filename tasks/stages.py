@@ -19,6 +19,7 @@ import luigi
 from luigi.util import inherits
 
 from pipeline import download, storage
+from pipeline.cluster import PARAMETER_SERVER, STRATEGIES
 from pipeline.convert import (PLAN_FILE, SPLITS, finalize_conversion, plan_conversion, report_name, shard_name,
                               shard_paths, validate_conversion_params, write_shard)
 from pipeline.errors import ConfigError, StageOutputError
@@ -188,6 +189,15 @@ class Train(Stage):
     save_summary_steps = luigi.IntParameter(significant=False, description="Steps between TensorBoard summaries")
     keep_checkpoint_max = luigi.IntParameter(significant=False, description="Checkpoints kept in model_dir")
     log_step_count_steps = luigi.IntParameter(significant=False, description="Steps between loss and steps/s logs")
+    distribute = luigi.ChoiceParameter(
+        default="none", choices=("none", "local"),
+        description="none: train in this process; local: as a TensorFlow cluster of processes on this host "
+                    "(a chief, cluster_workers workers, a parameter server unless mirrored, an evaluator)")
+    cluster_workers = luigi.IntParameter(default=2, description="Workers beside the chief, with distribute=local")
+    strategy = luigi.ChoiceParameter(
+        default=PARAMETER_SERVER, choices=STRATEGIES,
+        description="With distribute=local: parameter_server (asynchronous: each trainer steps on its own) "
+                    "or mirrored (MultiWorkerMirroredStrategy: all trainers compute each step together)")
 
     def validate(self):
         model_file = resolve_model_file(self.model_def)
@@ -195,6 +205,11 @@ class Train(Stage):
         if known is not None:  # otherwise checked once the model file is loaded, in produce()
             check_param_overrides(model_file, known, self.params)
         validate_training_settings(self.max_steps, self.batch_size, self.run_config())
+        if self.distribute != "none":
+            require_positive("cluster_workers", self.cluster_workers)
+            if self.early_stopping_steps:
+                raise ConfigError(f"early_stopping_steps={self.early_stopping_steps} with distribute="
+                                  f"{self.distribute}; early stopping needs distribute=none")
         if self.early_stopping_steps < 0 or self.eval_throttle_secs < 0:
             raise ConfigError(f"early_stopping_steps={self.early_stopping_steps}, eval_throttle_secs="
                               f"{self.eval_throttle_secs}; expected 0 (off) or a positive number")
@@ -204,6 +219,10 @@ class Train(Stage):
         if self.early_stopping_steps:
             # Early stopping decides at each checkpoint's evaluation, so their spacing changes the weights.
             values["save_checkpoints_steps"] = self.save_checkpoints_steps
+        if self.distribute == "none":
+            # The cluster's shape does not exist then: the versions trained in one process stay as they were.
+            for name in ("distribute", "cluster_workers", "strategy"):
+                del values[name]
         return values
 
     def run_config(self) -> dict:
@@ -238,6 +257,7 @@ class Train(Stage):
                         convert.marker, self.directory, self.marker, max_steps=self.max_steps,
                         batch_size=self.batch_size, run_config=self.run_config(),
                         eval_throttle_secs=self.eval_throttle_secs, early_stopping_steps=self.early_stopping_steps,
+                        distribute=self.distribute, cluster_workers=self.cluster_workers, strategy=self.strategy,
                         progress=progress)
 
 

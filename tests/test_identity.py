@@ -22,14 +22,16 @@ CHANGES = {
     "Convert": {"image_size": "32", "channels": "3", "validation_fraction": "0.3", "test_fraction": "0.1",
                 "split_seed": "8", "num_shards": "3", "max_bad_fraction": "0.5"},
     "Train": {"model_def": "dnn", "params": "{}", "max_steps": "13", "batch_size": "9", "tf_random_seed": "2",
-              "early_stopping_steps": "50"},
+              "early_stopping_steps": "50", "distribute": "local"},
     "Evaluate": {"split": "validation"},
     "Predict": {"split": "validation", "export": "best"},
 }
 # Settings that change how, not what: neither ids nor folders may move.
 INSIGNIFICANT = {"Download": {"parallel_fetches": "2", "timeout_s": "5"},
                  "Train": {"save_checkpoints_steps": "3", "eval_throttle_secs": "60", "keep_checkpoint_max": "9",
-                           "log_step_count_steps": "3", "save_summary_steps": "3"},
+                           "log_step_count_steps": "3", "save_summary_steps": "3",
+                           # The shape of a cluster, when training runs in one process (distribute=none).
+                           "cluster_workers": "3", "strategy": "mirrored"},
                  "Evaluate": {"batch_size": "7"}, "Predict": {"batch_size": "7"}}
 
 

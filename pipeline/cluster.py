@@ -1,0 +1,166 @@
+"""A TensorFlow training cluster on this host: a chief, workers, a parameter server and an evaluator,
+each a process of its own with the TF_CONFIG that `tf.estimator.train_and_evaluate` reads, on
+loopback ports. TensorFlow's own runtime does the rest: the parameter server holds the variables,
+every trainer advances the shared global_step, the evaluator follows the chief's checkpoints.
+
+The processes are this module's to start and to end: a parameter server never exits by itself,
+and a role left running after a failure would hold its port and a core. They die with the process
+that started them (PR_SET_PDEATHSIG), so even a SIGKILLed Train task leaves none behind.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+PARAMETER_SERVER = "parameter_server"
+MIRRORED = "mirrored"
+STRATEGIES = (PARAMETER_SERVER, MIRRORED)
+# The chief's line once its session exists and the variables are set (its first checkpoint): a
+# worker started before that sleeps 30 s before it looks again (the session manager's default).
+CHIEF_READY = "Saving checkpoints for"
+# The file whose existence lets workers and the evaluator go on from there: they start with the chief
+# and import TensorFlow and build their graph meanwhile, then wait for it (see `wait_for_start`).
+START_SIGNAL = "PIPELINE_CLUSTER_START"
+_PR_SET_PDEATHSIG = 1
+
+
+class ClusterError(PipelineError):
+    """A role of the training cluster failed or did not start."""
+
+
+@dataclass(frozen=True)
+class Role:
+    type: str
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.type}-{self.index}"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def local_cluster(workers: int, strategy: str) -> dict[str, list[str]]:
+    """The cluster spec: a chief and `workers` workers, plus a parameter server unless synchronous
+    (MultiWorkerMirroredStrategy keeps a copy of the variables on every trainer)."""
+    spec = {"chief": [f"127.0.0.1:{_free_port()}"], "worker": [f"127.0.0.1:{_free_port()}" for _ in range(workers)]}
+    if strategy == PARAMETER_SERVER:
+        spec["ps"] = [f"127.0.0.1:{_free_port()}"]
+    return spec
+
+
+def tf_config(cluster: dict[str, list[str]], role: Role) -> str:
+    # The evaluator is named in `task` only: it is no member of the training cluster.
+    return json.dumps({"cluster": cluster, "task": {"type": role.type, "index": role.index}})
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def wait_for_start(timeout_s: float = 600.0) -> None:
+    """In a role process: return once the launcher says the cluster may start (at once without one)."""
+    signal_file = os.environ.get(START_SIGNAL)
+    deadline = time.monotonic() + timeout_s
+    while signal_file and not os.path.exists(signal_file):
+        if time.monotonic() > deadline:
+            raise ClusterError(f"no start signal ({signal_file}) in {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+class _Running:
+    def __init__(self, role: Role, command: Sequence[str], cluster: dict, log_dir: Path):
+        self.role, self.log_path = role, log_dir / f"{role.name}.log"
+        env = {**os.environ, "TF_CONFIG": tf_config(cluster, role)}
+        if role.type in ("worker", "evaluator"):
+            env[START_SIGNAL] = str(log_dir / "start")
+        with open(self.log_path, "w") as handle:
+            self.process = subprocess.Popen(list(command), stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                            preexec_fn=_die_with_parent)
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def failed(self) -> bool:
+        return self.process.poll() not in (None, 0)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def run_local_cluster(command: Sequence[str], workers: int, strategy: str, *,
+                      ready_timeout_s: float = 300.0) -> dict[str, str]:
+    """Run `command` once per role of a local cluster, each with its TF_CONFIG, until the chief,
+    the workers and the evaluator have exited; the parameter server is then stopped. Returns each
+    role's log. Raises ClusterError, naming the role and the end of its log, as soon as a role
+    fails; every role is stopped whatever happens."""
+    if strategy not in STRATEGIES:
+        raise ClusterError(f"strategy={strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    cluster = local_cluster(workers, strategy)
+    running: list[_Running] = []
+    with tempfile.TemporaryDirectory(prefix="cluster-") as folder:
+        log_dir = Path(folder)
+        start = lambda role: running.append(_Running(role, command, cluster, log_dir))  # noqa: E731
+        try:
+            for index in range(len(cluster.get("ps", []))):
+                start(Role("ps", index))
+            start(Role("chief", 0))
+            chief = running[-1]
+            for index in range(workers):
+                start(Role("worker", index))
+            start(Role("evaluator", 0))
+            if strategy == PARAMETER_SERVER:
+                # A worker whose session starts before the chief has set the variables sleeps 30 s.
+                _wait_for(chief, running, ready_timeout_s)
+            (log_dir / "start").touch()
+            trainers = [role for role in running if role.role.type != "ps"]
+            while any(role.process.poll() is None for role in trainers):
+                _raise_if_failed(running)
+                time.sleep(0.2)
+            _raise_if_failed(running)
+            return {role.role.name: role.log_path.read_text(errors="replace") for role in running}
+        finally:
+            for role in running:
+                role.stop()
+
+
+def _wait_for(chief: _Running, running: list[_Running], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while CHIEF_READY not in chief.log_path.read_text(errors="replace"):
+        _raise_if_failed(running)
+        if chief.process.poll() is not None:
+            return  # finished already: nothing was left to train
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the chief set up no session in {timeout_s:.0f} s; its log ends:\n{chief.tail()}")
+        time.sleep(0.2)
+
+
+def _raise_if_failed(running: list[_Running]) -> None:
+    for role in running:
+        if role.failed():
+            raise ClusterError(f"the {role.role.type} {role.role.index} of the training cluster exited with "
+                               f"{role.process.returncode}; its log ends:\n{role.tail()}")
