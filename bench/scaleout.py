@@ -103,7 +103,8 @@ def two_workers_against_one() -> None:
             one.append(rates[0])
             two.append(rates[1])
             print(f"  repetition {repetition}: one worker {one[-1]:.0f} images/s, two {two[-1]:.0f}", flush=True)
-        report(f"Convert {SCALED_IMAGES} images on one luigid, two worker processes vs one, images/s", two, one, "images/s",
+        report(f"Convert {SCALED_IMAGES} images on one luigid, two worker processes vs one, images/s", two, one,
+               "images/s",
                "> 1 with two cores free")
     finally:
         stop_scheduler(state)

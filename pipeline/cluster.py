@@ -76,6 +76,16 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def role_from_env() -> Role:
+    """This process's role in the cluster, from the TF_CONFIG a cluster manager set."""
+    try:
+        task = json.loads(os.environ["TF_CONFIG"])["task"]
+        return Role(task["type"], int(task.get("index", 0)))
+    except (KeyError, ValueError, TypeError) as error:
+        raise ClusterError(f"TF_CONFIG={os.environ.get('TF_CONFIG')!r}; expected JSON with a cluster and this "
+                           "process's task, {\"type\": \"chief\", \"index\": 0} say") from error
+
+
 def wait_for_start(timeout_s: float = 600.0) -> None:
     """In a role process: return once the launcher says the cluster may start (at once without one)."""
     signal_file = os.environ.get(START_SIGNAL)

@@ -34,8 +34,8 @@ def _record_batches(files: Sequence[str], image_shape: Sequence[int], batch_size
         image = schema.decode_stored_pixels(parsed[schema.ENCODED], image_shape) if pixels else parsed[schema.ENCODED]
         return parsed[schema.KEY], parsed[schema.LABEL], image
 
-    dataset = (tf.data.TFRecordDataset([storage.tf_path(file) for file in files]).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
-               .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    records = tf.data.TFRecordDataset([storage.tf_path(file) for file in files])
+    dataset = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
     for keys, labels, images in dataset.as_numpy_iterator():
         inputs = {schema.IMAGE: schema.scale_pixels(images).numpy()} if pixels else {schema.SERVING_INPUT: images}
         yield [k.decode("utf-8") for k in keys], labels.tolist(), inputs

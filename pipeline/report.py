@@ -52,7 +52,8 @@ def read_scalars(event_dir: str) -> dict[str, list[tuple[int, float]]]:
 
     if not storage.is_dir(event_dir):
         return {}
-    accumulator = event_accumulator.EventAccumulator(storage.tf_path(event_dir), size_guidance={event_accumulator.SCALARS: 0})
+    accumulator = event_accumulator.EventAccumulator(storage.tf_path(event_dir),
+                                                     size_guidance={event_accumulator.SCALARS: 0})
     accumulator.Reload()
     return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
             for tag in accumulator.Tags()["scalars"]}
@@ -161,8 +162,9 @@ def write_report(run_dir: str, train_marker: str, metrics_path: str, predictions
     train = read_json(train_marker)
     model_dir = storage.join(run_dir, training.MODEL_DIR)
     # Evaluations on the validation split, while training and by Evaluate, share its event folder.
-    scalars = {"train": read_scalars(model_dir), VALIDATION: read_scalars(storage.join(model_dir, f"eval_{VALIDATION}")),
-               metrics["split"]: read_scalars(storage.join(model_dir, f"eval_{metrics['split']}"))}
+    scalars = {"train": read_scalars(model_dir),
+               **{split: read_scalars(storage.join(model_dir, f"eval_{split}"))
+                  for split in (VALIDATION, metrics["split"])}}
     charts = {tag: curves_png(tag, series, log_scale=tag == "loss") for tag in CHARTED_TAGS
               if (series := {name: found[tag] for name, found in scalars.items() if found.get(tag)})}
     examples = misclassified(predictions_csv)

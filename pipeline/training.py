@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import sys
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import tensorflow as tf
@@ -129,17 +130,24 @@ def run_params(model: ModelFile, recorded: Mapping[str, Any], dataset: Mapping[s
     return as_params(params)
 
 
-def build_estimator(model_dir: str, hooks_for_loss: Callable[[tf.Tensor], list] | None = None,
-                    **run_config: Any) -> tf.estimator.Estimator:
+def build_estimator(model_dir: str, hooks_for_loss: Callable[[tf.Tensor], list] | None = None, *,
+                    in_cluster: bool = False, **run_config: Any) -> tf.estimator.Estimator:
     """Rebuild the Estimator of a run from the snapshot in its model_dir (a local folder or on S3).
 
     `hooks_for_loss(loss)` returns training hooks that need the model's loss tensor; `run_config`
-    adds RunConfig settings that are not the run's (how it is distributed).
+    adds RunConfig settings that are not the run's (how it is distributed). Only `in_cluster` does
+    RunConfig read TF_CONFIG: an evaluation in the chief's process, after its cluster is gone,
+    would otherwise wait for the cluster's servers.
     """
     model = models.load_model(storage.join(model_dir, MODEL_FILE))
     model_fn = model.model_fn if hooks_for_loss is None else _with_training_hooks(model.model_fn, hooks_for_loss)
-    run_config = tf.estimator.RunConfig(model_dir=storage.tf_path(model_dir),
-                                        **{**read_json(storage.join(model_dir, RUN_CONFIG_FILE)), **run_config})
+    saved_tf_config = None if in_cluster else os.environ.pop("TF_CONFIG", None)
+    try:
+        run_config = tf.estimator.RunConfig(model_dir=storage.tf_path(model_dir),
+                                            **{**read_json(storage.join(model_dir, RUN_CONFIG_FILE)), **run_config})
+    finally:
+        if saved_tf_config is not None:
+            os.environ["TF_CONFIG"] = saved_tf_config
     params = run_params(model, read_json(storage.join(model_dir, PARAMS_FILE)),
                         read_json(storage.join(model_dir, DATASET_FILE)))
     return tf.estimator.Estimator(model_fn, config=run_config, params=params)
@@ -239,6 +247,21 @@ class StepCountHook(tf.estimator.SessionRunHook):
         log.info("%s ran %d training steps", self._role, self._steps)
 
 
+def wait_for_chief(model_dir: str, strategy: str, role: str, timeout_s: float = 3600.0) -> None:
+    """In a role a cluster manager started: wait for the chief's snapshot of the model in `model_dir`
+    and, for a worker or the evaluator beside a parameter server, for the chief's first checkpoint
+    (a worker that asks for a session before the chief has set the variables sleeps 30 s; the
+    parameter server itself must be up before the chief can set them)."""
+    waited_for = [storage.join(model_dir, VERSIONS_FILE)]
+    if strategy == cluster.PARAMETER_SERVER and role != "ps":
+        waited_for.append(storage.join(model_dir, "checkpoint"))
+    deadline = time.monotonic() + timeout_s
+    while not all(map(storage.exists, waited_for)):
+        if time.monotonic() > deadline:
+            raise cluster.ClusterError(f"the chief wrote no {', '.join(waited_for)} in {timeout_s:.0f} s")
+        time.sleep(1.0)
+
+
 def run_role(model_dir: str, strategy: str, **training: Any) -> None:
     """Train as the role of a cluster that TF_CONFIG names, from the snapshot in `model_dir`."""
     task = json.loads(os.environ["TF_CONFIG"])["task"]
@@ -253,7 +276,7 @@ def run_role(model_dir: str, strategy: str, **training: Any) -> None:
         # Synchronous: every trainer computes a share of each step. The evaluator is no trainer,
         # and building the strategy there fails (KeyError: 'evaluator').
         config["train_distribute"] = tf.distribute.experimental.MultiWorkerMirroredStrategy()
-    estimator = build_estimator(model_dir, lambda loss: [StepCountHook(role)], **config)
+    estimator = build_estimator(model_dir, lambda loss: [StepCountHook(role)], in_cluster=True, **config)
     metadata = read_json(training["metadata_path"])
     cluster.wait_for_start()
     _train(estimator, metadata, **training)
@@ -293,6 +316,13 @@ def train_model(model_file: str, params_overrides: Mapping[str, Any], convert_di
             cluster_workers, strategy)
         for role, text in logs.items():
             storage.write_bytes(storage.join(model_dir, CLUSTER_LOGS, f"{role}.log"), text.encode())
+        estimator = build_estimator(model_dir)
+    elif distribute == "tf_config":
+        role = cluster.role_from_env()
+        if role.type != "chief":
+            raise cluster.ClusterError(f"TF_CONFIG makes this process the {role.type} {role.index}; the Train task "
+                                       "is the chief: start the other roles with python -m tasks.cluster_role")
+        run_role(model_dir, strategy, **training)
         estimator = build_estimator(model_dir)
     else:
         estimator = build_estimator(

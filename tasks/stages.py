@@ -190,10 +190,12 @@ class Train(Stage):
     keep_checkpoint_max = luigi.IntParameter(significant=False, description="Checkpoints kept in model_dir")
     log_step_count_steps = luigi.IntParameter(significant=False, description="Steps between loss and steps/s logs")
     distribute = luigi.ChoiceParameter(
-        default="none", choices=("none", "local"),
+        default="none", choices=("none", "local", "tf_config"),
         description="none: train in this process; local: as a TensorFlow cluster of processes on this host "
-                    "(a chief, cluster_workers workers, a parameter server unless mirrored, an evaluator)")
-    cluster_workers = luigi.IntParameter(default=2, description="Workers beside the chief, with distribute=local")
+                    "(a chief, cluster_workers workers, a parameter server unless mirrored, an evaluator); "
+                    "tf_config: as the chief of the cluster TF_CONFIG describes (see tasks.cluster_role)")
+    cluster_workers = luigi.IntParameter(default=2, description="Workers beside the chief, with distribute=local "
+                                                                "(with tf_config, TF_CONFIG says)")
     strategy = luigi.ChoiceParameter(
         default=PARAMETER_SERVER, choices=STRATEGIES,
         description="With distribute=local: parameter_server (asynchronous: each trainer steps on its own) "
@@ -223,6 +225,8 @@ class Train(Stage):
             # The cluster's shape does not exist then: the versions trained in one process stay as they were.
             for name in ("distribute", "cluster_workers", "strategy"):
                 del values[name]
+        elif self.distribute == "tf_config":
+            del values["cluster_workers"]  # not read: the cluster manager's TF_CONFIG says
         return values
 
     def run_config(self) -> dict:
@@ -240,6 +244,13 @@ class Train(Stage):
         # export cut short its temp-<timestamp> folder.
         return [*super().temporaries(), storage.join(model_dir, "model.ckpt-*_temp*"),
                 storage.join(model_dir, "export", "*", "temp-*")]
+
+    def role_arguments(self) -> dict:
+        """What a role of this Train's cluster that is not the chief needs (see tasks.cluster_role)."""
+        return {"model_dir": storage.join(self.directory, MODEL_DIR), "strategy": self.strategy,
+                "convert_dir": self.convert.directory, "metadata_path": self.convert.marker,
+                "max_steps": self.max_steps, "batch_size": self.batch_size,
+                "eval_throttle_secs": self.eval_throttle_secs, "early_stopping_steps": self.early_stopping_steps}
 
     def tensorboard_link(self) -> str:
         return tensorboard_url(tensorboard().url, layout().results_root, self.directory)

@@ -52,8 +52,9 @@ def test_every_stage_runs_on_s3_roots_and_writes_no_credential(s3_server, mnist_
     assert re.search(r"RESULT test accuracy [0-9.]+ on 18 images", first.output), first.output[-2000:]
     keys = s3_server.keys(prefix)
     for pattern in (r"data/raw/tiny/\w+/download\.json", r"data/raw/tiny/\w+/0/.+\.png",
-                    r"data/tfrecords/tiny/\w+/train-00001-of-00002\.tfrecord", r"data/tfrecords/tiny/\w+/metadata\.json",
-                    r"results/tiny/cnn-\w+/model_dir/model\.ckpt-12\.index", r"results/tiny/cnn-\w+/model_dir/events\.out\.tfevents\..+",
+                    r"data/tfrecords/tiny/\w+/train-00001-of-00002\.tfrecord",
+                    r"data/tfrecords/tiny/\w+/metadata\.json", r"results/tiny/cnn-\w+/model_dir/model\.ckpt-12\.index",
+                    r"results/tiny/cnn-\w+/model_dir/events\.out\.tfevents\..+",
                     r"results/tiny/cnn-\w+/model_dir/model_def\.py", r"results/tiny/cnn-\w+/export/\d+/saved_model\.pb",
                     r"results/tiny/cnn-\w+/train\.json", r"results/tiny/cnn-\w+/evaluate-test-\w+/metrics\.json",
                     r"results/tiny/cnn-\w+/predict-\w+/predictions\.csv",
