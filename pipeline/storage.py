@@ -244,15 +244,6 @@ def visible_keys(folder: str | os.PathLike) -> list[str]:
     return sorted(keys, key=lambda key: key.split("/"))
 
 
-def subfolders(folder: str | os.PathLike) -> list[str]:
-    """Names of the visible folders directly in `folder` (on S3: the prefixes holding objects), sorted."""
-    if is_remote(folder):
-        names = {key.split("/", 1)[0] for key, _ in _objects(str(folder)) if "/" in key}
-    else:
-        names = {entry.name for entry in os.scandir(folder) if entry.is_dir()}
-    return sorted(filter(visible, names))
-
-
 def glob(pattern: str | os.PathLike) -> list[str]:
     """Files and folders matching `pattern`, with wildcards in any of its components, sorted."""
     pattern = str(pattern)
