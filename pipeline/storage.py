@@ -332,18 +332,15 @@ def publish_folder(local_folder: str | os.PathLike, final: str | os.PathLike, ma
         os.rename(local_folder, final)
         flush_to_disk()
         return
-    keys = visible_keys(local_folder) + [key for key in _hidden_keys(local_folder)]
+    # Every file, hidden ones too: locally the rename moves them all.
+    keys = [os.path.relpath(os.path.join(root, file), local_folder)
+            for root, _, files in os.walk(local_folder) for file in files]
     keys.remove(marker_name)
     bucket, prefix = _bucket_key(str(final))
     upload = lambda key: _s3().upload_file(os.path.join(local_folder, key), bucket, f"{prefix}/{key}")  # noqa: E731
     with ThreadPoolExecutor(_UPLOADS_AT_ONCE) as pool:
         list(pool.map(upload, keys))
     upload(marker_name)
-
-
-def _hidden_keys(folder: str | os.PathLike) -> list[str]:
-    every = [os.path.relpath(os.path.join(root, file), folder) for root, _, files in os.walk(folder) for file in files]
-    return sorted(set(every) - set(visible_keys(folder)))
 
 
 def remove_tree(location: str | os.PathLike) -> None:
