@@ -22,7 +22,7 @@ import pytest
 
 from pipeline import storage
 from pipeline.errors import LockLost
-from tests.conftest import REPO, cli_sections, start_watched, tar_bytes, write_config
+from tests.conftest import REPO, cli_sections, free_port, start_watched, tar_bytes, write_config
 
 TTL_VARIABLE = storage.LOCK_TTL_VARIABLE
 
@@ -197,6 +197,26 @@ def test_a_lease_lost_inside_fails_the_block_even_when_nothing_was_written(s3_se
             s3_server.client().put_object(Bucket=bucket, Key=key, Body=b'{"guards": "taker"}')
             while lease.lost is None:
                 time.sleep(0.1)
+
+
+def test_a_holder_that_cannot_reach_s3_to_renew_loses_its_lease(s3_server, monkeypatch):
+    import boto3
+    from botocore.config import Config
+
+    monkeypatch.setenv(TTL_VARIABLE, "3")
+    lock = lock_uri(s3_server)
+    output = storage.join(storage.parent(storage.parent(lock)), "out.json")
+    unreachable = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{free_port()}",
+                               config=Config(retries={"max_attempts": 1}, connect_timeout=2))
+    with pytest.raises(LockLost, match="renewing it failed: EndpointConnectionError"):
+        with storage.file_lock(lock, guards=output) as lease:
+            with monkeypatch.context() as cut_off:
+                cut_off.setattr(storage, "_s3", lambda: unreachable)
+                while lease.lost is None:
+                    time.sleep(0.1)
+            storage.write_bytes(output, b"{}")
+    assert not storage.exists(output)
+    assert not storage.exists(lock), "the lock, still this holder's, was let go"
 
 
 def run_holder(lock: str, output: str, ttl_s: str, text: str, s3_env: dict[str, str]) -> subprocess.Popen:
