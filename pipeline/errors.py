@@ -46,3 +46,8 @@ class ModelDefinitionError(PipelineError):
 
 class StageOutputError(PipelineError):
     """A stage finished without producing what it promises."""
+
+
+class LockLost(PipelineError):
+    """An S3 lock's lease ended while its holder was still inside: taken over, deleted, or not
+    renewed in time. The holder stops before it writes anything more."""

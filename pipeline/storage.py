@@ -16,7 +16,7 @@ that used tensorflow-io's S3 plugin aborts as it exits ("pure virtual method cal
 from __future__ import annotations
 
 import contextlib
-import datetime
+import email.utils
 import fcntl
 import fnmatch
 import glob as local_glob
@@ -32,9 +32,13 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
+
+from pipeline.errors import ConfigError, LockLost
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,9 @@ TEMP_INFIX = ".tmp-"
 _HIDDEN_PREFIXES = (".", "__MACOSX")
 # An S3 lock not renewed for this long belongs to a process that died: it is taken over.
 LOCK_TTL_S = 30.0
+# Another TTL, for tests and for operators on a slow link. Each lock says its holder's, by which
+# other processes judge it.
+LOCK_TTL_VARIABLE = "PIPELINE_S3_LOCK_TTL_S"
 _UPLOADS_AT_ONCE = 16
 
 
@@ -264,7 +271,8 @@ def glob(pattern: str | os.PathLike) -> list[str]:
     return sorted(found)
 
 
-# Writing.
+# Writing. Each write to S3 first checks the S3 leases this process holds (see `Lease`): a holder
+# whose lock has ended changes nothing more there. (An S3 lock guards outputs on S3: see tasks.stage.)
 
 def _fsync(path: str | os.PathLike) -> None:
     descriptor = os.open(path, os.O_RDONLY)
@@ -294,6 +302,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield temp
         if remote:
+            _check_leases()
             bucket, key = _bucket_key(str(final))
             _s3().upload_file(str(temp), bucket, key)
         else:
@@ -306,6 +315,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     if is_remote(location):
+        _check_leases()
         bucket, key = _bucket_key(str(location))
         _s3().put_object(Bucket=bucket, Key=key, Body=data)
         return
@@ -340,12 +350,15 @@ def publish_folder(local_folder: str | os.PathLike, final: str | os.PathLike, ma
     upload = lambda key: _s3().upload_file(os.path.join(local_folder, key), bucket, f"{prefix}/{key}")  # noqa: E731
     with ThreadPoolExecutor(_UPLOADS_AT_ONCE) as pool:
         list(pool.map(upload, keys))
+    # The uploads may take longer than a lease: the marker only while it is still held.
+    _check_leases()
     upload(marker_name)
 
 
 def remove_tree(location: str | os.PathLike) -> None:
     """Remove a file or folder if it exists."""
     if is_remote(location):
+        _check_leases()
         bucket, key = _bucket_key(str(location))
         keys = [key] + [f"{key}/{relative}" for relative, _ in _objects(str(location))]
         for start in range(0, len(keys), 1000):
@@ -368,16 +381,20 @@ def remove_temporaries(patterns: Iterable[str | os.PathLike]) -> None:
             remove_tree(leftover)
 
 
-# Locks: flock on a local file; on S3, an object created only if absent, renewed while held.
+# Locks: flock on a local file; on S3, a lease: an object created only if absent and renewed while
+# held, every write conditional on the ETag its holder last saw.
 
 @contextlib.contextmanager
-def file_lock(lock_path: str | os.PathLike, holder: str = "", guards: str = "") -> Iterator[None]:
+def file_lock(lock_path: str | os.PathLike, holder: str = "", guards: str = "") -> Iterator[Lease | None]:
     """Hold an exclusive lock named `lock_path` across processes (on S3: across machines); block
     until it is free, saying first what it waits for when `holder` describes it. `guards`, the
-    location being written under the lock, is written into the lock, for `held_locks`."""
+    location being written under the lock, is written into the lock, for `held_locks`.
+
+    On S3 it yields the `Lease`. While one is held, every write through this module checks it
+    first and raises LockLost once it has ended; so does leaving the block."""
     locking = _s3_lock if is_remote(lock_path) else _local_lock
-    with locking(str(lock_path), holder, guards):
-        yield
+    with locking(str(lock_path), holder, guards) as lease:
+        yield lease
 
 
 @contextlib.contextmanager
@@ -399,56 +416,205 @@ def _local_lock(lock_path: str, holder: str, guards: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _lock_age_s(head: dict) -> float:
-    return (datetime.datetime.now(datetime.timezone.utc) - head["LastModified"]).total_seconds()
+def lock_ttl_s() -> float:
+    """Seconds an S3 lock lives without renewal: PIPELINE_S3_LOCK_TTL_S, else LOCK_TTL_S. Written
+    into each lock, so that others judge it by its holder's setting."""
+    text = os.environ.get(LOCK_TTL_VARIABLE, "")
+    try:
+        ttl_s = float(text) if text else LOCK_TTL_S
+    except ValueError:
+        ttl_s = 0.0
+    if not ttl_s > 0:
+        raise ConfigError(f"{LOCK_TTL_VARIABLE}={text!r}: expected a number of seconds above 0")
+    return ttl_s
 
 
-@contextlib.contextmanager
-def _s3_lock(lock_path: str, holder: str, guards: str) -> Iterator[None]:
+def _condition_failed(error: Exception) -> str | None:
+    """How a conditional request failed: 'changed' (412: the ETag is not the one given, or the key
+    exists), 'gone' (404), 'conflict' (409: a concurrent conditional request; read again and
+    retry), or None for any other error."""
+    code = getattr(error, "response", {}).get("Error", {}).get("Code")
+    if code in ("PreconditionFailed", "412"):
+        return "changed"
+    if code in ("ConditionalRequestConflict", "409"):
+        return "conflict"
+    return "gone" if _is_missing(error) else None
+
+
+# Why a conditional write of a held lock failed.
+_LOST = {"changed": "another process took it over", "gone": "it is gone: taken over and let go, or deleted"}
+
+
+@dataclass
+class _LockState:
+    etag: str
+    guards: str
+    ttl_s: float
+    age_s: float
+
+    def stale(self) -> bool:
+        # S3 times objects, and its Date header, in whole seconds: one more, so that a lease is
+        # never taken before its holder's TTL has really passed.
+        return self.age_s > self.ttl_s + 1
+
+
+def _lock_state(lock_path: str) -> _LockState | None:
+    """The lock object's ETag, its holder's TTL, and its age by the S3 server's clock (the response's
+    Date minus the object's LastModified, both the server's), so that no host's clock is trusted.
+    None when there is no lock."""
     from botocore.exceptions import ClientError
 
     bucket, key = _bucket_key(lock_path)
-    body = json.dumps({"guards": guards, "host": socket.gethostname(), "pid": os.getpid()}).encode()
-    waiting = False
-    while True:
-        try:
-            _s3().put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
-            break
-        except ClientError as error:
-            if error.response["Error"]["Code"] not in ("PreconditionFailed", "ConditionalRequestConflict"):
-                raise
-        head = _head(lock_path)
-        if head is not None and _lock_age_s(head) > LOCK_TTL_S:
-            log.warning("taking over %s, not renewed for %.0f s: its holder is gone", lock_path, _lock_age_s(head))
-            _s3().delete_object(Bucket=bucket, Key=key)
-            continue
-        if holder and not waiting:
-            log.warning("waiting for another process, which is producing %s", holder)
-            waiting = True
-        time.sleep(1.0)
-    released = threading.Event()
-
-    def renew() -> None:
-        while not released.wait(LOCK_TTL_S / 6):
-            _s3().put_object(Bucket=bucket, Key=key, Body=body)
-
-    renewer = threading.Thread(target=renew, name=f"renew {lock_path}", daemon=True)
-    renewer.start()
     try:
-        yield
+        response = _s3().get_object(Bucket=bucket, Key=key)
+    except ClientError as error:
+        if _is_missing(error):
+            return None
+        raise
+    content = json.loads(response["Body"].read())
+    server_now = email.utils.parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
+    # A lock written before locks said their TTL is judged by this process's.
+    return _LockState(response["ETag"], content.get("guards", ""), float(content.get("ttl_s") or lock_ttl_s()),
+                      (server_now - response["LastModified"]).total_seconds())
+
+
+class Lease:
+    """An S3 lock this process holds. Every write of it is conditional on the ETag of its previous
+    one, so a holder whose lock another process took over learns it (412) instead of writing over
+    it. It counts as lost once a renewal is refused or fails, or once none has succeeded for two
+    thirds of the TTL (by this host's monotonic clock, from before the request, hence before S3's
+    LastModified): before any other process may judge it stale."""
+
+    def __init__(self, location: str, guards: str, ttl_s: float):
+        self.location, self.guards, self.ttl_s = location, guards, ttl_s
+        self.etag = ""
+        self.renewed_at = time.monotonic()
+        self.lost: str | None = None
+
+    def _put(self, condition: dict[str, str]) -> str | None:
+        """Write the lock under `condition`: None once written, else how the condition failed."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(self.location)
+        # A fresh nonce in every write: S3 gives identical bytes the same ETag, which would let a
+        # condition on an old ETag pass.
+        body = json.dumps({"guards": self.guards, "host": socket.gethostname(), "pid": os.getpid(),
+                           "ttl_s": self.ttl_s, "nonce": uuid.uuid4().hex}).encode()
+        sent_at = time.monotonic()
+        try:
+            self.etag = _s3().put_object(Bucket=bucket, Key=key, Body=body, **condition)["ETag"]
+        except ClientError as error:
+            if failure := _condition_failed(error):
+                return failure
+            raise
+        self.renewed_at = sent_at
+        return None
+
+    def acquire(self) -> bool:
+        return self._put({"IfNoneMatch": "*"}) is None
+
+    def take_over(self, stale_etag: str) -> bool:
+        """Replace a stale lock, only if it is still the one seen: of two takers, one wins."""
+        return self._put({"IfMatch": stale_etag}) is None
+
+    def renew(self) -> bool:
+        """Renew the lease; False once it is lost."""
+        failure = self._put({"IfMatch": self.etag})
+        if failure in ("changed", "gone"):
+            self.lose(_LOST[failure])
+        # After a conflict (409) the next renewal tries again, within the TTL.
+        return self.lost is None
+
+    def lose(self, reason: str) -> None:
+        if self.lost is None:
+            self.lost = reason
+            log.error("lost the lock %s: %s", self.location, reason)
+
+    def check(self) -> None:
+        """Raise LockLost if the lease has ended."""
+        unrenewed_s = time.monotonic() - self.renewed_at
+        if unrenewed_s > self.ttl_s * 2 / 3:
+            self.lose(f"not renewed for {unrenewed_s:.1f} s")
+        if self.lost is not None:
+            raise LockLost(f"lost the lock {self.location} ({self.lost}); stopped before writing more, since "
+                           f"another process may now be writing {self.guards or 'what it guards'}")
+
+    def release(self) -> None:
+        """Delete the lock, only if it is still this holder's; never another's."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(self.location)
+        while True:
+            try:
+                _s3().delete_object(Bucket=bucket, Key=key, IfMatch=self.etag)
+                return
+            except ClientError as error:
+                failure = _condition_failed(error)
+                if failure is None:
+                    raise
+                if failure != "conflict":
+                    self.lose(_LOST[failure])
+                    return
+
+
+# The leases this process holds now, which every write checks.
+_held_leases: list[Lease] = []
+
+
+def _check_leases() -> None:
+    for lease in list(_held_leases):
+        lease.check()
+
+
+def _keep_renewing(lease: Lease, released: threading.Event) -> None:
+    while not released.wait(lease.ttl_s / 6):
+        try:
+            if not lease.renew():
+                return
+        except Exception as error:  # noqa: BLE001 - whatever stops the renewals ends the lease, saying why
+            lease.lose(f"renewing it failed: {error!r}")
+            return
+
+
+@contextlib.contextmanager
+def _s3_lock(lock_path: str, holder: str, guards: str) -> Iterator[Lease]:
+    lease = Lease(lock_path, guards, lock_ttl_s())
+    waiting = False
+    while not lease.acquire():
+        state = _lock_state(lock_path)
+        if state is not None and state.stale():
+            if lease.take_over(state.etag):
+                log.warning("took over %s, not renewed for %.0f s: its holder is gone", lock_path, state.age_s)
+                break
+            continue  # another taker won, or the holder let go: look again
+        if state is not None:
+            if holder and not waiting:
+                log.warning("waiting for another process, which is producing %s", holder)
+                waiting = True
+            time.sleep(min(1.0, lease.ttl_s / 4))
+    released = threading.Event()
+    renewer = threading.Thread(target=_keep_renewing, args=(lease, released), name=f"renew {lock_path}", daemon=True)
+    renewer.start()
+    _held_leases.append(lease)
+    try:
+        yield lease
     finally:
+        _held_leases.remove(lease)
         released.set()
         renewer.join()
-        _s3().delete_object(Bucket=bucket, Key=key)
+        lease.release()
+    # Lost while inside, after the last write: the task still fails, since another process may
+    # have been producing the same output alongside.
+    lease.check()
 
 
 def held_locks(folder: str | os.PathLike) -> list[str]:
-    """What the locks in `folder` that some process holds now guard (see `file_lock`)."""
+    """What the locks in `folder` that some process holds now guard (see `file_lock`); on S3, the
+    locks that are not stale by the server's clock."""
     if is_remote(folder):
-        return [json.loads(read_bytes(join(folder, key)))["guards"] for key, entry in _objects(str(folder))
-                if key.endswith(".lock") and "/" not in key
-                and (datetime.datetime.now(datetime.timezone.utc) - entry["LastModified"]).total_seconds()
-                <= LOCK_TTL_S]
+        states = [_lock_state(join(folder, key)) for key, _ in _objects(str(folder))
+                  if key.endswith(".lock") and "/" not in key]
+        return [state.guards for state in states if state is not None and not state.stale()]
     held = []
     for lock_path in sorted(Path(folder).glob("*.lock")) if Path(folder).is_dir() else []:
         with open(lock_path) as lock:

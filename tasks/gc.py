@@ -16,7 +16,7 @@ from pipeline.storage import absolute, held_locks, remove_tree, size_of
 from pipeline.leaderboard import leaderboard_rows, rebuild_leaderboard
 from pipeline.versioning import canonical_json, forget_folders, is_inside, read_index
 from tasks.config import layout
-from tasks.stage import index_path, locks_folder
+from tasks.stage import index_path, locks_folders
 
 
 def _configuration(key: str, index: dict, memo: dict) -> str:
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
     print(f"{len(found)} version(s), {total / 1e6:.1f} MB{'' if args.yes else '; pass --yes to remove them'}")
     if not args.yes:
         return 0
-    busy = held_locks(locks_folder())
+    busy = [path for folder in locks_folders() for path in held_locks(folder)]
     removed = []
     try:
         for item in found:

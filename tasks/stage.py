@@ -174,7 +174,8 @@ class Rerunnable(Identified):
             self.produced()
 
     def lock_path(self) -> str:
-        return storage.join(locks_folder(), f"{_short_hash(location(self.output().path), 20)}.lock")
+        output = location(self.output().path)
+        return storage.join(locks_folder(output), f"{_short_hash(output, 20)}.lock")
 
     def produce(self) -> None:
         """Write the output: unpack the inputs and call one `pipeline` function."""
@@ -310,8 +311,22 @@ def _thawed(value: Any) -> Any:
     return value
 
 
-def locks_folder() -> str:
-    return storage.join(layout().data_root, ".locks")
+def _roots() -> list[str]:
+    return [location(layout().data_root), location(layout().results_root)]
+
+
+def locks_folder(output: str) -> str:
+    """The lock folder of the layout root that holds `output` (the innermost, should one hold the
+    other), so that every machine writing `output` reaches its lock as it reaches the output: under
+    a local data_root, the lock of an output on S3 would be each machine's own."""
+    roots = _roots()
+    return storage.join(max((root for root in roots if versioning.is_inside(output, root)), key=len,
+                            default=roots[0]), ".locks")
+
+
+def locks_folders() -> list[str]:
+    """Every lock folder a stage's lock may be in (one when both roots are the same)."""
+    return list(dict.fromkeys(map(locks_folder, _roots())))
 
 
 def index_path() -> str:

@@ -109,8 +109,8 @@ def test_a_lock_left_by_a_dead_process_on_s3_is_taken_over(s3_server, monkeypatc
     lock = s3_server.uri(f"locks-{uuid.uuid4().hex[:8]}", "stage.lock")
     storage.write_bytes(lock, json.dumps({"guards": "results/run", "host": "gone", "pid": 1}).encode())
     assert storage.held_locks(storage.parent(lock)) == ["results/run"]
-    monkeypatch.setattr(storage, "LOCK_TTL_S", 1.0)
-    time.sleep(2.1)  # S3 times objects in whole seconds
+    monkeypatch.setenv(storage.LOCK_TTL_VARIABLE, "1")
+    time.sleep(3.1)  # S3 times objects in whole seconds: a lock is stale one second after its TTL
     assert storage.held_locks(storage.parent(lock)) == []
     with storage.file_lock(lock, guards="results/other"):
         assert json.loads(storage.read_bytes(lock))["guards"] == "results/other"
