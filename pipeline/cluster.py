@@ -1,7 +1,14 @@
 """A TensorFlow training cluster on this host: a chief, workers, a parameter server and an evaluator,
 each a process of its own with the TF_CONFIG that `tf.estimator.train_and_evaluate` reads, on
-loopback ports. TensorFlow's own runtime does the rest: the parameter server holds the variables,
+127.0.0.1 ports. TensorFlow's own runtime does the rest: the parameter server holds the variables,
 every trainer advances the shared global_step, the evaluator follows the chief's checkpoints.
+
+The spec's 127.0.0.1 is only the address the roles dial: TensorFlow 2.15's gRPC server binds
+0.0.0.0/:: and has no setting for its listen address, and an unauthenticated TensorFlow server runs
+any graph it is sent, file reads and writes included. So the roles run in a network namespace of
+their own (`network="private"`, see pipeline.netns), where no other process or host reaches them;
+`network="host"` is the explicit choice of ports open on every interface, for where that cannot be
+(S3 is not reachable from inside; some systems allow no user namespaces).
 
 The processes are this module's to start and to end: a parameter server never exits by itself,
 and a role left running after a failure would hold its port and a core. They die with the process
@@ -9,33 +16,35 @@ that started them (PR_SET_PDEATHSIG), so even a SIGKILLed Train task leaves none
 """
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from pipeline.errors import PipelineError
+from pipeline import netns, storage
+from pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger(__name__)
 
 PARAMETER_SERVER = "parameter_server"
 MIRRORED = "mirrored"
 STRATEGIES = (PARAMETER_SERVER, MIRRORED)
+PRIVATE = "private"
+HOST = "host"
+NETWORKS = (PRIVATE, HOST)
 # The chief's line once its session exists and the variables are set (its first checkpoint): a
 # worker started before that sleeps 30 s before it looks again (the session manager's default).
 CHIEF_READY = "Saving checkpoints for"
 # The file whose existence lets workers and the evaluator go on from there: they start with the chief
 # and import TensorFlow and build their graph meanwhile, then wait for it (see `wait_for_start`).
 START_SIGNAL = "PIPELINE_CLUSTER_START"
-_PR_SET_PDEATHSIG = 1
 
 
 class ClusterError(PipelineError):
@@ -72,8 +81,24 @@ def tf_config(cluster: dict[str, list[str]], role: Role) -> str:
     return json.dumps({"cluster": cluster, "task": {"type": role.type, "index": role.index}})
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def check_network(network: str, locations: Sequence[str]) -> None:
+    """ConfigError, saying why and what to do, unless a local cluster can run with `network` here
+    and its roles can reach `locations` (the run's folders, or the roots that hold them)."""
+    if network not in NETWORKS:
+        raise ConfigError(f"cluster_network={network!r}; expected one of {', '.join(NETWORKS)}")
+    if network == HOST:
+        return
+    opt_in = ("set cluster_network=host (--Train-cluster-network host) to run the roles in this host's network "
+              "instead, with each role's TensorFlow server listening on every interface, open to whoever "
+              "reaches this machine")
+    remote = [location for location in locations if storage.is_remote(location)]
+    if remote:
+        raise ConfigError(f"distribute=local with cluster_network=private and {remote[0]}: the roles of a private "
+                          f"cluster cannot reach S3; {opt_in}")
+    reason = netns.unavailable_because()
+    if reason:
+        raise ConfigError(f"distribute=local with cluster_network=private: {reason} (user namespaces are not "
+                          f"allowed here); {opt_in}")
 
 
 def role_from_env() -> Role:
@@ -97,14 +122,22 @@ def wait_for_start(timeout_s: float = 600.0) -> None:
 
 
 class _Running:
-    def __init__(self, role: Role, command: Sequence[str], cluster: dict, log_dir: Path):
+    def __init__(self, role: Role, command: Sequence[str], cluster: dict, log_dir: Path,
+                 join_network: Callable[[], None] | None):
         self.role, self.log_path = role, log_dir / f"{role.name}.log"
         env = {**os.environ, "TF_CONFIG": tf_config(cluster, role)}
         if role.type in ("worker", "evaluator"):
             env[START_SIGNAL] = str(log_dir / "start")
+
+        def prepare() -> None:
+            if join_network:
+                join_network()
+            # After setns: a change of credentials may clear the setting.
+            netns.die_with_parent()
+
         with open(self.log_path, "w") as handle:
             self.process = subprocess.Popen(list(command), stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                            preexec_fn=_die_with_parent)
+                                            preexec_fn=prepare)
 
     def tail(self, lines: int = 15) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -122,19 +155,31 @@ class _Running:
                 self.process.wait()
 
 
-def run_local_cluster(command: Sequence[str], workers: int, strategy: str, *,
+def run_local_cluster(command: Sequence[str], workers: int, strategy: str, *, network: str = PRIVATE,
                       ready_timeout_s: float = 300.0) -> dict[str, str]:
     """Run `command` once per role of a local cluster, each with its TF_CONFIG, until the chief,
-    the workers and the evaluator have exited; the parameter server is then stopped. Returns each
-    role's log. Raises ClusterError, naming the role and the end of its log, as soon as a role
-    fails; every role is stopped whatever happens."""
+    the workers and the evaluator have exited; the parameter server is then stopped. The roles
+    share a private network namespace, or with `network="host"` this host's network (see the
+    module's doc). Returns each role's log. Raises ClusterError, naming the role and the end of
+    its log, as soon as a role fails; every role is stopped whatever happens."""
     if strategy not in STRATEGIES:
         raise ClusterError(f"strategy={strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    check_network(network, [])
     cluster = local_cluster(workers, strategy)
+    if network == HOST:
+        ports = sorted(address.rsplit(":", 1)[1] for addresses in cluster.values() for address in addresses)
+        log.warning("cluster_network=host: the cluster's TensorFlow servers listen on every interface, on ports %s, "
+                    "and run any graph that whoever reaches them sends", ", ".join(ports))
+    with netns.private_network() if network == PRIVATE else contextlib.nullcontext() as join_network:
+        return _run_roles(command, cluster, workers, strategy, join_network, ready_timeout_s)
+
+
+def _run_roles(command: Sequence[str], cluster: dict, workers: int, strategy: str,
+               join_network: Callable[[], None] | None, ready_timeout_s: float) -> dict[str, str]:
     running: list[_Running] = []
     with tempfile.TemporaryDirectory(prefix="cluster-") as folder:
         log_dir = Path(folder)
-        start = lambda role: running.append(_Running(role, command, cluster, log_dir))  # noqa: E731
+        start = lambda role: running.append(_Running(role, command, cluster, log_dir, join_network))  # noqa: E731
         try:
             for index in range(len(cluster.get("ps", []))):
                 start(Role("ps", index))

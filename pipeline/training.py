@@ -286,15 +286,19 @@ def train_model(model_file: str, params_overrides: Mapping[str, Any], convert_di
                 run_dir: str, marker_path: str, *, max_steps: int, batch_size: int,
                 run_config: Mapping[str, Any], eval_throttle_secs: int = 0, early_stopping_steps: int = 0,
                 distribute: str = "none", cluster_workers: int = 2, strategy: str = cluster.PARAMETER_SERVER,
-                hooks: Sequence[tf.estimator.SessionRunHook] = (), progress: Progress | None = None) -> dict:
+                cluster_network: str = cluster.PRIVATE, hooks: Sequence[tf.estimator.SessionRunHook] = (),
+                progress: Progress | None = None) -> dict:
     """Train to `max_steps` (resuming from model_dir), evaluating on the validation split after
     each checkpoint (at most once per `eval_throttle_secs`) and exporting the best model by
     validation loss; stop early after `early_stopping_steps` steps without a lower validation
     loss (0: never). With `distribute="local"`, train as a cluster on this host instead: a chief
     and `cluster_workers` workers, with a parameter server (`strategy="parameter_server"`,
-    asynchronous) or in lockstep (`"mirrored"`), and an evaluator. Then export the final model
-    and write the marker last."""
+    asynchronous) or in lockstep (`"mirrored"`), and an evaluator, in a network namespace of its
+    own (`cluster_network="private"`) or this host's (`"host"`: see pipeline.cluster). Then export
+    the final model and write the marker last."""
     models.validate_training_settings(max_steps, batch_size, run_config)
+    if distribute == "local":
+        cluster.check_network(cluster_network, [convert_dir, run_dir])
     metadata = read_json(metadata_path)
     model = models.load_model(model_file)
     dataset = {"n_classes": len(metadata["class_names"]), "image_shape": metadata["image_shape"]}
@@ -313,7 +317,7 @@ def train_model(model_file: str, params_overrides: Mapping[str, Any], convert_di
         logs = cluster.run_local_cluster(
             [sys.executable, "-m", "pipeline.training", json.dumps({"model_dir": model_dir, **training,
                                                                     "strategy": strategy})],
-            cluster_workers, strategy)
+            cluster_workers, strategy, network=cluster_network)
         for role, text in logs.items():
             storage.write_bytes(storage.join(model_dir, CLUSTER_LOGS, f"{role}.log"), text.encode())
         estimator = build_estimator(model_dir)

@@ -19,7 +19,7 @@ import luigi
 from luigi.util import inherits
 
 from pipeline import download, storage
-from pipeline.cluster import PARAMETER_SERVER, STRATEGIES
+from pipeline.cluster import NETWORKS, PARAMETER_SERVER, PRIVATE, STRATEGIES, check_network
 from pipeline.convert import (PLAN_FILE, SPLITS, finalize_conversion, plan_conversion, report_name, shard_name,
                               shard_paths, validate_conversion_params, write_shard)
 from pipeline.errors import ConfigError, StageOutputError
@@ -200,6 +200,12 @@ class Train(Stage):
         default=PARAMETER_SERVER, choices=STRATEGIES,
         description="With distribute=local: parameter_server (asynchronous: each trainer steps on its own) "
                     "or mirrored (MultiWorkerMirroredStrategy: all trainers compute each step together)")
+    cluster_network = luigi.ChoiceParameter(
+        default=PRIVATE, choices=NETWORKS, significant=False,
+        description="With distribute=local: private: the roles share a network namespace of their own, where "
+                    "nothing else reaches their TensorFlow servers (needs user namespaces, and local roots); "
+                    "host: in this host's network, each role's server listening on every interface, open to "
+                    "whoever reaches this machine (TensorFlow cannot listen on 127.0.0.1 only)")
 
     def validate(self):
         model_file = resolve_model_file(self.model_def)
@@ -212,6 +218,11 @@ class Train(Stage):
             if self.early_stopping_steps:
                 raise ConfigError(f"early_stopping_steps={self.early_stopping_steps} with distribute="
                                   f"{self.distribute}; early stopping needs distribute=none")
+        if self.distribute == "local":
+            try:
+                check_network(self.cluster_network, [layout().data_root, layout().results_root])
+            except ConfigError as error:  # refused as the command starts, where no task is named otherwise
+                raise ConfigError(f"{self.get_task_family()}: {error}") from None
         if self.early_stopping_steps < 0 or self.eval_throttle_secs < 0:
             raise ConfigError(f"early_stopping_steps={self.early_stopping_steps}, eval_throttle_secs="
                               f"{self.eval_throttle_secs}; expected 0 (off) or a positive number")
@@ -269,6 +280,7 @@ class Train(Stage):
                         batch_size=self.batch_size, run_config=self.run_config(),
                         eval_throttle_secs=self.eval_throttle_secs, early_stopping_steps=self.early_stopping_steps,
                         distribute=self.distribute, cluster_workers=self.cluster_workers, strategy=self.strategy,
+                        cluster_network=self.cluster_network,
                         progress=progress)
 
 

@@ -31,7 +31,9 @@ INSIGNIFICANT = {"Download": {"parallel_fetches": "2", "timeout_s": "5"},
                  "Train": {"save_checkpoints_steps": "3", "eval_throttle_secs": "60", "keep_checkpoint_max": "9",
                            "log_step_count_steps": "3", "save_summary_steps": "3",
                            # The shape of a cluster, when training runs in one process (distribute=none).
-                           "cluster_workers": "3", "strategy": "mirrored"},
+                           "cluster_workers": "3", "strategy": "mirrored",
+                           # Where a cluster's roles listen is no part of what they train.
+                           "cluster_network": "host"},
                  "Evaluate": {"batch_size": "7"}, "Predict": {"batch_size": "7"}}
 
 
