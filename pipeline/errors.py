@@ -46,3 +46,12 @@ class ModelDefinitionError(PipelineError):
 
 class StageOutputError(PipelineError):
     """A stage finished without producing what it promises."""
+
+
+class RefusedURL(DownloadError):
+    """A URL the download may not fetch, whatever it holds: a local file named by a remote manifest,
+    a link-local or cloud-metadata address, or a private address named from a public one."""
+
+
+class SizeCapExceeded(DownloadError):
+    """A fetch passed its byte cap: one manifest image's, or the whole download's."""
