@@ -262,7 +262,8 @@ def test_the_embedded_archive_fits_the_bomb_budget(tmp_path):
 def test_redact_url_hides_passwords_and_queries_but_tells_queries_apart(url, shown):
     query_hash = hashlib.sha256(b"X-Amz-Signature=SECRETSIG").hexdigest()[:16]
     assert download.redact_url(url) == shown.format(query_hash)
-    assert download.redact_url(url.replace("SECRETSIG", "OTHER")) != download.redact_url(url) or "?" not in url
+    if "?" in url:
+        assert download.redact_url(url.replace("SECRETSIG", "OTHER")) != download.redact_url(url)
 
 
 def serve_images(file_server, count: int = 2) -> list[str]:
