@@ -7,22 +7,29 @@ rename, with the marker already inside), so a crash never leaves a folder that l
 """
 from __future__ import annotations
 
+import base64
 import csv
+import functools
+import hashlib
 import http.client
+import ipaddress
 import logging
 import re
+import socket
 import stat
 import tarfile
 import tempfile
-import time
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 import zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path, PurePosixPath
 
-from pipeline.errors import ChecksumMismatch, ConfigError, DatasetError, DownloadError, UnsafeArchiveError
+from pipeline.errors import (ChecksumMismatch, ConfigError, DatasetError, DownloadError, RefusedURL, SizeCapExceeded,
+                             UnsafeArchiveError)
 from pipeline import storage
 from pipeline.storage import (TEMP_INFIX, atomic_path, flush_to_disk, publish_folder, remove_tree, sha256_file, visible,
                               visible_keys, write_json)
@@ -37,6 +44,18 @@ _CHUNK = 1 << 16
 # Caps on what an archive may extract to: a bomb is refused before anything is written.
 MAX_EXTRACTED_BYTES = 20 << 30
 MAX_COMPRESSION_RATIO = 100.0
+# What each member costs beside its bytes (an inode and a directory entry; a folder takes a 4 KiB
+# block): 50,000 empty folders in a 235 KB tar.gz take 206 MB, a bomb made of entries, not bytes.
+MEMBER_OVERHEAD_BYTES = 1 << 10
+# Caps on what a download may fetch: one manifest image, and the whole download (the archive, or
+# every manifest image together), so that `file:///dev/zero` or an endless body fails instead of
+# filling the disk.
+MAX_IMAGE_BYTES = 64 << 20
+MAX_DOWNLOAD_BYTES = 20 << 30
+# Addresses never fetched: link-local ones (169.254.169.254 is the metadata service of AWS, GCP and
+# Azure) and the other clouds' metadata services, which hand out credentials to whoever asks.
+METADATA_ADDRESSES = frozenset(map(ipaddress.ip_address, ("100.100.100.200", "fd00:ec2::254")))
+METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata.goog", "metadata"})
 _CHECKSUM_FRAGMENT = re.compile(r"sha256=([0-9a-fA-F]{64})")
 
 
@@ -49,7 +68,7 @@ def split_checksum(url: str) -> tuple[str, str | None]:
         return url, None
     match = _CHECKSUM_FRAGMENT.fullmatch(fragment)
     if match is None:
-        raise ConfigError(f"source URL {url!r} ends in '#{fragment}'; the only fragment understood is "
+        raise ConfigError(f"source URL {redact_url(url)!r} ends in '#{fragment}'; the only fragment understood is "
                           "'#sha256=' followed by the 64 hex digits of the file's sha256")
     return base, match.group(1).lower()
 
@@ -57,7 +76,7 @@ def split_checksum(url: str) -> tuple[str, str | None]:
 def _check_scheme(url: str) -> urllib.parse.SplitResult:
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in SCHEMES:
-        raise ConfigError(f"URL {url!r} has scheme {parsed.scheme!r}; expected one of {', '.join(SCHEMES)}")
+        raise ConfigError(f"URL {redact_url(url)!r} has scheme {parsed.scheme!r}; expected one of {', '.join(SCHEMES)}")
     return parsed
 
 
@@ -68,44 +87,211 @@ def source_kind(url: str) -> str:
         return "archive"
     if path.endswith(MANIFEST_SUFFIX):
         return "manifest"
-    raise ConfigError(f"source URL {url!r} must end in one of {', '.join(ARCHIVE_SUFFIXES)} (an image-folder "
+    raise ConfigError(f"source URL {redact_url(url)!r} must end in one of {', '.join(ARCHIVE_SUFFIXES)} (an image-folder "
                       f"archive) or {MANIFEST_SUFFIX} (a manifest of url,label lines)")
 
 
+def redact_url(url: str) -> str:
+    """`url` as it may be shown or stored: a password (`user:password@`) becomes `***`, and a query
+    (a presigned URL's signature) becomes a hash of it, which still tells two queries apart."""
+    parsed = urllib.parse.urlsplit(url)
+    if "@" not in parsed.netloc and not parsed.query:
+        return url
+    user, at, host = parsed.netloc.rpartition("@")
+    if at and ":" in user:
+        user = f"{user.partition(':')[0]}:***"
+    query = f"redacted-sha256={hashlib.sha256(parsed.query.encode()).hexdigest()[:16]}" if parsed.query else ""
+    return urllib.parse.urlunsplit((parsed.scheme, f"{user}{at}{host}", parsed.path, query, parsed.fragment))
+
+
+def _is_private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return not address.is_global
+
+
+def _refused_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address, private_ok: bool) -> str | None:
+    """Why `address` may not be connected to, or None."""
+    address = getattr(address, "ipv4_mapped", None) or address
+    if address.is_link_local or address in METADATA_ADDRESSES:
+        return "a link-local or cloud-metadata address, never fetched"
+    if _is_private(address) and not private_ok:
+        return ("a private or loopback address, named from a public one (allow it with "
+                "--Download-allow-private-addresses)")
+    return None
+
+
+class FetchGuard:
+    """What the fetches of one download share: which addresses they may connect to, the byte cap
+    of the whole download, and a stop signal that ends them all at once.
+
+    Every connection, a redirect's included, is made here: the host name is resolved, each
+    address checked, and the socket connected to a checked address, so a name that resolves
+    differently a second time cannot slip past. `private_ok` allows private and loopback
+    addresses; link-local and cloud-metadata ones are refused always, before any connection.
+    Environment proxies are not used: through one, the address connected to would be the proxy's.
+    """
+
+    def __init__(self, *, private_ok: bool = True, max_total_bytes: int = MAX_DOWNLOAD_BYTES):
+        self.private_ok, self.max_total_bytes = private_ok, max_total_bytes
+        self.stopped = threading.Event()
+        self._total, self._lock = 0, threading.Lock()
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self.opener = urllib.request.OpenerDirector()
+        for handler in (urllib.request.UnknownHandler(), _GuardedHTTPHandler(self), _GuardedHTTPSHandler(self),
+                        urllib.request.HTTPDefaultErrorHandler(), _HTTPOnlyRedirectHandler(),
+                        urllib.request.FileHandler(), urllib.request.HTTPErrorProcessor()):
+            self.opener.add_handler(handler)
+
+    def check_host(self, host: str, port: int) -> list[tuple]:
+        """The addresses `host` resolves to, each allowed; RefusedURL otherwise, before any connection."""
+        if host.rstrip(".").lower() in METADATA_HOSTS:
+            raise RefusedURL(f"host {host!r} is a cloud metadata service, never fetched")
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        for *_, sockaddr in infos:
+            why = _refused_address(ipaddress.ip_address(sockaddr[0].partition("%")[0]), self.private_ok)
+            if why:
+                raise RefusedURL(f"host {host!r} is {sockaddr[0]}, {why}")
+        return infos
+
+    def connect(self, address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None) -> socket.socket:
+        """socket.create_connection, to a checked address of `address`'s host only."""
+        host, port = address
+        error = None
+        for family, kind, proto, _, sockaddr in self.check_host(host, port):
+            sock = socket.socket(family, kind, proto)
+            try:
+                if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                    sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as failure:
+                error = failure
+                sock.close()
+        raise error
+
+    def count(self, size: int, url: str) -> None:
+        """Add `size` fetched bytes to the download's total; SizeCapExceeded past its cap."""
+        with self._lock:
+            self._total += size
+            total = self._total
+        if total > self.max_total_bytes:
+            raise SizeCapExceeded(f"{redact_url(url)}: the download passed its cap of {self.max_total_bytes} bytes "
+                                  "in all (raise --Download-max-download-bytes to allow more)")
+
+    def register(self, sock: socket.socket) -> None:
+        """Have `stop` end what `sock` is reading (once connected: TLS replaces the plain socket)."""
+        self._sockets.add(sock)
+        if self.stopped.is_set():
+            raise _Stopped()
+
+    def stop(self) -> None:
+        """End every fetch: pending ones do not start, and blocked reads return at once."""
+        self.stopped.set()
+        for sock in list(self._sockets):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # not connected yet, or already closed
+
+
+class _Stopped(Exception):
+    """A fetch ended because another one failed first (see FetchGuard.stop)."""
+
+
+class _GuardedConnection:
+    def __init__(self, *args, guard: FetchGuard, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._guard = guard
+        self._create_connection = guard.connect
+
+    def connect(self):
+        super().connect()
+        self._guard.register(self.sock)
+
+
+class _GuardedHTTPConnection(_GuardedConnection, http.client.HTTPConnection):
+    pass
+
+
+class _GuardedHTTPSConnection(_GuardedConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, guard: FetchGuard):
+        super().__init__()
+        self._connection = functools.partial(_GuardedHTTPConnection, guard=guard)
+
+    def http_open(self, req):
+        return self.do_open(self._connection, req)
+
+
+class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, guard: FetchGuard):
+        super().__init__()
+        self._connection = functools.partial(_GuardedHTTPSConnection, guard=guard)
+
+    def https_open(self, req):
+        return self.do_open(self._connection, req, context=self._context)
+
+
+class _HTTPOnlyRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Redirects to http(s) only (urllib's own also follows ftp, which would bypass the guard),
+    with no credentials for another host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = urllib.parse.urljoin(req.full_url, newurl)
+        if urllib.parse.urlsplit(target).scheme not in ("http", "https"):
+            raise RefusedURL(f"redirects to {redact_url(target)}; only http(s) redirects are followed")
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and new.host != req.host:
+            new.remove_header("Authorization")  # the credentials are the first host's, not the next one's
+        return new
+
+
 def fetch(url: str, destination: Path, sha256: str | None = None, *, retries: int = 4,
-          backoff_s: float = 0.5, timeout_s: float = 60.0, progress: Progress | None = None) -> str:
+          backoff_s: float = 0.5, timeout_s: float = 60.0, progress: Progress | None = None,
+          max_bytes: int = MAX_DOWNLOAD_BYTES, guard: FetchGuard | None = None) -> str:
     """Stream `url` into `destination` atomically and return its sha256.
 
     Connection errors, stalls longer than `timeout_s`, bodies shorter than their Content-Length
     and 5xx replies are retried with exponential backoff. A retry after part of the body arrived
     asks for the rest with a `Range` request (and starts over if the server ignores it). Any
-    other HTTP error (a 404 above all) fails at once. A digest mismatch leaves nothing at
-    `destination`.
+    other HTTP error (a 404 above all), an address `guard` refuses and a body over `max_bytes`
+    fail at once. A failure leaves nothing at `destination`.
     """
     local = _check_scheme(url).scheme == "file"
+    guard = guard or FetchGuard()
+    shown = redact_url(url)
     destination = Path(destination)
     with atomic_path(destination) as partial:
         for attempt in range(retries + 1):
             try:
-                _fetch_into(url, partial, timeout_s, progress)
+                _fetch_into(url, partial, timeout_s, progress, max_bytes, guard)
                 break
+            except RefusedURL as error:
+                raise RefusedURL(f"{shown}: {error}") from None
             except urllib.error.HTTPError as error:
                 if error.code < 500 or attempt == retries:
-                    raise DownloadError(f"{url}: HTTP {error.code} {error.reason}") from error
+                    raise DownloadError(f"{shown}: HTTP {error.code} {error.reason}") from error
                 reason = f"HTTP {error.code}"
             except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as error:
+                if guard.stopped.is_set():
+                    raise _Stopped() from error
                 reason = _describe(error, timeout_s)
                 if local:  # a file that cannot be read will not appear by waiting
-                    raise DownloadError(f"{url}: {reason}") from error
+                    raise DownloadError(f"{shown}: {reason}") from error
                 if attempt == retries:
-                    raise DownloadError(f"{url}: {reason} (gave up after {retries + 1} attempts)") from error
+                    raise DownloadError(f"{shown}: {reason} (gave up after {retries + 1} attempts)") from error
             delay = backoff_s * 2 ** attempt
             log.warning("fetching %s failed (%s); retrying in %.1f s, resuming after %d bytes",
-                        url, reason, delay, partial.stat().st_size)
-            time.sleep(delay)
+                        shown, reason, delay, partial.stat().st_size)
+            if guard.stopped.wait(delay):
+                raise _Stopped()
         digest = sha256_file(partial)
         if sha256 and digest != sha256.lower():
-            raise ChecksumMismatch(f"{url}: sha256 is {digest}, expected {sha256.lower()}")
+            raise ChecksumMismatch(f"{shown}: sha256 is {digest}, expected {sha256.lower()}")
     return digest
 
 
@@ -122,37 +308,62 @@ def _file_name(url: str) -> str:
     return PurePosixPath(urllib.parse.urlsplit(url).path).name
 
 
-def _fetch_into(url: str, partial: Path, timeout_s: float, progress: Progress | None) -> None:
+def _request(url: str, headers: dict[str, str]) -> urllib.request.Request:
+    """A request for `url`; its `user:password@`, which urllib would take for part of the host
+    name, sent as HTTP Basic authentication instead."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.username is None:
+        return urllib.request.Request(url, headers=headers)
+    credentials = f"{urllib.parse.unquote(parsed.username)}:{urllib.parse.unquote(parsed.password or '')}"
+    headers = {**headers, "Authorization": f"Basic {base64.b64encode(credentials.encode()).decode()}"}
+    return urllib.request.Request(parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl(), headers=headers)
+
+
+def _fetch_into(url: str, partial: Path, timeout_s: float, progress: Progress | None, max_bytes: int,
+                guard: FetchGuard) -> None:
     """Fetch `url` into `partial`, continuing after the bytes already there when the server allows."""
     name = _file_name(url)
     have = partial.stat().st_size
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+    request = _request(url, {"Range": f"bytes={have}-"} if have else {})
+    too_big = f"{redact_url(url)}: more than {max_bytes} bytes, its cap"
+    with guard.opener.open(request, timeout=timeout_s) as response:
         resumed = have > 0 and getattr(response, "status", 200) == 206 and \
             response.headers.get("Content-Range", "").startswith(f"bytes {have}-")
         received = have if resumed else 0
         length = response.headers.get("Content-Length")
         expected = received + int(length) if length is not None else None
+        if expected is not None and expected > max_bytes:
+            raise SizeCapExceeded(f"{too_big} (its Content-Length says {expected})")
         with open(partial, "ab" if resumed else "wb") as out:
             while chunk := response.read(_CHUNK):
+                if guard.stopped.is_set():
+                    raise _Stopped()
                 out.write(chunk)
                 received += len(chunk)
+                guard.count(len(chunk), url)
+                if received > max_bytes:
+                    raise SizeCapExceeded(too_big)
                 if progress:
                     progress(received, expected, "bytes", name)
+        if guard.stopped.is_set():
+            raise _Stopped()
         if expected is not None and received != expected:
             raise http.client.IncompleteRead(b"", expected - received)
 
 
 def download_dataset(source_url: str, target: str, marker_name: str, *,
                      workers: int = 8, retries: int = 4, backoff_s: float = 0.5, timeout_s: float = 60.0,
-                     skip_failed_images: bool = False, progress: Progress | None = None) -> dict:
+                     skip_failed_images: bool = False, max_image_bytes: int = MAX_IMAGE_BYTES,
+                     max_download_bytes: int = MAX_DOWNLOAD_BYTES, allow_private_addresses: bool = False,
+                     progress: Progress | None = None) -> dict:
     """Fetch `source_url` into `target/<class>/<file>` and write `target/<marker_name>` inside it.
 
     A URL ending in `#sha256=<hex>` is checked against that sha256 (see `split_checksum`). In an
     archive, files beside the class folders (a LICENSE, a README) are kept but listed under
     "ignored". In a manifest, an image that cannot be fetched fails the download, naming its URL,
-    unless `skip_failed_images`: then it is left out and listed under "failed" in the marker.
-    Returns the summary written to the marker.
+    unless `skip_failed_images`: then it is left out and listed under "failed" in the marker
+    (see `fetch_manifest` for what a manifest may name and the byte caps). The marker shows the
+    source URL redacted (`redact_url`). Returns the summary written to the marker.
     """
     kind = source_kind(source_url)
     source_url, sha256 = split_checksum(source_url)
@@ -168,23 +379,25 @@ def download_dataset(source_url: str, target: str, marker_name: str, *,
         if kind == "archive":
             archive = work / _file_name(source_url)
             digest = fetch(source_url, archive, sha256, retries=retries, backoff_s=backoff_s,
-                           timeout_s=timeout_s, progress=progress)
+                           timeout_s=timeout_s, progress=progress, max_bytes=max_download_bytes)
             extract_archive(archive, tree)
             root, ignored = class_root(tree)
             failed = []
         else:
             manifest = work / "manifest.csv"
-            digest = fetch(source_url, manifest, sha256, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s)
+            digest = fetch(source_url, manifest, sha256, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s,
+                           max_bytes=max_download_bytes)
             root, ignored = tree, []
             failed = fetch_manifest(manifest, source_url, root, workers=workers, retries=retries,
                                     backoff_s=backoff_s, timeout_s=timeout_s, skip_failed=skip_failed_images,
-                                    progress=progress)
+                                    max_image_bytes=max_image_bytes, max_download_bytes=max_download_bytes,
+                                    allow_private_addresses=allow_private_addresses, progress=progress)
         counts = {c.name: len(visible_keys(c)) for c in sorted(root.iterdir()) if c.is_dir() and visible(c.name)}
         if len(counts) < 2:
-            raise DatasetError(f"{source_url}: found class folders {sorted(counts)}; expected at least two "
+            raise DatasetError(f"{redact_url(source_url)}: found class folders {sorted(counts)}; expected at least two "
                                "folders, one per class, each holding images (beside them, loose files are "
                                "ignored, and one wrapping folder is looked through)")
-        summary = {"source_url": source_url, "sha256": digest, "kind": kind, "images_per_class": counts,
+        summary = {"source_url": redact_url(source_url), "sha256": digest, "kind": kind, "images_per_class": counts,
                    "ignored": ignored, "failed": failed}
         flush_to_disk()
         write_json(root / marker_name, summary)
@@ -203,8 +416,8 @@ def extract_archive(archive: Path, target: Path, *, max_bytes: int = MAX_EXTRACT
                     max_ratio: float = MAX_COMPRESSION_RATIO) -> None:
     """Extract a tar or zip archive into `target`, refusing, before anything is written, any member
     that is not a plain file or folder, that would land outside `target`, or that takes the
-    extracted total past `max_bytes` or past `max_ratio` times the archive's size (a bomb). The
-    error names the member."""
+    extracted total (each member's size plus `MEMBER_OVERHEAD_BYTES`) past `max_bytes` or past
+    `max_ratio` times the archive's size (a bomb). The error names the member."""
     target.mkdir(parents=True, exist_ok=True)
     root = target.resolve()
     budget = _ExtractionBudget(archive, max_bytes, max_ratio)
@@ -233,7 +446,8 @@ def extract_archive(archive: Path, target: Path, *, max_bytes: int = MAX_EXTRACT
 
 
 class _ExtractionBudget:
-    """Running total of an archive's declared member sizes, against the caps on size and ratio."""
+    """Running total of an archive's declared member sizes, each plus `MEMBER_OVERHEAD_BYTES`,
+    against the caps on size and ratio."""
 
     def __init__(self, archive: Path, max_bytes: int, max_ratio: float):
         self._archive, self._total = archive, 0
@@ -242,7 +456,7 @@ class _ExtractionBudget:
                      f"more than {max_ratio:g} times the archive's {archive.stat().st_size} bytes")
 
     def add(self, member: str, size: int) -> None:
-        self._total += size
+        self._total += size + MEMBER_OVERHEAD_BYTES
         if self._total > self._limit:
             raise UnsafeArchiveError(f"{self._archive.name}: member {member!r} takes the extracted size to "
                                      f"{self._total} bytes, {self._why} (a decompression bomb?)")
@@ -267,56 +481,115 @@ def class_root(tree: Path) -> tuple[Path, list[str]]:
         root = folders[0]
 
 
-def read_manifest(manifest: Path, manifest_url: str) -> list[tuple[str, str]]:
-    """(absolute URL, label) pairs; relative URLs resolve against the manifest's own URL."""
+def _absolute_file_url(url: str) -> str:
+    """A `file:` URL with its path made absolute: `file:data/m.csv` is relative to the working
+    directory, which urljoin cannot know (it would resolve `imgs/1.png` to `file:///data/imgs/1.png`)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.path.startswith("/"):
+        return url
+    return Path(urllib.parse.unquote(parsed.path)).absolute().as_uri()
+
+
+def read_manifest(manifest: Path, manifest_url: str) -> list[tuple[int, str, str]]:
+    """(line number, absolute URL, label) of each image; relative URLs resolve against the
+    manifest's own URL. A manifest fetched over http(s) may name http(s) images only: a `file:`
+    line there would read this machine's files, so it is refused (RefusedURL)."""
+    remote = urllib.parse.urlsplit(manifest_url).scheme != "file"
+    base = manifest_url if remote else _absolute_file_url(manifest_url)
+    shown = redact_url(manifest_url)
     rows = []
     with open(manifest, newline="", encoding="utf-8") as handle:
         for line_number, row in enumerate(csv.reader(handle), start=1):
             if not row or (line_number == 1 and [c.strip().lower() for c in row] == ["url", "label"]):
                 continue
             if len(row) != 2 or not row[0].strip() or not row[1].strip():
-                raise DatasetError(f"{manifest_url}: line {line_number} is {row!r}; expected 'url,label'")
-            url, label = row[0].strip(), row[1].strip()
+                raise DatasetError(f"{shown}: line {line_number} is {row!r}; expected 'url,label'")
+            url, label = urllib.parse.urljoin(base, row[0].strip()), row[1].strip()
             if label.startswith(".") or "/" in label or "\\" in label:
-                raise DatasetError(f"{manifest_url}: line {line_number} has label {label!r}; a label becomes a "
+                raise DatasetError(f"{shown}: line {line_number} has label {label!r}; a label becomes a "
                                    "folder name, so it may not contain '/' or start with '.'")
-            rows.append((urllib.parse.urljoin(manifest_url, url), label))
+            scheme = urllib.parse.urlsplit(url).scheme
+            allowed = ("http", "https") if remote else SCHEMES
+            if scheme not in allowed:
+                raise RefusedURL(f"{shown}: line {line_number} names {redact_url(url)}; a manifest fetched over "
+                                 f"{urllib.parse.urlsplit(manifest_url).scheme} may name "
+                                 f"{' or '.join(allowed)} images only")
+            rows.append((line_number, url, label))
     if not rows:
-        raise DatasetError(f"{manifest_url}: the manifest lists no images; expected 'url,label' lines")
+        raise DatasetError(f"{shown}: the manifest lists no images; expected 'url,label' lines")
     return rows
+
+
+def image_paths(rows: list[tuple[int, str, str]], target: Path, manifest_url: str) -> list[tuple[int, str, Path]]:
+    """(line number, URL, file) of each image: `target/<label>/<name from the URL>`. Two URLs with
+    one name in one class are kept apart by a hash of the URL before the extension; one URL twice
+    in one class (or a name that still collides) fails, naming both lines."""
+    line_of_name: dict[tuple[str, str], int] = {}
+    line_of_url: dict[tuple[str, str], int] = {}
+    jobs = []
+    for line_number, url, label in rows:
+        name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name or f"line{line_number}"
+        if (label, name) in line_of_name and (label, url) not in line_of_url:
+            stem, dot, suffix = name.partition(".")
+            name = f"{stem}-{hashlib.sha256(url.encode()).hexdigest()[:8]}{dot}{suffix}"
+        earlier = line_of_url.get((label, url)) or line_of_name.get((label, name))
+        if earlier:
+            raise DatasetError(f"{redact_url(manifest_url)}: lines {earlier} and {line_number} both put "
+                               f"{redact_url(url)} in class {label!r} as {name!r}; expected each image once")
+        line_of_name[label, name] = line_of_url[label, url] = line_number
+        jobs.append((line_number, url, target / label / name))
+    return jobs
+
+
+def _private_origin(url: str) -> bool:
+    """Whether `url` is a local file or its host resolves to private or loopback addresses only."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "file":
+        return True
+    try:
+        infos = socket.getaddrinfo(parsed.hostname or "", parsed.port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return all(_is_private(ipaddress.ip_address(info[4][0].partition("%")[0])) for info in infos)
 
 
 def fetch_manifest(manifest: Path, manifest_url: str, target: Path, *, workers: int, retries: int,
                    backoff_s: float, timeout_s: float = 60.0, skip_failed: bool = False,
-                   progress: Progress | None = None) -> list[dict[str, str]]:
+                   max_image_bytes: int = MAX_IMAGE_BYTES, max_download_bytes: int = MAX_DOWNLOAD_BYTES,
+                   allow_private_addresses: bool = False, progress: Progress | None = None) -> list[dict[str, str]]:
     """Fetch every image the manifest lists, in parallel, into `target/<label>/<file>`.
 
-    Returns the images skipped (url, label, error) when `skip_failed`; otherwise the first
-    failure is raised, naming its URL.
+    A manifest on a public address may not name private or loopback ones (unless
+    `allow_private_addresses`); link-local and cloud-metadata addresses are refused always. Each
+    image may hold `max_image_bytes`, all of them together `max_download_bytes`. Returns the
+    images skipped (url, label, error) when `skip_failed`; otherwise the first failure stops the
+    other fetches and is raised, naming its line and URL. A refused URL or a passed cap fails the
+    download even under `skip_failed`: the manifest is not what it claims to be.
     """
-    jobs = []
-    taken: set[tuple[str, str]] = set()
-    for index, (url, label) in enumerate(read_manifest(manifest, manifest_url)):
-        name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name or f"{index:06d}"
-        if (label, name) in taken:
-            name = f"{index:06d}-{name}"
-        taken.add((label, name))
-        jobs.append((url, label, target / label / name))
+    jobs = image_paths(read_manifest(manifest, manifest_url), target, manifest_url)
+    guard = FetchGuard(private_ok=allow_private_addresses or _private_origin(manifest_url),
+                       max_total_bytes=max_download_bytes)
+    shown = redact_url(manifest_url)
     failed = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {pool.submit(fetch, url, path, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s):
-                   (url, label) for url, label, path in jobs}
-        for done, future in enumerate(as_completed(futures), start=1):
-            try:
-                future.result()
-            except DownloadError as error:
-                if not skip_failed:
-                    for pending in futures:
-                        pending.cancel()
-                    raise
-                url, label = futures[future]
-                log.warning("skipping %s (label %s): %s", url, label, error)
-                failed.append({"url": url, "label": label, "error": str(error)})
-            if progress:
-                progress(done, len(futures), "files", f"{len(failed)} failed" if failed else "")
+        futures = {pool.submit(fetch, url, path, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s,
+                               max_bytes=max_image_bytes, guard=guard): (line_number, url, path.parent.name)
+                   for line_number, url, path in jobs}
+        try:
+            for done, future in enumerate(as_completed(futures), start=1):
+                line_number, url, label = futures[future]
+                try:
+                    future.result()
+                except DownloadError as error:
+                    if not skip_failed or isinstance(error, (RefusedURL, SizeCapExceeded)):
+                        raise type(error)(f"{shown}: line {line_number}: {error}") from error
+                    log.warning("skipping %s (label %s): %s", redact_url(url), label, error)
+                    failed.append({"url": redact_url(url), "label": label, "error": str(error)})
+                if progress:
+                    progress(done, len(futures), "files", f"{len(failed)} failed" if failed else "")
+        except BaseException:
+            guard.stop()
+            for pending in futures:
+                pending.cancel()
+            raise
     return sorted(failed, key=lambda item: item["url"])

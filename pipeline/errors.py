@@ -51,3 +51,12 @@ class StageOutputError(PipelineError):
 class LockLost(PipelineError):
     """An S3 lock's lease ended while its holder was still inside: taken over, deleted, or not
     renewed in time. The holder stops before it writes anything more."""
+
+
+class RefusedURL(DownloadError):
+    """A URL the download may not fetch, whatever it holds: a local file named by a remote manifest,
+    a link-local or cloud-metadata address, or a private address named from a public one."""
+
+
+class SizeCapExceeded(DownloadError):
+    """A fetch passed its byte cap: one manifest image's, or the whole download's."""

@@ -13,6 +13,7 @@ import io
 from typing import Iterable, Mapping
 
 from pipeline import storage
+from pipeline.csvcells import safe_record
 from pipeline.storage import write_bytes
 
 LEADERBOARD_HTML = "leaderboard.html"
@@ -39,7 +40,7 @@ def render_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(map(safe_record, rows))
     return buffer.getvalue()
 
 

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from pipeline import outputs, schema
 from pipeline.convert import list_visible_files, load_image, shard_paths
+from pipeline.csvcells import safe_row
 from pipeline.errors import DatasetError, UnusableImage
 from pipeline import storage
 from pipeline.storage import atomic_path
@@ -116,14 +117,14 @@ def _write_rows(session: tf.compat.v1.Session, feeds: Mapping[str, str], fetches
     rows = 0
     with atomic_path(output_csv) as temp, open(temp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow([key_column, "true_label", "predicted_label", "predicted_id",
-                         *(f"p_{name}" for name in class_names)])
+        writer.writerow(safe_row([key_column, "true_label", "predicted_label", "predicted_id",
+                                  *(f"p_{name}" for name in class_names)]))
         for batch_number, (batch_keys, labels, inputs) in enumerate(batches, start=1):
             probabilities, predicted = outputs.read_outputs(
                 session.run(dict(fetches), {feeds[name]: value for name, value in inputs.items()}), keys)
             for key, label, class_id, probs in zip(batch_keys, labels, predicted, probabilities):
-                writer.writerow([key, "" if label is None else class_names[label], class_names[class_id],
-                                 int(class_id), *(f"{p:.6f}" for p in probs)])
+                writer.writerow(safe_row([key, "" if label is None else class_names[label], class_names[class_id],
+                                          int(class_id), *(f"{p:.6f}" for p in probs)]))
             rows += len(batch_keys)
             if progress:
                 progress(batch_number, total_batches, "batches", f"{rows} images")

@@ -18,6 +18,7 @@ import json
 from typing import Iterable, Mapping, Sequence
 
 from pipeline import training
+from pipeline.csvcells import read_record
 from pipeline.evaluation import CONFUSION_MATRIX_PNG
 from pipeline import storage
 from pipeline.storage import read_json, write_bytes
@@ -63,7 +64,7 @@ def misclassified(predictions_csv: str, limit: int = MISCLASSIFIED_SHOWN) -> lis
     """The most confidently wrong predictions: key, true and predicted label, and that probability."""
     wrong = []
     with io.StringIO(storage.read_text(predictions_csv), newline="") as handle:
-        for row in csv.DictReader(handle):
+        for row in map(read_record, csv.DictReader(handle)):
             if row["true_label"] and row["true_label"] != row["predicted_label"]:
                 wrong.append({"key": row["key"], "true_label": row["true_label"],
                               "predicted_label": row["predicted_label"],

@@ -5,6 +5,7 @@ import json
 from collections.abc import Mapping
 
 import luigi
+from luigi.parameter import ParameterVisibility
 from luigi.task_register import Register
 
 from pipeline.errors import ConfigError
@@ -45,11 +46,13 @@ class UpstreamParameter(luigi.Parameter):
 
     It is written as JSON of the task's family and significant parameters, upstream ones
     included, so that a task can be rebuilt from its parameters in another process (Luigi does
-    that for dynamic dependencies) and shows what it reads in the scheduler's UI.
+    that for dynamic dependencies). That JSON holds hidden parameters too (a Download's
+    source_url), so it is hidden from the scheduler's task list itself; the task's id names the
+    upstream's version.
     """
 
     def __init__(self, task_class: type | None = None, **kwargs):
-        super().__init__(default=None, **kwargs)
+        super().__init__(default=None, visibility=ParameterVisibility.HIDDEN, **kwargs)
         # The task built when none is given; None where the task derives it (see default_upstream).
         self.task_class = task_class
 

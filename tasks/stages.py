@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import luigi
+from luigi.parameter import ParameterVisibility
 from luigi.util import inherits
 
 from pipeline import download, storage
@@ -40,7 +41,11 @@ class Download(Stage):
     marker_name = "download.json"
     library = "pipeline.download"
     dataset = luigi.Parameter(description="Dataset name; names its folders under data/")
-    source_url = luigi.Parameter(description="http(s) or file URL of an archive (.tar.gz, .tgz, .tar, .zip) whose "
+    # Hidden from the scheduler's task list: a presigned URL's query or a user:password is a
+    # secret. (PRIVATE would also drop it from to_str_params, which rebuilds tasks from their
+    # parameters.) Everything this pipeline shows or stores has it redacted.
+    source_url = luigi.Parameter(visibility=ParameterVisibility.HIDDEN,
+                                 description="http(s) or file URL of an archive (.tar.gz, .tgz, .tar, .zip) whose "
                                              "folders are the classes, or of a CSV manifest of url,label lines; "
                                              "end it in #sha256=<hex> to have the file checked")
     skip_failed_images = luigi.BoolParameter(
@@ -51,6 +56,17 @@ class Download(Stage):
                                           description="Images fetched at once from a manifest")
     timeout_s = luigi.FloatParameter(default=60.0, significant=False,
                                      description="Seconds without data before a fetch is retried")
+    # The caps and the address rule decide whether a download fails, never what a finished one
+    # holds (a refused image fails it even under skip_failed_images), so they leave the version.
+    max_image_bytes = luigi.IntParameter(default=download.MAX_IMAGE_BYTES, significant=False,
+                                         description="Bytes one manifest image may hold")
+    max_download_bytes = luigi.IntParameter(default=download.MAX_DOWNLOAD_BYTES, significant=False,
+                                            description="Bytes the archive, or a manifest's images together, "
+                                                        "may hold")
+    allow_private_addresses = luigi.BoolParameter(
+        default=False, significant=False,
+        description="Let a manifest on a public address name images on private or loopback addresses "
+                    "(link-local and cloud-metadata addresses are refused always)")
 
     def validate(self):
         download.source_kind(self.source_url)
@@ -59,7 +75,9 @@ class Download(Stage):
 
     def significant_values(self):
         # A checksum checks the files; it does not change them. Pinning one keeps the version.
-        return {**super().significant_values(), "source_url": download.split_checksum(self.source_url)[0]}
+        # Redacted, as index.json stores it: a query still counts, by its hash; a password does not.
+        return {**super().significant_values(),
+                "source_url": download.redact_url(download.split_checksum(self.source_url)[0])}
 
     def folder(self, version):
         return storage.join(layout().data_root, "raw", self.dataset, version)
@@ -72,7 +90,10 @@ class Download(Stage):
         with TaskProgress(self) as progress:
             download.download_dataset(self.source_url, self.directory, self.marker_name,
                                       workers=self.parallel_fetches, timeout_s=self.timeout_s,
-                                      skip_failed_images=self.skip_failed_images, progress=progress)
+                                      skip_failed_images=self.skip_failed_images,
+                                      max_image_bytes=self.max_image_bytes,
+                                      max_download_bytes=self.max_download_bytes,
+                                      allow_private_addresses=self.allow_private_addresses, progress=progress)
 
 
 class Convert(Stage):

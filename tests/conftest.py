@@ -242,6 +242,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         server: FileServer = self.server.owner
         server.requests[self.path] += 1
         server.ranges[self.path].append(self.headers.get("Range"))
+        if self.headers.get("Authorization"):
+            server.authorizations[self.path].append(self.headers["Authorization"])
         fault = server.faults[self.path].pop(0) if server.faults[self.path] else None
         if fault == "503":
             return self._reply(503, b"busy")
@@ -300,8 +302,8 @@ class FileServer:
 
     `faults[path]` lists what the next requests of `path` get, one each: "503"; "reset" or
     "short" (half the body, then the connection is reset, or closed); "stall" (`stall_s` of
-    silence first). With `slow`, every body trickles out over about a second. `requests` and
-    `ranges` record what was asked.
+    silence first). With `slow`, every body trickles out over about a second. `requests`,
+    `ranges` and `authorizations` record what was asked. A path's query is part of it.
     """
 
     def __init__(self):
@@ -309,6 +311,7 @@ class FileServer:
         self.faults: dict[str, list[str]] = defaultdict(list)
         self.requests: dict[str, int] = defaultdict(int)
         self.ranges: dict[str, list[str | None]] = defaultdict(list)
+        self.authorizations: dict[str, list[str]] = defaultdict(list)
         self.stall_s = 2.0
         self.slow = False
         self._server = _QuietServer(("127.0.0.1", 0), _Handler)

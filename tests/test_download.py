@@ -1,7 +1,10 @@
+import base64
 import hashlib
+import http.server
 import io
 import json
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -9,8 +12,9 @@ import pytest
 from PIL import Image
 
 from pipeline import download
-from pipeline.errors import ChecksumMismatch, ConfigError, DatasetError, DownloadError, UnsafeArchiveError
-from tests.conftest import tar_bytes
+from pipeline.errors import (ChecksumMismatch, ConfigError, DatasetError, DownloadError, RefusedURL, SizeCapExceeded,
+                             UnsafeArchiveError)
+from tests.conftest import EMBEDDED_ARCHIVE, tar_bytes
 
 
 def png(value: int) -> bytes:
@@ -220,6 +224,131 @@ def test_hostile_archive_is_refused_naming_the_member_and_writes_nothing_outside
 def test_extracted_size_cap_names_the_member_that_passes_it(tmp_path):
     archive = tmp_path / "set.tar.gz"
     archive.write_bytes(tar_bytes(DATASET))
+    # Each member costs its bytes plus MEMBER_OVERHEAD_BYTES: the third passes three overheads.
+    cap = 3 * download.MEMBER_OVERHEAD_BYTES
     with pytest.raises(UnsafeArchiveError, match=r"member 'dog/c.png' takes the extracted size to \d+ bytes, "
-                                                 r"more than 200 bytes"):
-        download.extract_archive(archive, tmp_path / "out", max_bytes=200)
+                                                 f"more than {cap} bytes"):
+        download.extract_archive(archive, tmp_path / "out", max_bytes=cap)
+
+
+def test_an_archive_of_50000_empty_folders_is_a_bomb(tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for index in range(50_000):
+            info = tarfile.TarInfo(f"cat/{index:05d}")
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+    archive = tmp_path / "folders.tar.gz"
+    archive.write_bytes(buffer.getvalue())
+    assert archive.stat().st_size < 300_000
+
+    with pytest.raises(UnsafeArchiveError, match=r"member 'cat/\d+' takes the extracted size to \d+ bytes, more than "
+                                                 r"100 times the archive's"):
+        download.extract_archive(archive, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_embedded_archive_fits_the_bomb_budget(tmp_path):
+    download.extract_archive(EMBEDDED_ARCHIVE, tmp_path / "out")
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 5000
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("http://reader:PASSWORDSECRET42@host:8/d.tar.gz?X-Amz-Signature=SECRETSIG#sha256=00",
+     "http://reader:***@host:8/d.tar.gz?redacted-sha256={}#sha256=00"),
+    ("https://host/d.tar.gz?X-Amz-Signature=SECRETSIG", "https://host/d.tar.gz?redacted-sha256={}"),
+    ("file:data/mnist_5k.tar.gz", "file:data/mnist_5k.tar.gz"),
+])
+def test_redact_url_hides_passwords_and_queries_but_tells_queries_apart(url, shown):
+    query_hash = hashlib.sha256(b"X-Amz-Signature=SECRETSIG").hexdigest()[:16]
+    assert download.redact_url(url) == shown.format(query_hash)
+    if "?" in url:
+        assert download.redact_url(url.replace("SECRETSIG", "OTHER")) != download.redact_url(url)
+
+
+def serve_images(file_server, count: int = 2) -> list[str]:
+    for index in range(count):
+        file_server.files[f"/img/{index}.png"] = png(10 * index)
+    return [file_server.url(f"/img/{index}.png") for index in range(count)]
+
+
+def test_a_public_manifest_may_not_name_loopback_images_unless_allowed(file_server, tmp_path):
+    [cat, dog] = serve_images(file_server)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"{cat},cat\n{dog},dog\n")
+    public = "http://93.184.215.14/m.csv"  # a literal public address: its check needs no DNS
+
+    with pytest.raises(RefusedURL, match=r"m.csv: line 1: .*/img/0.png: host '127.0.0.1' is 127.0.0.1, a private or "
+                                         r"loopback address, named from a public one"):
+        download.fetch_manifest(manifest, public, tmp_path / "out", workers=1, retries=0, backoff_s=0.01)
+    assert sum(file_server.requests.values()) == 0, "refused before any connection"
+
+    download.fetch_manifest(manifest, public, tmp_path / "out", workers=1, retries=0, backoff_s=0.01,
+                            allow_private_addresses=True)
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == ["0.png", "1.png"]
+
+
+@pytest.mark.parametrize("host", ["169.254.169.254", "[fe80::1]", "100.100.100.200", "[::ffff:169.254.169.254]",
+                                  "metadata.google.internal"])
+def test_metadata_and_link_local_addresses_are_refused_even_when_private_ones_are_allowed(host, tmp_path):
+    guard = download.FetchGuard(private_ok=True)
+    with pytest.raises(RefusedURL, match="never fetched"):
+        download.fetch(f"http://{host}/latest/meta-data/x.png", tmp_path / "x.png", retries=0, guard=guard)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_redirect_to_a_metadata_address_is_refused(file_server, tmp_path):
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with pytest.raises(RefusedURL, match=r"/a.png: host '169.254.169.254' is 169.254.169.254, a link-local"):
+                download.fetch(f"http://127.0.0.1:{server.server_address[1]}/a.png", tmp_path / "a.png", retries=0)
+        finally:
+            server.shutdown()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_user_and_password_in_a_url_are_sent_as_basic_authentication(file_server, tmp_path):
+    file_server.files["/a.png"] = png(1)
+    url = file_server.url("/a.png").replace("http://", "http://reader:PASSWORDSECRET42@")
+    download.fetch(url, tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes() == png(1)
+    assert file_server.authorizations["/a.png"] == ["Basic " + base64.b64encode(b"reader:PASSWORDSECRET42").decode()]
+
+
+def test_an_image_over_its_cap_fails_naming_the_line_and_the_cap(file_server, tmp_path):
+    [small, _] = serve_images(file_server)
+    file_server.files["/img/big.png"] = bytes(5000)
+    file_server.files["/m.csv"] = f"{small},cat\nimg/big.png,dog\n".encode()
+    with pytest.raises(SizeCapExceeded, match=r"m.csv: line 2: .*/img/big.png: more than 4000 bytes, its cap "
+                                              r"\(its Content-Length says 5000\)"):
+        download.download_dataset(file_server.url("/m.csv"), tmp_path / "raw", "download.json", max_image_bytes=4000,
+                                  skip_failed_images=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_colliding_file_names_in_one_class_are_kept_apart(file_server, tmp_path):
+    file_server.files["/x/a.png"], file_server.files["/y/a.png"] = png(1), png(2)
+    file_server.files["/z/b.png"] = png(3)
+    file_server.files["/m.csv"] = b"x/a.png,cat\ny/a.png,cat\nz/b.png,dog\n"
+    download.download_dataset(file_server.url("/m.csv"), tmp_path / "raw", "download.json")
+    suffix = hashlib.sha256(file_server.url("/y/a.png").encode()).hexdigest()[:8]
+    cat = tmp_path / "raw" / "cat"
+    assert sorted(p.name for p in cat.iterdir()) == [f"a-{suffix}.png", "a.png"]
+    assert (cat / "a.png").read_bytes() == png(1) and (cat / f"a-{suffix}.png").read_bytes() == png(2)
+
+
+def test_the_same_image_twice_in_one_class_fails_naming_both_lines(file_server, tmp_path):
+    file_server.files["/m.csv"] = b"url,label\nx/a.png,cat\nx/b.png,dog\nx/a.png,cat\n"
+    with pytest.raises(DatasetError, match=r"m.csv: lines 2 and 4 both put .*/x/a.png in class 'cat'"):
+        download.download_dataset(file_server.url("/m.csv"), tmp_path / "raw", "download.json")

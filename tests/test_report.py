@@ -127,3 +127,16 @@ def test_leaderboard_stays_right_with_200_runs_recorded_one_by_one(tmp_path):
 def test_leaderboard_of_an_empty_index_has_no_rows(tmp_path):
     assert rebuild_leaderboard(tmp_path / "results", {}) == []
     assert read_csv(tmp_path / "results" / "leaderboard.csv") == []
+
+
+def test_leaderboard_csv_escapes_cells_a_spreadsheet_would_run_and_keeps_numbers(tmp_path):
+    index = {}
+    evaluation(index, "r1", 0.90, -0.5)
+    index["Evaluate/er1"][ROW_KEY].update(model="=1+2", dataset="-cmd", run="@SUM(A1)", split="\tx")
+
+    rebuild_leaderboard(tmp_path, index)
+
+    text = (tmp_path / "leaderboard.csv").read_text()
+    [row] = read_csv(tmp_path / "leaderboard.csv")
+    assert (row["model"], row["dataset"], row["run"], row["split"]) == ("'=1+2", "'-cmd", "'@SUM(A1)", "'\tx")
+    assert row["loss"] == "-0.5" and ",-0.5," in text, "numbers stay numbers"
