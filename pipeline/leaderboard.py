@@ -1,7 +1,8 @@
 """The leaderboard: every evaluation in the index, best first, as HTML and CSV.
 
-It is a view of `results/index.json` built from the rows the index holds (an entry's
-`leaderboard` value), without reading any run's files: rebuilding it costs the same whatever the
+It is a view of `results/index.json` built from the rows the index holds (an evaluation's entry's
+`leaderboard` value, and a report's `reports` value: which evaluation it reports, and its link),
+without reading any run's files: rebuilding it costs the same whatever the
 runs' sizes, and grows with their number only as the index does.
 """
 from __future__ import annotations
@@ -19,13 +20,28 @@ from pipeline.storage import write_bytes
 LEADERBOARD_HTML = "leaderboard.html"
 LEADERBOARD_CSV = "leaderboard.csv"
 ROW_KEY = "leaderboard"
+REPORT_KEY = "reports"
 COLUMNS = ("rank", "run", "model", "dataset", "split", "accuracy", "loss", "global_step", "params", "max_steps",
            "batch_size", "tf_random_seed", "train_version", "data_version", "evaluated_at", "report")
 
 
 def leaderboard_rows(index: Mapping[str, dict]) -> list[dict]:
     """The row of each indexed evaluation, best accuracy first, then lowest loss, ranked."""
-    return ranked(entry[ROW_KEY] for entry in index.values() if ROW_KEY in entry)
+    return rows_of(index, [key for key, entry in index.items() if ROW_KEY in entry])
+
+
+def rows_of(index: Mapping[str, dict], keys: Iterable[str]) -> list[dict]:
+    """The rows of the evaluations `keys`, each linking the newest indexed report of it, ranked.
+    Joined here rather than stored in the row, so that a row never links a report that is gone."""
+    reports = sorted((entry for entry in index.values() if REPORT_KEY in entry),
+                     key=lambda entry: entry["completed_at"])
+    links = {entry[REPORT_KEY]["evaluation"]: entry[REPORT_KEY]["link"] for entry in reports}
+    return ranked({**index[key][ROW_KEY], **({"report": links[key]} if key in links else {})} for key in keys)
+
+
+def shown(entry: Mapping) -> bool:
+    """Whether an index entry changes what the leaderboard shows."""
+    return ROW_KEY in entry or REPORT_KEY in entry
 
 
 def ranked(rows: Iterable[Mapping]) -> list[dict]:

@@ -7,7 +7,9 @@ an unchanged stage is found complete. What an identity holds, and where a versio
 lies, is the caller's to say; this module knows no stage.
 
 `results/index.json` maps each completed version to its identity and folder; callers add what
-views of it need (the leaderboard's rows), so that a view is rebuilt from the index alone.
+views of it need (the leaderboard's rows), so that a view is rebuilt from the index alone. The
+index is a cache: each completed version also keeps its entry in a file of its own beside its
+output (`ENTRY_FILE`), from which a missing or damaged index is rebuilt.
 """
 from __future__ import annotations
 
@@ -18,14 +20,22 @@ import hashlib
 import importlib.util
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+from pipeline import storage
 from pipeline.errors import ConfigError
 from pipeline.storage import file_lock, read_json, write_json
 
 VERSION_LENGTH = 12
 INDEX_FILE = "index.json"
+# A version's own copy of its index entry, beside its output. Hidden, so that no stage reads it as
+# data (a Download's folders are its classes); where a stage's output is a file among others,
+# `.<its name>` + ENTRY_FILE. ENTRY_GLOB finds both.
+ENTRY_FILE = ".stage.json"
+ENTRY_GLOB = f".*{ENTRY_FILE[1:]}"
+_ENTRY_FIELDS = ("stage", "version", "path")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PACKAGE = "pipeline"
 
@@ -93,19 +103,70 @@ def index_lock(index_path: str):
     return file_lock(f"{index_path}.lock")
 
 
-def read_index(index_path: str) -> dict:
+@dataclass(frozen=True)
+class IndexRepair:
+    """How to rebuild a missing or damaged index: the glob patterns of the entry files, and what
+    to call with the rebuilt index (to rewrite the views made from it)."""
+    entry_patterns: Sequence[str] = ()
+    rebuilt: Callable[[dict], None] | None = None
+
+
+def _is_entry(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(value.get(field), str) for field in _ENTRY_FIELDS)
+
+
+def read_index(index_path: str) -> dict | None:
+    """The index, or None when it is missing or damaged (not JSON, cut short, or not a mapping of
+    entries): then it is to be rebuilt (see `load_index`)."""
     try:
-        return read_json(index_path)
-    except FileNotFoundError:
-        return {}
+        index = read_json(index_path)
+    except (FileNotFoundError, ValueError):  # ValueError: not UTF-8, or not JSON
+        return None
+    return index if isinstance(index, dict) and all(map(_is_entry, index.values())) else None
+
+
+def rebuilt_index(entry_patterns: Sequence[str]) -> dict:
+    """The index made from the entry files matching `entry_patterns`, of versions whose marker exists
+    (an entry file outlives the removal of an output that is a file among others)."""
+    index = {}
+    for pattern in entry_patterns:
+        for path in storage.glob(pattern):
+            try:
+                entry = read_json(path)
+            except (FileNotFoundError, ValueError):
+                continue  # its stage is indexed again once a run finds it complete
+            if _is_entry(entry) and storage.exists(entry.get("marker", "")):
+                index[f"{entry['stage']}/{entry['version']}"] = entry
+    return index
+
+
+def _read_or_rebuild(index_path: str, repair: IndexRepair) -> dict:
+    """Under the index's lock: the index, rebuilt and written back first if it is missing or damaged."""
+    index = read_index(index_path)
+    if index is None:
+        index = rebuilt_index(repair.entry_patterns)
+        write_json(index_path, index)
+        if repair.rebuilt is not None:
+            repair.rebuilt(index)
+    return index
+
+
+def load_index(index_path: str, repair: IndexRepair = IndexRepair()) -> dict:
+    """The index, for reading; rebuilt (under its lock) when it is missing or damaged."""
+    index = read_index(index_path)
+    if index is not None:
+        return index
+    with index_lock(index_path):
+        return _read_or_rebuild(index_path, repair)
 
 
 def update_index(index_path: str, change: Callable[[dict], None],
-                 then: Callable[[dict], None] | None = None) -> dict:
+                 then: Callable[[dict], None] | None = None, repair: IndexRepair = IndexRepair()) -> dict:
     """Apply `change` to the index in place and write it back, then call `then` with it (to rebuild
-    a view), all under the index's lock, so that concurrent updates never leave a stale view."""
+    a view), all under the index's lock, so that concurrent updates never leave a stale view. A
+    missing or damaged index is rebuilt first."""
     with index_lock(index_path):
-        index = read_index(index_path)
+        index = _read_or_rebuild(index_path, repair)
         change(index)
         write_json(index_path, index)
         if then is not None:
@@ -118,13 +179,14 @@ def is_inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def forget_folders(index_path: str, folders: list[str], then: Callable[[dict], None] | None = None) -> dict:
+def forget_folders(index_path: str, folders: list[str], then: Callable[[dict], None] | None = None,
+                   repair: IndexRepair = IndexRepair()) -> dict:
     """Drop from the index every version whose path lies within one of `folders` (removed ones)."""
     def forget(index: dict) -> None:
         for key in [key for key, entry in index.items() if any(is_inside(entry["path"], folder) for folder in folders)]:
             del index[key]
 
-    return update_index(index_path, forget, then)
+    return update_index(index_path, forget, then, repair)
 
 
 def index_entry(stage: str, version: str, path: str, identity: Mapping[str, Any], **extra: Any) -> dict:

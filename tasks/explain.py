@@ -3,7 +3,8 @@
 Prints every task of that task's DAG as done or to run, and for each one to run, why: no output
 yet; which significant parameter differs from the closest completed version of that stage in
 results/index.json (old and new value); the model file (or input folder) changed; the pipeline's
-code changed; an upstream stage will run. Nothing is run and TensorFlow is not imported.
+code changed; an upstream stage will run. Nothing is run and TensorFlow is not imported; a damaged
+index is rebuilt, and a done stage the index lacks is indexed, as a run would.
 """
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from luigi.cmdline_parser import CmdlineParser
 from luigi.task_register import TaskClassException
 
 from pipeline.errors import PipelineError
-from pipeline.versioning import read_index
-from tasks.runs import Gathering
-from tasks.stage import Stage, dag, index_path
+from tasks.runs import Gathering, whole_dag
+from tasks.stage import Stage, load_index
 
 # What a stage's `content` is, where it has one.
 _CONTENT = {"Train": "the model file", "Predict": "the input folder's images"}
@@ -79,11 +79,12 @@ def _negated(text: str) -> str:
 
 def explain(root: luigi.Task) -> list[str]:
     """One line per task of `root`'s DAG, upstream first, with the reasons of those to run."""
-    index = read_index(index_path())
-    roots = [root, root.closing()] if isinstance(root, Gathering) else [root]
+    index = load_index()
     lines, to_run = [], set()
-    for task in dag(*roots):
+    for task in whole_dag(root):
         if task.done():
+            if isinstance(task, Stage):
+                task.index_if_missing()
             lines.append(f"done    {task}")
             continue
         to_run.add(task.task_id)

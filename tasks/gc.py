@@ -1,22 +1,32 @@
 """Cleaning up: `python -m tasks.gc [--keep-top N] [--yes]`
 
-Lists the versions in results/index.json that nothing needs: not the newest of their
+Lists the versions in results/index.json that nothing needs: not in the DAG that `RunAll` would
+run now (luigi.cfg's configuration, the current code and model files), not the newest of their
 configuration (the same stage with the same parameters all the way upstream, differing only in
-code or model file), not among the top N evaluations of the leaderboard, and not upstream of a
-version that is kept. With their sizes. Removes them only with --yes, and never a version that a
-running task is writing into (its stage lock is held).
+code or model file), not among the top N evaluations of the leaderboard, not a report or run
+record of a kept evaluation, and not upstream of a version that is kept. With their sizes.
+Removes them only with --yes, and never a version that a running task is writing into (its stage
+lock is held). A missing or damaged index is rebuilt first.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from collections import defaultdict
 from typing import Any
 
+import luigi
+from luigi.task_register import TaskClassException
+
+from pipeline.errors import PipelineError
 from pipeline.storage import absolute, held_locks, remove_tree, size_of
-from pipeline.leaderboard import leaderboard_rows, rebuild_leaderboard
-from pipeline.versioning import canonical_json, forget_folders, is_inside, read_index
-from tasks.config import layout
-from tasks.stage import index_path, locks_folders
+from pipeline.leaderboard import ROW_KEY, leaderboard_rows
+from pipeline.versioning import canonical_json, is_inside
+from tasks.runs import RunAll, whole_dag
+from tasks.stage import Stage, forget_folders, load_index, locks_folders
+
+# Stages that only describe one evaluation: kept with it, though they are not upstream of it.
+_DESCRIBING = ("Report", "RunRecord")
 
 
 def _configuration(key: str, index: dict, memo: dict) -> str:
@@ -28,8 +38,20 @@ def _configuration(key: str, index: dict, memo: dict) -> str:
     return memo[key]
 
 
-def kept(index: dict, keep_top: int) -> set[str]:
-    """The keys of the versions to keep, and of everything upstream of them."""
+def current_keys() -> set[str]:
+    """The index keys of every stage `RunAll` would run now, done or not."""
+    return {task.index_key for task in whole_dag(RunAll()) if isinstance(task, Stage)}
+
+
+def kept(index: dict, keep_top: int, current: set[str]) -> set[str]:
+    """The keys of the versions to keep (`current` ones among them), of the reports and run records
+    of kept evaluations, and of everything upstream of those."""
+    describing = defaultdict(list)
+    for key, entry in index.items():
+        if entry.get("stage") in _DESCRIBING:
+            for evaluation in entry.get("upstream", []):
+                if ROW_KEY in index.get(evaluation, {}):
+                    describing[evaluation].append(key)
     memo: dict[str, str] = {}
     newest: dict[str, str] = {}
     for key, entry in index.items():
@@ -39,18 +61,18 @@ def kept(index: dict, keep_top: int) -> set[str]:
     best = {(row["train_version"], row["split"]) for row in leaderboard_rows(index)[:keep_top]}
     top = {key for key, entry in index.items() if "leaderboard" in entry
            and (entry["leaderboard"]["train_version"], entry["leaderboard"]["split"]) in best}
-    keep, pending = set(), [*newest.values(), *top]
+    keep, pending = set(), [*current, *newest.values(), *top]
     while pending:
         key = pending.pop()
         if key in index and key not in keep:
             keep.add(key)
-            pending.extend(index[key].get("upstream", []))
+            pending.extend([*index[key].get("upstream", []), *describing[key]])
     return keep
 
 
-def garbage(index: dict, keep_top: int) -> list[dict[str, Any]]:
+def garbage(index: dict, keep_top: int, current: set[str]) -> list[dict[str, Any]]:
     """The versions to remove, outermost folders only (a run folder holds its evaluations), with sizes."""
-    keep = kept(index, keep_top)
+    keep = kept(index, keep_top, current)
     kept_paths = [index[key]["path"] for key in keep]
     # Entries an older pipeline wrote have no identity to tell their configurations apart: kept.
     removable = {key: entry for key, entry in index.items() if key not in keep and "identity" in entry
@@ -71,8 +93,14 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.keep_top < 0:
         parser.error(f"--keep-top must be 0 or more, not {args.keep_top}")
-    index = read_index(index_path())
-    found = garbage(index, args.keep_top)
+    try:
+        current = current_keys()
+    except (PipelineError, luigi.parameter.ParameterException, TaskClassException) as error:
+        # Without it, the versions luigi.cfg uses could be listed: nothing is.
+        print(f"error: luigi.cfg does not make a RunAll, so the versions it uses are unknown: {error}",
+              file=sys.stderr)
+        return 2
+    found = garbage(load_index(), args.keep_top, current)
     for item in found:
         print(f"{item['bytes'] / 1e6:10.1f} MB  {item['key']:<28} {item['path']}")
     total = sum(item["bytes"] for item in found)
@@ -91,7 +119,7 @@ def main(argv: list[str]) -> int:
             removed.append(item["path"])
     finally:
         # What was removed leaves the index even when a later removal fails.
-        forget_folders(index_path(), removed, then=lambda index: rebuild_leaderboard(layout().results_root, index))
+        forget_folders(removed)
     print(f"removed {len(removed)} version(s)")
     return 0
 

@@ -12,19 +12,20 @@ exits 0 exactly when all it asked for exists.
 from __future__ import annotations
 
 import itertools
+from typing import Iterator
 
 import luigi
 
 from pipeline.errors import ConfigError
 from pipeline import storage
 from pipeline.storage import TEMP_INFIX, read_json, write_json
-from pipeline.leaderboard import ROW_KEY, ranked, write_table
+from pipeline.leaderboard import rows_of, write_table
 from pipeline.models import DATASET_PARAMS, declared_param_keys, resolve_model_file
-from pipeline.versioning import read_index
+from pipeline.versioning import ENTRY_FILE
 from tasks.config import layout
 from tasks.console import run_notes
 from tasks.parameters import GridParameter, UpstreamParameter
-from tasks.stage import Identified, Stage, dag, index_path
+from tasks.stage import Identified, Stage, dag, load_index
 from tasks.stages import Convert, Evaluate, Predict, Report, Train
 
 
@@ -39,10 +40,21 @@ class Gathering(Identified):
         return all(task.done() for task in self.requires()) and self.closing().done()
 
     def complete(self):
-        return self.done()
+        done = self.done()
+        if done:
+            # Luigi looks no further than a task found complete: the stages the index lacks are indexed here.
+            for task in whole_dag(self):
+                if isinstance(task, Stage) and task.done():
+                    task.index_if_missing()
+        return done
 
     def run(self):
         yield self.closing()
+
+
+def whole_dag(root: luigi.Task) -> Iterator[luigi.Task]:
+    """Every task `root` runs, upstream first, with the closing stage of a Gathering."""
+    return dag(root, root.closing()) if isinstance(root, Gathering) else dag(root)
 
 
 class RunAll(Gathering):
@@ -177,6 +189,10 @@ class Comparison(Stage):
     def owned(self):
         return self.marker
 
+    @property
+    def entry_path(self):
+        return storage.join(self.directory, f".{storage.name(self.marker).removesuffix('.csv')}{ENTRY_FILE}")
+
     def page(self) -> str:
         return self.marker.removesuffix(".csv") + ".html"
 
@@ -191,8 +207,7 @@ class Comparison(Stage):
         return sorted(evaluate.index_key for evaluate in self.evaluations())
 
     def rows(self) -> list[dict]:
-        index = read_index(index_path())
-        return ranked(index[evaluate.index_key][ROW_KEY] for evaluate in self.evaluations())
+        return rows_of(load_index(), [evaluate.index_key for evaluate in self.evaluations()])
 
     def produce(self):
         # The page is written first: the CSV, written last, is the marker.

@@ -24,7 +24,7 @@ import luigi
 from pipeline import storage, versioning
 from pipeline.errors import CorruptShard
 from pipeline.storage import TEMP_INFIX, file_lock, remove_temporaries
-from pipeline.leaderboard import rebuild_leaderboard
+from pipeline.leaderboard import rebuild_leaderboard, shown
 from pipeline.convert import report_of
 from tasks.config import layout, isolate_remote_io
 from tasks.console import pipeline_error
@@ -282,24 +282,104 @@ class Stage(Rerunnable):
     def index_key(self) -> str:
         return f"{self.get_task_family()}/{self.version}"
 
-    def record(self, index: dict) -> bool:
-        """Add this completed stage to the index; True when that changes what the leaderboard shows."""
-        index[self.index_key] = versioning.index_entry(
+    @property
+    def entry_path(self) -> str:
+        """This version's own copy of its index entry (see pipeline.versioning)."""
+        return storage.join(self.directory, versioning.ENTRY_FILE)
+
+    def entry(self) -> dict:
+        """The index entry of this completed stage, with what the index's views need of it."""
+        return versioning.index_entry(
             self.get_task_family(), self.version, self.owned, self.identity, dataset=self.dataset,
             marker=self.marker, upstream=self.upstream_keys())
-        return False
 
     def upstream_keys(self) -> list[str]:
         """The index keys of the stages this one is made from."""
         return [task.index_key for task in self.upstream()]
 
+    def complete(self) -> bool:
+        done = super().complete()
+        if done:
+            self.index_if_missing()
+        return done
+
     def produced(self) -> None:
         # In the task, not in a SUCCESS handler, whose exceptions Luigi only logs: a stage the
         # index missed would be left off the leaderboard and out of reach of explain and gc.
-        # The leaderboard is rebuilt, from the index alone, only when an entry it shows changed.
-        shown = []
-        versioning.update_index(index_path(), lambda index: shown.append(self.record(index)),
-                                then=lambda index: any(shown) and rebuild_leaderboard(layout().results_root, index))
+        # The entry file first: from it, a run cut off before the index update is indexed again.
+        entry = self.entry()
+        storage.write_json(self.entry_path, entry)
+        self._index(entry)
+
+    def index_if_missing(self) -> None:
+        """Index this complete stage if the index lacks it (a run was cut off between its marker and
+        its index update), from its entry file or, failing that, anew. Cheap when it is indexed:
+        the index is read once per process."""
+        # Read again on a miss: another process (a forked worker) may have indexed it since.
+        if self.index_key in indexed_keys() or self.index_key in load_index():
+            return
+        try:
+            entry = storage.read_json(self.entry_path)
+        except (FileNotFoundError, ValueError):
+            entry = None
+        if not isinstance(entry, dict) or entry.get("version") != self.version:
+            entry = self.entry()
+            storage.write_json(self.entry_path, entry)
+        self._index(entry, only_if_missing=True)
+
+    def _index(self, entry: dict, only_if_missing: bool = False) -> None:
+        """Put `entry` in the index; the leaderboard is rebuilt, from the index alone, only when
+        what it shows changed."""
+        added = []
+
+        def change(index: dict) -> None:
+            if not (only_if_missing and self.index_key in index):
+                index[self.index_key] = entry
+                added.append(entry)
+
+        update_index(change, then=lambda index: any(map(shown, added)) and show_leaderboard(index))
+
+
+# The keys this process last saw in each index (by path): completeness checks read the index once.
+_indexed: dict[str, set[str]] = {}
+
+
+def show_leaderboard(index: dict) -> None:
+    rebuild_leaderboard(layout().results_root, index)
+
+
+def index_repair() -> versioning.IndexRepair:
+    """Where the entry files lie: a version's folder is at most 4 levels below results_root (a
+    Report's), 3 below data_root, or, for an output that is a file, results_root itself."""
+    roots = layout()
+    patterns = [storage.join(root, *["*"] * depth, versioning.ENTRY_GLOB)
+                for root, depths in ((roots.results_root, 5), (roots.data_root, 4)) for depth in range(depths)]
+    return versioning.IndexRepair(patterns, rebuilt=show_leaderboard)
+
+
+def _seen(index: dict) -> dict:
+    _indexed[index_path()] = set(index)
+    return index
+
+
+def load_index() -> dict:
+    """The index, rebuilt from the entry files when it is missing or damaged."""
+    return _seen(versioning.load_index(index_path(), index_repair()))
+
+
+def update_index(change, then=None) -> dict:
+    return _seen(versioning.update_index(index_path(), change, then, index_repair()))
+
+
+def forget_folders(folders: list[str]) -> dict:
+    """Drop the versions within the removed `folders` from the index, and the leaderboard's rows of them."""
+    return _seen(versioning.forget_folders(index_path(), folders, then=show_leaderboard, repair=index_repair()))
+
+
+def indexed_keys() -> set[str]:
+    if index_path() not in _indexed:
+        load_index()
+    return _indexed[index_path()]
 
 
 def _thawed(value: Any) -> Any:

@@ -27,12 +27,12 @@ from pipeline.errors import ConfigError, StageOutputError
 from pipeline.storage import TEMP_INFIX, read_json, remove_tree
 from pipeline.models import (MODEL_DIR, RUN_CONFIG_KEYS, check_param_overrides, declared_param_keys,
                              require_positive, resolve_model_file, validate_training_settings)
-from pipeline.versioning import forget_folders, safe_name
-from pipeline.leaderboard import ROW_KEY, rebuild_leaderboard
+from pipeline.versioning import safe_name
+from pipeline.leaderboard import REPORT_KEY, ROW_KEY
 from tasks.config import layout, tensorboard, tensorboard_url
 from tasks.parameters import ParamsParameter, UpstreamParameter
 from tasks.progress import TaskProgress
-from tasks.stage import Rerunnable, Stage, StorageTarget, index_path
+from tasks.stage import Rerunnable, Stage, StorageTarget, forget_folders
 
 
 class Download(Stage):
@@ -309,7 +309,7 @@ def forget_run(run_dir: str) -> None:
     """Remove a run folder, with the evaluations and predictions of its weights, and their index
     entries and leaderboard rows."""
     remove_tree(run_dir)
-    forget_folders(index_path(), [run_dir], then=lambda index: rebuild_leaderboard(layout().results_root, index))
+    forget_folders([run_dir])
 
 
 class Evaluate(Stage):
@@ -339,20 +339,20 @@ class Evaluate(Stage):
             evaluate_model(self.train.directory, convert.directory, convert.marker, self.split, self.directory,
                            self.marker, batch_size=self.batch_size, progress=progress)
 
-    def record(self, index):
-        # Evaluate --rerun rewrites the row; the report that links to it stays where it was.
-        report = index.get(self.index_key, {}).get(ROW_KEY, {}).get("report", "")
-        super().record(index)
+    def entry(self):
+        # The row's report link is joined in from the Report's entry (see pipeline.leaderboard),
+        # so Evaluate --rerun keeps it.
+        entry = super().entry()
         metrics, train = read_json(self.marker), self.train
-        index[self.index_key][ROW_KEY] = {
+        entry[ROW_KEY] = {
             "run": storage.name(train.directory), "model": Path(train.model_def).stem, "dataset": self.dataset,
             "split": self.split, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
             "global_step": metrics["global_step"], "params": json.dumps(train.significant_values()["params"],
                                                                         sort_keys=True),
             "max_steps": train.max_steps, "batch_size": train.batch_size, "tf_random_seed": train.tf_random_seed,
             "train_version": train.version, "data_version": train.convert.version,
-            "evaluated_at": index[self.index_key]["completed_at"], "report": report}
-        return True
+            "evaluated_at": entry["completed_at"]}
+        return entry
 
 
 class Predict(Stage):
@@ -444,9 +444,8 @@ class Report(Stage):
                      versions={"download": convert.download.version, "convert (data)": convert.version,
                                "train": train.version, "evaluate": evaluate.version})
 
-    def record(self, index):
-        super().record(index)
-        row = index.get(self.evaluate.index_key, {}).get(ROW_KEY)
-        if row is not None:
-            row["report"] = storage.relative(self.marker, layout().results_root)
-        return row is not None
+    def entry(self):
+        entry = super().entry()
+        entry[REPORT_KEY] = {"evaluation": self.evaluate.index_key,
+                             "link": storage.relative(self.marker, layout().results_root)}
+        return entry

@@ -14,6 +14,7 @@ import sys
 import tarfile
 import threading
 import time
+import uuid
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -435,3 +436,11 @@ def s3_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> str:
+    """A folder to write into: a local one, then one on the S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return request.getfixturevalue("s3_server").uri(f"storage-{uuid.uuid4().hex[:8]}")

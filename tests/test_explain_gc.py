@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import versioning
 from pipeline.storage import file_lock, read_json
-from tests.conftest import REPO, cli_sections, luigi_env, read_csv, run_watched, write_config
+from tests.conftest import REPO, cli_sections, luigi_env, read_csv, run_watched, tiny_config, write_config
 
 
 def explain(folder: Path, config: Path, *args: str, code: int = 0) -> list[str]:
@@ -136,8 +136,8 @@ def gc(folder: Path, config: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_gc_lists_superseded_runs_outside_the_top_and_removes_them_only_when_asked(tmp_path):
     results = tmp_path / "results"
-    config = write_config(tmp_path / "luigi.cfg", {"layout": {"data_root": str(tmp_path / "data"),
-                                                              "results_root": str(results)}})
+    # A configuration RunAll can be made of (gc keeps its versions): none of them is in this index.
+    config = write_config(tmp_path / "luigi.cfg", tiny_config(tmp_path, (tmp_path / "none.tar.gz").as_uri()))
     # v1 and v2 share params: v2, newer, supersedes v1 (the model file changed). v3 has its own.
     runs = {"v1": ('{"lr": 1}', 0.70, "2026-01-01T00:00:01+00:00"),
             "v2": ('{"lr": 1}', 0.80, "2026-01-02T00:00:01+00:00"),
@@ -165,3 +165,68 @@ def test_gc_lists_superseded_runs_outside_the_top_and_removes_them_only_when_ask
     index = read_json(results / "index.json")
     assert "Train/v1" not in index and "Evaluate/ev1" not in index and "Train/v2" in index
     assert [row["run"] for row in read_csv(results / "leaderboard.csv")] == ["cnn-v4", "cnn-v2", "cnn-v3"]
+
+
+@pytest.fixture(scope="module")
+def edited_model_runs(tmp_path_factory, mnist_subset):
+    """Two complete runs of the same parameters, the second with an edit to the model file (the
+    first's code is older), and the index after the first."""
+    folder = tmp_path_factory.mktemp("edited")
+    model = folder / "mymodel.py"
+    original = (REPO / "model_defs" / "cnn.py").read_text()
+    model.write_text(original)
+    sections = cli_sections(folder, mnist_subset.as_uri())
+    sections["Train"]["model_def"] = str(model)
+    config = write_config(folder / "luigi.cfg", sections)
+    first = run_watched(folder, config, "RunAll", "--local-scheduler")
+    assert first.returncode == 0, first.output[-3000:]
+    older = read_json(folder / "results" / "index.json")
+    model.write_text(original + "# a user's edit\n")
+    second = run_watched(folder, config, "RunAll", "--local-scheduler")
+    assert second.returncode == 0, second.output[-3000:]
+    return folder, config, model, original, {entry["stage"]: entry for entry in older.values()}
+
+
+@pytest.mark.slow
+def test_gc_keeps_the_report_and_predictions_of_a_kept_evaluation(edited_model_runs):
+    folder, config, _, _, older = edited_model_runs
+    results = folder / "results"
+    # The older run's evaluation is among the top 5, though a newer run of its configuration exists.
+    assert len(read_csv(results / "leaderboard.csv")) == 2
+
+    listed = gc(folder, config)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[-1].startswith("0 version(s)"), listed.stdout
+
+    removed = gc(folder, config, "--yes")
+    assert removed.returncode == 0 and "removed 0 version(s)" in removed.stdout, removed.stdout + removed.stderr
+    for stage in ("Report", "Predict", "RunRecord", "Evaluate", "Train"):
+        assert Path(older[stage]["marker"]).is_file(), f"gc removed the kept evaluation's {stage}"
+    board = read_csv(results / "leaderboard.csv")
+    assert str(Path(older["Report"]["marker"]).relative_to(results)) in [row["report"] for row in board]
+    assert all((results / row["report"]).is_file() for row in board)
+
+
+@pytest.mark.slow
+def test_gc_never_lists_the_versions_luigi_cfg_uses_now(edited_model_runs):
+    folder, config, model, original, older = edited_model_runs
+    # Back to the first model file: its run, complete but older than the edited one's, is the current one.
+    model.write_text(original)
+    assert explain(folder, config, "RunAll")[-1] == "0 of 15 tasks will run."
+
+    listed = gc(folder, config, "--keep-top", "0")
+    assert listed.returncode == 0, listed.stderr
+    assert older["Train"]["path"] not in listed.stdout, listed.stdout
+    assert gc(folder, config, "--keep-top", "0", "--yes").returncode == 0
+    assert all(Path(older[stage]["marker"]).is_file()
+               for stage in ("Download", "Convert", "Train", "Evaluate", "Predict", "Report", "RunRecord"))
+    assert explain(folder, config, "RunAll")[-1] == "0 of 15 tasks will run."
+
+
+def test_gc_refuses_when_luigi_cfg_makes_no_run(tmp_path):
+    config = write_config(tmp_path / "luigi.cfg", {"layout": {"data_root": str(tmp_path / "data"),
+                                                              "results_root": str(tmp_path / "results")}})
+    refused = gc(tmp_path, config, "--yes")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("error: luigi.cfg does not make a RunAll, so the versions it uses are unknown")
+    assert "requires the 'model_def' parameter to be set" in refused.stderr

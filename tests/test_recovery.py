@@ -1,13 +1,21 @@
-"""What a rerun repairs: a corrupt shard, rebuilt alone, and the temporary files a crash left."""
+"""What a rerun repairs: a corrupt shard, rebuilt alone, the temporary files a crash left, and a
+damaged index or one that missed a stage."""
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import luigi
 import pytest
 
 from pipeline.convert import report_name, shard_name
+from pipeline.leaderboard import rebuild_leaderboard
 from pipeline.storage import TEMP_INFIX, read_json
+from pipeline.versioning import ENTRY_FILE
 from tasks import Convert, Download, Evaluate, RunAll, Train
-from tests.conftest import run_tasks, tiny_config
+from tests.conftest import (REPO, cli_sections, luigi_env, read_csv, run_tasks, run_watched, start_watched,
+                            tiny_config, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -64,3 +72,105 @@ def test_temporaries_left_by_a_crash_are_removed_by_the_next_run(luigi_config, m
     assert not (run / "model_dir" / "model.ckpt-6_temp").exists()
     assert not (run / "model_dir" / "export" / "best" / "temp-1700000000").exists()
     assert read_json(Train().marker)["global_step"] == 12
+
+
+def command(folder: Path, config: Path, module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m <module> args` (tasks.explain, tasks.gc) as a user runs it in `folder`."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=folder, capture_output=True, text=True,
+                          env={**luigi_env(config), "PYTHONPATH": str(REPO)}, timeout=120)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def spoil(path: Path, damage: str | None) -> None:
+    """Overwrite `path` with `damage`, or remove it (None)."""
+    if damage is None:
+        path.unlink()
+    else:
+        path.write_text(damage)
+
+
+def assert_linked_leaderboard(results: Path, rows: int) -> None:
+    """The leaderboard has `rows` rows, each linking a report that exists."""
+    board = read_csv(results / "leaderboard.csv")
+    assert len(board) == rows and all(row["report"] and (results / row["report"]).is_file() for row in board), board
+
+
+def completed_run(folder: Path, source_url: str) -> tuple[Path, Path, dict]:
+    """The tiny pipeline run to its end by the real `luigi` command: its configuration file, results
+    folder and index."""
+    config = write_config(folder / "luigi.cfg", cli_sections(folder, source_url))
+    first = run_watched(folder, config, "RunAll", "--local-scheduler")
+    assert first.returncode == 0, first.output[-3000:]
+    return config, folder / "results", read_json(folder / "results" / "index.json")
+
+
+def test_a_damaged_or_missing_index_is_rebuilt_by_runs_explain_and_gc(mnist_subset, tmp_path):
+    config, results, clean = completed_run(tmp_path, mnist_subset.as_uri())
+    index_file = results / "index.json"
+    assert len(clean) == 7
+
+    truncate(index_file)
+    again = run_watched(tmp_path, config, "RunAll", "--local-scheduler")
+    assert again.returncode == 0, again.output[-3000:]
+    assert read_json(index_file) == clean, "the rebuilt index differs from the one the runs wrote"
+    assert_linked_leaderboard(results, 1)
+
+    for damage in ("[1, 2", '{"Train/x": 3}', None):  # not JSON, the wrong shape, missing
+        spoil(index_file, damage)
+        explained = command(tmp_path, config, "tasks.explain", "RunAll")
+        assert explained.returncode == 0 and explained.stdout.endswith("0 of 15 tasks will run.\n"), \
+            explained.stdout + explained.stderr
+        assert read_json(index_file) == clean
+        spoil(index_file, damage)
+        listed = command(tmp_path, config, "tasks.gc")
+        assert listed.returncode == 0 and "0 version(s)" in listed.stdout, listed.stdout + listed.stderr
+        assert read_json(index_file) == clean
+
+    # Damaged while a run records its stages: once its Evaluate is done, the others follow.
+    finish = start_watched(tmp_path, config, "RunAll", "--local-scheduler", "--Evaluate-split", "validation")
+    deadline = time.monotonic() + 240
+    while not list(results.glob("tiny/*/evaluate-validation-*/metrics.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    truncate(index_file)
+    ended = finish()
+    assert ended.returncode == 0, ended.output[-3000:]
+    index = read_json(index_file)
+    added = sorted(index[key]["stage"] for key in set(index) - set(clean))
+    assert added == ["Evaluate", "Predict", "Report", "RunRecord"] and set(clean) <= set(index)
+    assert_linked_leaderboard(results, 2)
+
+
+def test_a_stage_completed_but_not_indexed_is_indexed_when_found(mnist_subset, tmp_path):
+    """As after a kill between a stage's marker and its index update (or its entry file)."""
+    config, results, clean = completed_run(tmp_path, mnist_subset.as_uri())
+    index_file = results / "index.json"
+    [report] = [key for key in clean if key.startswith("Report/")]
+
+    def cut_off() -> None:
+        """The index and leaderboard as if the Evaluate (killed after its entry file) and the Report
+        (killed before its entry file) had never been indexed."""
+        index = {key: entry for key, entry in clean.items() if not key.startswith(("Evaluate/", "Report/"))}
+        index_file.write_text(json.dumps(index))
+        rebuild_leaderboard(str(results), index)
+        Path(clean[report]["path"], ENTRY_FILE).unlink()
+        assert read_csv(results / "leaderboard.csv") == []
+
+    cut_off()
+    explained = command(tmp_path, config, "tasks.explain", "RunAll")
+    assert explained.returncode == 0 and explained.stdout.endswith("0 of 15 tasks will run.\n"), explained.stderr
+    index = read_json(index_file)
+    assert set(index) == set(clean) and index[report]["completed_at"] >= clean[report]["completed_at"]
+    assert_linked_leaderboard(results, 1)
+
+    cut_off()
+    truncate(index_file)  # and then damaged: the rebuild finds no Report entry file; the run indexes it
+    again = run_watched(tmp_path, config, "RunAll", "--local-scheduler")
+    assert again.returncode == 0, again.output[-3000:]
+    index = read_json(index_file)
+    assert set(index) == set(clean)
+    assert {key: entry for key, entry in index.items() if key != report} == \
+        {key: entry for key, entry in clean.items() if key != report}
+    assert_linked_leaderboard(results, 1)

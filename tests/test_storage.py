@@ -15,13 +15,6 @@ from pipeline import storage
 from tests.conftest import REPO
 
 
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "root")
-    return request.getfixturevalue("s3_server").uri(f"storage-{uuid.uuid4().hex[:8]}")
-
-
 def test_files_are_written_read_listed_and_removed_alike(root):
     assert not storage.exists(storage.join(root, "a.json")) and not storage.is_dir(root)
     before = time.time_ns()

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pipeline import versioning
+from pipeline import storage, versioning
 from pipeline.errors import ConfigError
 
 
@@ -63,3 +63,41 @@ def test_the_index_is_updated_under_its_lock_and_views_see_the_update(tmp_path):
     assert set(index) == {"A/1", "B/2"} and index["B/2"]["note"] == "view"
     assert index["A/1"]["identity"] == {"params": {"x": 1}} and index["A/1"]["path"] == str(tmp_path / "a")
     assert seen == [{"A/1": index["A/1"]}]
+
+
+def test_a_damaged_or_missing_index_is_rebuilt_from_the_entry_files_of_complete_versions(root):
+    def version(stage: str, folder: str, marker: str | None, entry_name: str = versioning.ENTRY_FILE) -> dict:
+        """A version's entry file, and its marker unless None (its output was removed)."""
+        path = storage.join(root, folder)
+        entry = versioning.index_entry(stage, f"{stage.lower()}1", path, {"params": {}},
+                                       marker=storage.join(path, marker or "gone"))
+        storage.write_json(storage.join(path, entry_name), entry)
+        if marker:
+            storage.write_bytes(entry["marker"], b"done")
+        return entry
+
+    shallow = version("A", "a1", "a.json")
+    deep = version("B", "x/y/b1", "b.json")
+    beside = version("C", "", "sweep-c.csv", entry_name=".sweep-c" + versioning.ENTRY_FILE)
+    version("D", "x/d1", None)
+    storage.write_bytes(storage.join(root, "x", "e1", versioning.ENTRY_FILE), b'{"stage": "E", "vers')
+    patterns = [storage.join(root, *["*"] * depth, versioning.ENTRY_GLOB) for depth in range(4)]
+    index_path = storage.join(root, versioning.INDEX_FILE)
+    rebuilt = []
+    repair = versioning.IndexRepair(patterns, rebuilt=rebuilt.append)
+    expected = {f"{entry['stage']}/{entry['version']}": entry for entry in (shallow, deep, beside)}
+
+    for damage in (None, b"", b'{"A/a1": {"stage": "A", "vers', b"[]", b'{"A/a1": 1}', b"\xff\xfe"):
+        if damage is None:
+            storage.remove_tree(index_path)
+        else:
+            storage.write_bytes(index_path, damage)
+        assert versioning.read_index(index_path) is None
+        assert versioning.load_index(index_path, repair) == expected
+        assert storage.read_json(index_path) == expected and rebuilt.pop() == expected
+
+    # A valid index is read as it is, without a rebuild.
+    assert versioning.load_index(index_path, repair) == expected and rebuilt == []
+    storage.write_bytes(index_path, b"{")
+    versioning.update_index(index_path, lambda index: index.pop("A/a1"), repair=repair)
+    assert set(storage.read_json(index_path)) == {"B/b1", "C/c1"} and len(rebuilt) == 1
