@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import ipaddress
 import logging
+import os
 import re
 import socket
 import stat
@@ -57,6 +58,20 @@ MAX_DOWNLOAD_BYTES = 20 << 30
 METADATA_ADDRESSES = frozenset(map(ipaddress.ip_address, ("100.100.100.200", "fd00:ec2::254")))
 METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata.goog", "metadata"})
 _CHECKSUM_FRAGMENT = re.compile(r"sha256=([0-9a-fA-F]{64})")
+# The query parameters of a presigned URL's signature, by scheme: each scheme's marker (lower case)
+# and the parameters it signs with, dropped only where the marker is present, so that a server's
+# own `se` or `Expires` still counts. From AWS's SigV4 and SigV2 query authentication, Google
+# Cloud Storage's V4 and V2 signed URLs, and Azure's service, account and user delegation SAS.
+_SIGNING_PARAMETERS = {
+    "x-amz-signature": {"x-amz-algorithm", "x-amz-credential", "x-amz-date", "x-amz-expires",
+                        "x-amz-signedheaders", "x-amz-signature", "x-amz-security-token"},
+    "awsaccesskeyid": {"awsaccesskeyid", "signature", "expires", "x-amz-security-token"},
+    "x-goog-signature": {"x-goog-algorithm", "x-goog-credential", "x-goog-date", "x-goog-expires",
+                         "x-goog-signedheaders", "x-goog-signature"},
+    "googleaccessid": {"googleaccessid", "signature", "expires"},
+    "sig": {"sig", "sv", "ss", "srt", "sp", "st", "se", "sip", "spr", "si", "sr", "sdd", "ses", "skoid", "sktid",
+            "skt", "ske", "sks", "skv", "saoid", "suoid", "scid"},
+}
 
 
 def split_checksum(url: str) -> tuple[str, str | None]:
@@ -92,26 +107,46 @@ def source_kind(url: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """`url` as it may be shown or stored: a password (`user:password@`) becomes `***`, and a query
-    (a presigned URL's signature) becomes a hash of it, which still tells two queries apart."""
+    """`url` as it may be shown or stored: its user information (`user:password@`, or a token as
+    the user name) becomes `***@`; a presigned URL's signing parameters (see `_SIGNING_PARAMETERS`)
+    are left out, so that a re-signed URL of one object stays one URL (and one version); and the
+    query left, if any, becomes a hash of it, which still tells two queries apart."""
     parsed = urllib.parse.urlsplit(url)
     if "@" not in parsed.netloc and not parsed.query:
         return url
-    user, at, host = parsed.netloc.rpartition("@")
-    if at and ":" in user:
-        user = f"{user.partition(':')[0]}:***"
-    query = f"redacted-sha256={hashlib.sha256(parsed.query.encode()).hexdigest()[:16]}" if parsed.query else ""
-    return urllib.parse.urlunsplit((parsed.scheme, f"{user}{at}{host}", parsed.path, query, parsed.fragment))
+    host = parsed.netloc.rpartition("@")[2]
+    userinfo = "***@" if "@" in parsed.netloc else ""
+    pairs = urllib.parse.parse_qsl(parsed.query, keep_blank_values=True)
+    names = {name.lower() for name, _ in pairs}
+    signing = set().union(*(params for marker, params in _SIGNING_PARAMETERS.items() if marker in names))
+    kept = urllib.parse.urlencode([(name, value) for name, value in pairs if name.lower() not in signing])
+    query = f"redacted-sha256={hashlib.sha256(kept.encode()).hexdigest()[:16]}" if kept else ""
+    return urllib.parse.urlunsplit((parsed.scheme, f"{userinfo}{host}", parsed.path, query, parsed.fragment))
+
+
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _reached(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list:
+    """The addresses a connection to `address` reaches, to be judged instead of it: an IPv6 address
+    that embeds an IPv4 one (IPv4-mapped or -compatible, NAT64, 6to4, Teredo's server and client)
+    reaches that one, and `ipaddress` counts most of those forms as global whatever they embed."""
+    if address.version == 4:
+        return [address]
+    embedded = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+    if any(address in network for network in _NAT64) or (address in _IPV4_COMPATIBLE and int(address) > 1):
+        embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return [reached for reached in embedded if reached] or [address]
 
 
 def _is_private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return not address.is_global
+    return any(not reached.is_global for reached in _reached(address))
 
 
 def _refused_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address, private_ok: bool) -> str | None:
     """Why `address` may not be connected to, or None."""
-    address = getattr(address, "ipv4_mapped", None) or address
-    if address.is_link_local or address in METADATA_ADDRESSES:
+    if any(reached.is_link_local or reached in METADATA_ADDRESSES for reached in _reached(address)):
         return "a link-local or cloud-metadata address, never fetched"
     if _is_private(address) and not private_ok:
         return ("a private or loopback address, named from a public one (allow it with "
@@ -128,6 +163,8 @@ class FetchGuard:
     differently a second time cannot slip past. `private_ok` allows private and loopback
     addresses; link-local and cloud-metadata ones are refused always, before any connection.
     Environment proxies are not used: through one, the address connected to would be the proxy's.
+    The address each thread last connected to is kept (`peer`): after a fetch, it is the one its
+    body came from, a redirect's target included, to be judged without asking DNS again.
     """
 
     def __init__(self, *, private_ok: bool = True, max_total_bytes: int = MAX_DOWNLOAD_BYTES):
@@ -135,6 +172,7 @@ class FetchGuard:
         self.stopped = threading.Event()
         self._total, self._lock = 0, threading.Lock()
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._peers = threading.local()
         self.opener = urllib.request.OpenerDirector()
         for handler in (urllib.request.UnknownHandler(), _GuardedHTTPHandler(self), _GuardedHTTPSHandler(self),
                         urllib.request.HTTPDefaultErrorHandler(), _HTTPOnlyRedirectHandler(),
@@ -164,11 +202,16 @@ class FetchGuard:
                 if source_address:
                     sock.bind(source_address)
                 sock.connect(sockaddr)
+                self._peers.address = sockaddr[0].partition("%")[0]
                 return sock
             except OSError as failure:
                 error = failure
                 sock.close()
         raise error
+
+    def peer(self) -> str | None:
+        """The address this thread's last connection went to; None if it made none."""
+        return getattr(self._peers, "address", None)
 
     def count(self, size: int, url: str) -> None:
         """Add `size` fetched bytes to the download's total; SizeCapExceeded past its cap."""
@@ -262,7 +305,7 @@ def fetch(url: str, destination: Path, sha256: str | None = None, *, retries: in
     fail at once. A failure leaves nothing at `destination`.
     """
     local = _check_scheme(url).scheme == "file"
-    guard = guard or FetchGuard()
+    guard = guard or FetchGuard(max_total_bytes=max_bytes)
     shown = redact_url(url)
     destination = Path(destination)
     with atomic_path(destination) as partial:
@@ -360,7 +403,8 @@ def download_dataset(source_url: str, target: str, marker_name: str, *,
 
     A URL ending in `#sha256=<hex>` is checked against that sha256 (see `split_checksum`). In an
     archive, files beside the class folders (a LICENSE, a README) are kept but listed under
-    "ignored". In a manifest, an image that cannot be fetched fails the download, naming its URL,
+    "ignored"; hidden files and folders are dropped and listed under "hidden" (see `drop_hidden`).
+    In a manifest, an image that cannot be fetched fails the download, naming its URL,
     unless `skip_failed_images`: then it is left out and listed under "failed" in the marker
     (see `fetch_manifest` for what a manifest may name and the byte caps). The marker shows the
     source URL redacted (`redact_url`). Returns the summary written to the marker.
@@ -376,29 +420,33 @@ def download_dataset(source_url: str, target: str, marker_name: str, *,
     work = Path(tempfile.mkdtemp(prefix=f"{storage.name(target)}{TEMP_INFIX}", dir=work_parent))
     try:
         tree = work / "tree"
+        # The source URL is the user's own: it may be on a private address, never a link-local one.
+        source_guard = FetchGuard(private_ok=True, max_total_bytes=max_download_bytes)
         if kind == "archive":
             archive = work / _file_name(source_url)
             digest = fetch(source_url, archive, sha256, retries=retries, backoff_s=backoff_s,
-                           timeout_s=timeout_s, progress=progress, max_bytes=max_download_bytes)
+                           timeout_s=timeout_s, progress=progress, max_bytes=max_download_bytes, guard=source_guard)
             extract_archive(archive, tree)
+            hidden = drop_hidden(tree)
             root, ignored = class_root(tree)
             failed = []
         else:
             manifest = work / "manifest.csv"
             digest = fetch(source_url, manifest, sha256, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s,
-                           max_bytes=max_download_bytes)
-            root, ignored = tree, []
+                           max_bytes=max_download_bytes, guard=source_guard)
+            root, ignored, hidden = tree, [], []
             failed = fetch_manifest(manifest, source_url, root, workers=workers, retries=retries,
                                     backoff_s=backoff_s, timeout_s=timeout_s, skip_failed=skip_failed_images,
                                     max_image_bytes=max_image_bytes, max_download_bytes=max_download_bytes,
-                                    allow_private_addresses=allow_private_addresses, progress=progress)
+                                    allow_private_addresses=allow_private_addresses, progress=progress,
+                                    origin_address=source_guard.peer())
         counts = {c.name: len(visible_keys(c)) for c in sorted(root.iterdir()) if c.is_dir() and visible(c.name)}
         if len(counts) < 2:
             raise DatasetError(f"{redact_url(source_url)}: found class folders {sorted(counts)}; expected at least two "
                                "folders, one per class, each holding images (beside them, loose files are "
                                "ignored, and one wrapping folder is looked through)")
         summary = {"source_url": redact_url(source_url), "sha256": digest, "kind": kind, "images_per_class": counts,
-                   "ignored": ignored, "failed": failed}
+                   "ignored": ignored, "hidden": hidden, "failed": failed}
         flush_to_disk()
         write_json(root / marker_name, summary)
         publish_folder(root, target, marker_name)
@@ -462,6 +510,22 @@ class _ExtractionBudget:
                                      f"{self._total} bytes, {self._why} (a decompression bomb?)")
 
 
+def drop_hidden(tree: Path) -> list[str]:
+    """Remove every hidden file and folder below `tree` (see `storage.visible`: a name starting
+    with '.' or '__MACOSX') and return their paths relative to `tree`, a folder's with a trailing
+    '/'. They are never data (every reader skips them), and published they could pose as the
+    pipeline's own files, such as a stage's index entry (`versioning.ENTRY_FILE`)."""
+    hidden = []
+    for folder, folders, files in os.walk(tree):
+        for name in sorted(files + folders):
+            if not visible(name):
+                path = Path(folder) / name
+                hidden.append(path.relative_to(tree).as_posix() + ("/" if name in folders else ""))
+                remove_tree(path)
+        folders[:] = [name for name in folders if visible(name)]
+    return sorted(hidden)
+
+
 def class_root(tree: Path) -> tuple[Path, list[str]]:
     """The folder whose sub-folders are the classes, and the loose files passed on the way there.
 
@@ -505,9 +569,9 @@ def read_manifest(manifest: Path, manifest_url: str) -> list[tuple[int, str, str
             if len(row) != 2 or not row[0].strip() or not row[1].strip():
                 raise DatasetError(f"{shown}: line {line_number} is {row!r}; expected 'url,label'")
             url, label = urllib.parse.urljoin(base, row[0].strip()), row[1].strip()
-            if label.startswith(".") or "/" in label or "\\" in label:
+            if not visible(label) or "/" in label or "\\" in label:
                 raise DatasetError(f"{shown}: line {line_number} has label {label!r}; a label becomes a "
-                                   "folder name, so it may not contain '/' or start with '.'")
+                                   "folder name, so it may not contain '/' or start with '.' or '__MACOSX'")
             scheme = urllib.parse.urlsplit(url).scheme
             allowed = ("http", "https") if remote else SCHEMES
             if scheme not in allowed:
@@ -529,6 +593,10 @@ def image_paths(rows: list[tuple[int, str, str]], target: Path, manifest_url: st
     jobs = []
     for line_number, url, label in rows:
         name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name or f"line{line_number}"
+        if not visible(name):
+            raise DatasetError(f"{redact_url(manifest_url)}: line {line_number} names {redact_url(url)}, whose file "
+                               f"name {name!r} is hidden (it starts with '.' or '__MACOSX'): every reader skips "
+                               "such files; expected an image's name")
         if (label, name) in line_of_name and (label, url) not in line_of_url:
             stem, dot, suffix = name.partition(".")
             name = f"{stem}-{hashlib.sha256(url.encode()).hexdigest()[:8]}{dot}{suffix}"
@@ -541,33 +609,32 @@ def image_paths(rows: list[tuple[int, str, str]], target: Path, manifest_url: st
     return jobs
 
 
-def _private_origin(url: str) -> bool:
-    """Whether `url` is a local file or its host resolves to private or loopback addresses only."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme == "file":
+def private_origin(url: str, address: str | None) -> bool:
+    """Whether a manifest at `url`, fetched from `address` (the peer its body came from, see
+    `FetchGuard.peer`), is local: a file, or served from a private or loopback address. The host
+    name is not resolved again: a DNS server that answered a public address for the fetch could
+    answer 127.0.0.1 for a second look. No address known: not local."""
+    if urllib.parse.urlsplit(url).scheme == "file":
         return True
-    try:
-        infos = socket.getaddrinfo(parsed.hostname or "", parsed.port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return False
-    return all(_is_private(ipaddress.ip_address(info[4][0].partition("%")[0])) for info in infos)
+    return address is not None and _is_private(ipaddress.ip_address(address))
 
 
 def fetch_manifest(manifest: Path, manifest_url: str, target: Path, *, workers: int, retries: int,
                    backoff_s: float, timeout_s: float = 60.0, skip_failed: bool = False,
                    max_image_bytes: int = MAX_IMAGE_BYTES, max_download_bytes: int = MAX_DOWNLOAD_BYTES,
-                   allow_private_addresses: bool = False, progress: Progress | None = None) -> list[dict[str, str]]:
+                   allow_private_addresses: bool = False, progress: Progress | None = None,
+                   origin_address: str | None = None) -> list[dict[str, str]]:
     """Fetch every image the manifest lists, in parallel, into `target/<label>/<file>`.
 
-    A manifest on a public address may not name private or loopback ones (unless
-    `allow_private_addresses`); link-local and cloud-metadata addresses are refused always. Each
+    A manifest fetched from a public address (`origin_address`, the one its body came from; see
+    `private_origin`) may not name private or loopback ones (unless `allow_private_addresses`); link-local and cloud-metadata addresses are refused always. Each
     image may hold `max_image_bytes`, all of them together `max_download_bytes`. Returns the
     images skipped (url, label, error) when `skip_failed`; otherwise the first failure stops the
     other fetches and is raised, naming its line and URL. A refused URL or a passed cap fails the
     download even under `skip_failed`: the manifest is not what it claims to be.
     """
     jobs = image_paths(read_manifest(manifest, manifest_url), target, manifest_url)
-    guard = FetchGuard(private_ok=allow_private_addresses or _private_origin(manifest_url),
+    guard = FetchGuard(private_ok=allow_private_addresses or private_origin(manifest_url, origin_address),
                        max_total_bytes=max_download_bytes)
     shown = redact_url(manifest_url)
     failed = []

@@ -75,7 +75,8 @@ class Download(Stage):
 
     def significant_values(self):
         # A checksum checks the files; it does not change them. Pinning one keeps the version.
-        # Redacted, as index.json stores it: a query still counts, by its hash; a password does not.
+        # Redacted, as index.json stores it: a query still counts, by its hash, less a presigned
+        # URL's signing parameters (re-signing keeps the version); user information does not.
         return {**super().significant_values(),
                 "source_url": download.redact_url(download.split_checksum(self.source_url)[0])}
 

@@ -2,7 +2,9 @@ import base64
 import hashlib
 import http.server
 import io
+import ipaddress
 import json
+import socket
 import tarfile
 import threading
 import zipfile
@@ -255,15 +257,45 @@ def test_the_embedded_archive_fits_the_bomb_budget(tmp_path):
 
 @pytest.mark.parametrize("url, shown", [
     ("http://reader:PASSWORDSECRET42@host:8/d.tar.gz?X-Amz-Signature=SECRETSIG#sha256=00",
-     "http://reader:***@host:8/d.tar.gz?redacted-sha256={}#sha256=00"),
-    ("https://host/d.tar.gz?X-Amz-Signature=SECRETSIG", "https://host/d.tar.gz?redacted-sha256={}"),
+     "http://***@host:8/d.tar.gz#sha256=00"),
+    ("https://ghp_SECRETTOKEN@github.com/x.tgz", "https://***@github.com/x.tgz"),
+    ("https://host/d.tar.gz?versionId=7&X-Amz-Signature=SECRETSIG", "https://host/d.tar.gz?redacted-sha256={}"),
     ("file:data/mnist_5k.tar.gz", "file:data/mnist_5k.tar.gz"),
 ])
-def test_redact_url_hides_passwords_and_queries_but_tells_queries_apart(url, shown):
-    query_hash = hashlib.sha256(b"X-Amz-Signature=SECRETSIG").hexdigest()[:16]
-    assert download.redact_url(url) == shown.format(query_hash)
-    if "?" in url:
-        assert download.redact_url(url.replace("SECRETSIG", "OTHER")) != download.redact_url(url)
+def test_redact_url_hides_the_user_information_and_the_signature(url, shown):
+    assert download.redact_url(url) == shown.format(hashlib.sha256(b"versionId=7").hexdigest()[:16])
+
+
+def presigned(signature: str, date: str) -> dict[str, str]:
+    """One object's URL as AWS (SigV4 and SigV2), Google and Azure sign it, on `date`."""
+    return {
+        "aws": f"https://b.s3.amazonaws.com/d.tgz?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F{date}"
+               f"&X-Amz-Date={date}T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+               f"&X-Amz-Security-Token=TOKEN{signature}&X-Amz-Signature={signature}",
+        "aws-v2": f"https://b.s3.amazonaws.com/d.tgz?AWSAccessKeyId=AKIA&Expires={date}&Signature={signature}",
+        "google": f"https://storage.googleapis.com/b/d.tgz?X-Goog-Algorithm=GOOG4-RSA-SHA256"
+                  f"&X-Goog-Credential=sa%2F{date}&X-Goog-Date={date}T000000Z&X-Goog-Expires=900"
+                  f"&X-Goog-SignedHeaders=host&X-Goog-Signature={signature}",
+        "azure": f"https://a.blob.core.windows.net/c/d.tgz?sv=2022-11-02&st={date}&se={date}&sr=b&sp=r&spr=https"
+                 f"&skoid=OID&sig={signature}",
+    }
+
+
+@pytest.mark.parametrize("cloud", ["aws", "aws-v2", "google", "azure"])
+def test_a_re_signed_url_of_one_object_redacts_to_one_string_without_the_signature(cloud):
+    first, again = presigned("SECRETSIG", "20260101")[cloud], presigned("OTHERSIG", "20260202")[cloud]
+    assert download.redact_url(first) == download.redact_url(again) == first.partition("?")[0]
+    other_object = f"{first}&versionId=2"
+    assert download.redact_url(other_object) != download.redact_url(first)
+    assert download.redact_url(other_object) != download.redact_url(f"{first}&versionId=3")
+    assert "SECRETSIG" not in download.redact_url(other_object)
+
+
+def test_parameters_named_like_a_signature_count_where_no_signature_is():
+    # `se` and `Expires` sign an Azure or AWS URL only beside `sig` or `AWSAccessKeyId`;
+    # elsewhere they may choose what is served, so they still tell two URLs apart.
+    assert download.redact_url("https://h/d.tgz?se=1") != download.redact_url("https://h/d.tgz?se=2")
+    assert download.redact_url("https://h/d.tgz?Expires=1") != download.redact_url("https://h/d.tgz?Expires=2")
 
 
 def serve_images(file_server, count: int = 2) -> list[str]:
@@ -288,8 +320,14 @@ def test_a_public_manifest_may_not_name_loopback_images_unless_allowed(file_serv
     assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == ["0.png", "1.png"]
 
 
+# 169.254.169.254 wrapped in IPv6: NAT64 (well-known and local-use), 6to4, IPv4-compatible, and a
+# Teredo address whose client (stored inverted) is it; `ipaddress` calls the first four global.
+EMBEDDED_METADATA = ["[64:ff9b::a9fe:a9fe]", "[64:ff9b:1::a9fe:a9fe]", "[2002:a9fe:a9fe::1]", "[::a9fe:a9fe]",
+                     "[2001:0:4136:e378:8000:63bf:5601:5601]"]
+
+
 @pytest.mark.parametrize("host", ["169.254.169.254", "[fe80::1]", "100.100.100.200", "[::ffff:169.254.169.254]",
-                                  "metadata.google.internal"])
+                                  "metadata.google.internal", *EMBEDDED_METADATA])
 def test_metadata_and_link_local_addresses_are_refused_even_when_private_ones_are_allowed(host, tmp_path):
     guard = download.FetchGuard(private_ok=True)
     with pytest.raises(RefusedURL, match="never fetched"):
@@ -352,3 +390,83 @@ def test_the_same_image_twice_in_one_class_fails_naming_both_lines(file_server, 
     file_server.files["/m.csv"] = b"url,label\nx/a.png,cat\nx/b.png,dog\nx/a.png,cat\n"
     with pytest.raises(DatasetError, match=r"m.csv: lines 2 and 4 both put .*/x/a.png in class 'cat'"):
         download.download_dataset(file_server.url("/m.csv"), tmp_path / "raw", "download.json")
+
+
+@pytest.mark.parametrize("address, private", [("64:ff9b::7f00:1", True), ("2002:7f00:1::1", True), ("::7f00:1", True),
+                                              ("::ffff:127.0.0.1", True), ("::1", True), ("64:ff9b::808:808", False),
+                                              ("2002:808:808::1", False), ("::ffff:8.8.8.8", False),
+                                              ("2606:4700::1111", False), ("93.184.215.14", False)])
+def test_an_ipv6_address_is_judged_by_the_ipv4_address_it_embeds(address, private):
+    why = download._refused_address(ipaddress.ip_address(address), private_ok=False)
+    assert (why is not None and "private or loopback" in why) == private, why
+
+
+def test_a_manifest_is_local_by_the_address_it_came_from_not_by_its_host_name():
+    # A DNS server may answer a public address for the fetch and 127.0.0.1 for a second look:
+    # only the address the body came from counts.
+    assert not download.private_origin("http://localhost/m.csv", "93.184.215.14")
+    assert not download.private_origin("http://localhost/m.csv", None)
+    assert download.private_origin("http://example.org/m.csv", "127.0.0.1")
+    assert download.private_origin("http://example.org/m.csv", "64:ff9b::a00:1")  # NAT64 of 10.0.0.1
+    assert download.private_origin("file:sets/m.csv", None)
+
+
+def test_a_manifest_fetched_from_a_public_address_may_not_name_loopback_images_whatever_its_host(file_server,
+                                                                                                  tmp_path):
+    [cat, dog] = serve_images(file_server)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"{cat},cat\n{dog},dog\n")
+    rebound = file_server.url("/m.csv").replace("127.0.0.1", "localhost")
+    with pytest.raises(RefusedURL, match="a private or loopback address, named from a public one"):
+        download.fetch_manifest(manifest, rebound, tmp_path / "out", workers=1, retries=0, backoff_s=0.01,
+                                origin_address="93.184.215.14")
+    assert sum(file_server.requests.values()) == 0
+
+
+def test_the_guard_records_the_address_the_body_came_from_after_a_redirect(file_server, tmp_path):
+    file_server.files["/m.csv"] = b"x"
+
+    class RedirectingToIPv6(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(302)
+            self.send_header("Location", f"http://[::1]:{ipv6.server_address[1]}/m.csv")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    class Serving(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(200)
+            self.send_header("Content-Length", "1")
+            self.end_headers()
+            self.wfile.write(b"x")
+
+        def log_message(self, *args):
+            pass
+
+    class IPv6Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), RedirectingToIPv6) as ipv4, \
+            IPv6Server(("::1", 0), Serving) as ipv6:
+        for server in (ipv4, ipv6):
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            guard = download.FetchGuard()
+            download.fetch(f"http://127.0.0.1:{ipv4.server_address[1]}/m.csv", tmp_path / "m.csv", guard=guard)
+            assert guard.peer() == "::1"
+            download.fetch(file_server.url("/m.csv"), tmp_path / "again.csv", guard=guard)
+            assert guard.peer() == "127.0.0.1"
+        finally:
+            ipv4.shutdown()
+            ipv6.shutdown()
+
+
+def test_a_manifest_image_with_a_hidden_file_name_is_refused_naming_its_line(file_server, tmp_path):
+    file_server.files["/m.csv"] = b"img/0.png,cat\nimg/.stage.json,cat\nimg/1.png,dog\n"
+    with pytest.raises(DatasetError, match=r"m.csv: line 2 names .*/img/.stage.json, whose file name '.stage.json' "
+                                           r"is hidden"):
+        download.download_dataset(file_server.url("/m.csv"), tmp_path / "raw", "download.json")
+    assert file_server.requests["/img/0.png"] == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import download
-from tests.conftest import Watched, cli_sections, run_watched, write_config
+from tests.conftest import Watched, cli_sections, run_watched, tar_bytes, write_config
 from tests.test_download import png
 
 EXIT_AFTER_FAILURE_S = 60
@@ -151,3 +151,34 @@ def test_a_presigned_url_with_a_password_is_redacted_everywhere(scheduler, reque
         assert "Convert" in shown["task_list"] and "Download" in shown["task_list"]
     leaks = {where: secret for where, text in shown.items() for secret in SECRETS if secret in text}
     assert leaks == {}
+
+
+def test_an_archive_over_the_download_cap_fails_naming_the_cap(file_server, mnist_subset, tmp_path):
+    file_server.files["/d.tar.gz"] = mnist_subset.read_bytes()
+    size = len(file_server.files["/d.tar.gz"])
+
+    result = run_download(tmp_path, file_server.url("/d.tar.gz"), "--Download-max-download-bytes", "1000")
+
+    assert_download_failed(tmp_path, result, f"{file_server.url('/d.tar.gz')}: more than 1000 bytes, its cap "
+                                             f"(its Content-Length says {size})")
+
+
+def test_hidden_files_in_an_archive_are_not_published_but_listed(file_server, tmp_path):
+    planted = b'{"stage": "Planted", "version": "0", "path": "elsewhere"}'
+    file_server.files["/d.tar.gz"] = tar_bytes({
+        "set/.stage.json": planted, "set/cat/a.png": png(1), "set/cat/.stage.json": planted,
+        "set/dog/b.png": png(2), "set/__MACOSX/cat/._a.png": planted, "set/LICENSE": b"free",
+    })
+
+    result = run_download(tmp_path, file_server.url("/d.tar.gz"))
+
+    assert result.returncode == 0, result.output[-3000:]
+    [version] = (tmp_path / "data" / "raw" / "guarded").iterdir()
+    published = {path.relative_to(version).as_posix(): path.read_bytes() for path in version.rglob("*")
+                 if path.is_file()}
+    assert planted not in published.values()
+    assert sorted(published) == [".stage.json", "LICENSE", "cat/a.png", "dog/b.png", "download.json"]
+    assert json.loads(published[".stage.json"])["stage"] == "Download", "the pipeline's own entry"
+    summary = json.loads(published["download.json"])
+    assert summary["hidden"] == ["set/.stage.json", "set/__MACOSX/", "set/cat/.stage.json"]
+    assert summary["ignored"] == ["set/LICENSE"] and summary["images_per_class"] == {"cat": 1, "dog": 1}
