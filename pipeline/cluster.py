@@ -215,6 +215,9 @@ def _wait_for(chief: _Running, running: list[_Running], timeout_s: float) -> Non
 
 
 def _raise_if_failed(running: list[_Running]) -> None:
+    # The roles write checkpoints into model_dir under the Train task's lock: once its lease has
+    # ended, they are stopped (LockLost), as a training in this process would be.
+    storage.check_leases()
     for role in running:
         if role.failed():
             raise ClusterError(f"the {role.role.type} {role.role.index} of the training cluster exited with "

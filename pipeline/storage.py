@@ -53,6 +53,10 @@ LOCK_TTL_S = 30.0
 # other processes judge it.
 LOCK_TTL_VARIABLE = "PIPELINE_S3_LOCK_TTL_S"
 _UPLOADS_AT_ONCE = 16
+# A lock request answered by a conflict (409: a concurrent conditional request on it), or a takeover
+# another taker won, is tried again after this, doubled at each try; a release after this many tries.
+_LOCK_RETRY_S = 0.1
+_RELEASE_TRIES = 5
 
 
 def is_remote(location: str | os.PathLike) -> bool:
@@ -99,24 +103,36 @@ def tf_path(location: str | os.PathLike) -> str:
     return str(location)
 
 
-# S3, through boto3: one client per process, since a client made before a fork is not the child's.
-_clients: dict[int, Any] = {}
+# S3, through boto3: clients per process, since a client made before a fork is not the child's.
+_clients: dict[tuple[int, Any], Any] = {}
 
 
-def _s3():
+def _client(kind: Any, **config: Any):
+    """This process's client of `kind`, made with botocore `config` the first time."""
     pid = os.getpid()
-    if pid not in _clients:
+    if (pid, kind) not in _clients:
         import boto3
         from botocore.config import Config
 
-        _clients.clear()
-        _clients[pid] = boto3.client(
+        for key in [key for key in _clients if key[0] != pid]:
+            del _clients[key]
+        _clients[pid, kind] = boto3.client(
             "s3", endpoint_url=os.environ.get("S3_ENDPOINT") or None,
             region_name=os.environ.get("AWS_REGION") or None,
-            verify=os.environ.get("S3_VERIFY_SSL", "1") not in ("0", "false"),
-            config=Config(retries={"max_attempts": 5, "mode": "standard"},
-                          max_pool_connections=_UPLOADS_AT_ONCE))
-    return _clients[pid]
+            verify=os.environ.get("S3_VERIFY_SSL", "1") not in ("0", "false"), config=Config(**config))
+    return _clients[pid, kind]
+
+
+def _s3():
+    return _client("data", retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=_UPLOADS_AT_ONCE)
+
+
+def _lock_s3(ttl_s: float):
+    """The client of a lock's requests. botocore's defaults (60 s to connect, 60 s to read, 5 attempts)
+    would let a renewal on a dead network outlive the lease many times over, and keep a holder that
+    must stop waiting for minutes: each attempt here gets a sixth of the TTL, and two are made."""
+    return _client(("lock", ttl_s), connect_timeout=ttl_s / 6, read_timeout=ttl_s / 6,
+                   retries={"max_attempts": 2, "mode": "standard"})
 
 
 def _bucket_key(location: str) -> tuple[str, str]:
@@ -302,7 +318,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield temp
         if remote:
-            _check_leases()
+            check_leases()
             bucket, key = _bucket_key(str(final))
             _s3().upload_file(str(temp), bucket, key)
         else:
@@ -315,7 +331,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     if is_remote(location):
-        _check_leases()
+        check_leases()
         bucket, key = _bucket_key(str(location))
         _s3().put_object(Bucket=bucket, Key=key, Body=data)
         return
@@ -351,14 +367,14 @@ def publish_folder(local_folder: str | os.PathLike, final: str | os.PathLike, ma
     with ThreadPoolExecutor(_UPLOADS_AT_ONCE) as pool:
         list(pool.map(upload, keys))
     # The uploads may take longer than a lease: the marker only while it is still held.
-    _check_leases()
+    check_leases()
     upload(marker_name)
 
 
 def remove_tree(location: str | os.PathLike) -> None:
     """Remove a file or folder if it exists."""
     if is_remote(location):
-        _check_leases()
+        check_leases()
         bucket, key = _bucket_key(str(location))
         keys = [key] + [f"{key}/{relative}" for relative, _ in _objects(str(location))]
         for start in range(0, len(keys), 1000):
@@ -466,7 +482,7 @@ def _lock_state(lock_path: str) -> _LockState | None:
 
     bucket, key = _bucket_key(lock_path)
     try:
-        response = _s3().get_object(Bucket=bucket, Key=key)
+        response = _lock_s3(lock_ttl_s()).get_object(Bucket=bucket, Key=key)
     except ClientError as error:
         if _is_missing(error):
             return None
@@ -481,9 +497,10 @@ def _lock_state(lock_path: str) -> _LockState | None:
 class Lease:
     """An S3 lock this process holds. Every write of it is conditional on the ETag of its previous
     one, so a holder whose lock another process took over learns it (412) instead of writing over
-    it. It counts as lost once a renewal is refused or fails, or once none has succeeded for two
-    thirds of the TTL (by this host's monotonic clock, from before the request, hence before S3's
-    LastModified): before any other process may judge it stale."""
+    it. It counts as lost once a renewal is refused, or once none has succeeded for two thirds of
+    the TTL (by this host's monotonic clock, from before the request, hence before S3's
+    LastModified): before any other process may judge it stale. A renewal that fails before then
+    is tried again at the next one."""
 
     def __init__(self, location: str, guards: str, ttl_s: float):
         self.location, self.guards, self.ttl_s = location, guards, ttl_s
@@ -502,7 +519,7 @@ class Lease:
                            "ttl_s": self.ttl_s, "nonce": uuid.uuid4().hex}).encode()
         sent_at = time.monotonic()
         try:
-            self.etag = _s3().put_object(Bucket=bucket, Key=key, Body=body, **condition)["ETag"]
+            self.etag = _lock_s3(self.ttl_s).put_object(Bucket=bucket, Key=key, Body=body, **condition)["ETag"]
         except ClientError as error:
             if failure := _condition_failed(error):
                 return failure
@@ -530,23 +547,33 @@ class Lease:
             self.lost = reason
             log.error("lost the lock %s: %s", self.location, reason)
 
+    def expired(self) -> bool:
+        """Whether no renewal has succeeded for two thirds of the TTL."""
+        return time.monotonic() - self.renewed_at > self.ttl_s * 2 / 3
+
     def check(self) -> None:
         """Raise LockLost if the lease has ended."""
-        unrenewed_s = time.monotonic() - self.renewed_at
-        if unrenewed_s > self.ttl_s * 2 / 3:
-            self.lose(f"not renewed for {unrenewed_s:.1f} s")
+        if self.expired():
+            self.lose(f"not renewed for {time.monotonic() - self.renewed_at:.1f} s")
         if self.lost is not None:
             raise LockLost(f"lost the lock {self.location} ({self.lost}); stopped before writing more, since "
                            f"another process may now be writing {self.guards or 'what it guards'}")
 
     def release(self) -> None:
-        """Delete the lock, only if it is still this holder's; never another's."""
-        from botocore.exceptions import ClientError
+        """Delete the lock, only if it is still this holder's; never another's. When S3 cannot be
+        reached, or keeps answering with conflicts, the lock is left, saying so: it goes stale
+        after one TTL and others take it over. That does not fail the holder, whose work was done
+        under its lease."""
+        from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, key = _bucket_key(self.location)
-        while True:
+        for attempt in range(_RELEASE_TRIES):
             try:
-                _s3().delete_object(Bucket=bucket, Key=key, IfMatch=self.etag)
+                _lock_s3(self.ttl_s).delete_object(Bucket=bucket, Key=key, IfMatch=self.etag)
+                return
+            except BotoCoreError as error:
+                log.error("could not release the lock %s (%r): others take it over in %.0f s", self.location,
+                          error, self.ttl_s)
                 return
             except ClientError as error:
                 failure = _condition_failed(error)
@@ -555,13 +582,16 @@ class Lease:
                 if failure != "conflict":
                     self.lose(_LOST[failure])
                     return
+            time.sleep(_LOCK_RETRY_S * 2 ** attempt)
+        log.error("could not release the lock %s: %d conflicting requests; others take it over in %.0f s",
+                  self.location, _RELEASE_TRIES, self.ttl_s)
 
 
 # The leases this process holds now, which every write checks.
 _held_leases: list[Lease] = []
 
 
-def _check_leases() -> None:
+def check_leases() -> None:
     for lease in list(_held_leases):
         lease.check()
 
@@ -571,27 +601,31 @@ def _keep_renewing(lease: Lease, released: threading.Event) -> None:
         try:
             if not lease.renew():
                 return
-        except Exception as error:  # noqa: BLE001 - whatever stops the renewals ends the lease, saying why
-            lease.lose(f"renewing it failed: {error!r}")
-            return
+        except Exception as error:  # noqa: BLE001 - whatever keeps failing ends the lease, saying why
+            if lease.expired():
+                lease.lose(f"renewing it failed: {error!r}")
+                return
 
 
 @contextlib.contextmanager
 def _s3_lock(lock_path: str, holder: str, guards: str) -> Iterator[Lease]:
     lease = Lease(lock_path, guards, lock_ttl_s())
-    waiting = False
+    waiting, retries = False, 0
     while not lease.acquire():
         state = _lock_state(lock_path)
-        if state is not None and state.stale():
-            if lease.take_over(state.etag):
+        if state is None or state.stale():
+            if state is not None and lease.take_over(state.etag):
                 log.warning("took over %s, not renewed for %.0f s: its holder is gone", lock_path, state.age_s)
                 break
-            continue  # another taker won, or the holder let go: look again
-        if state is not None:
-            if holder and not waiting:
-                log.warning("waiting for another process, which is producing %s", holder)
-                waiting = True
-            time.sleep(min(1.0, lease.ttl_s / 4))
+            # Let go between our two requests, a concurrent request (409), or another taker won:
+            # look again soon, though not in a busy loop against S3.
+            time.sleep(min(1.0, _LOCK_RETRY_S * 2 ** retries))
+            retries += 1
+            continue
+        if holder and not waiting:
+            log.warning("waiting for another process, which is producing %s", holder)
+            waiting = True
+        time.sleep(min(1.0, lease.ttl_s / 4))
     released = threading.Event()
     renewer = threading.Thread(target=_keep_renewing, args=(lease, released), name=f"renew {lock_path}", daemon=True)
     renewer.start()
@@ -601,7 +635,9 @@ def _s3_lock(lock_path: str, holder: str, guards: str) -> Iterator[Lease]:
     finally:
         _held_leases.remove(lease)
         released.set()
-        renewer.join()
+        # A renewal in flight ends within its client's timeouts; one stuck beyond them must not
+        # keep a holder that has to stop from stopping (the thread is a daemon).
+        renewer.join(timeout=lease.ttl_s)
         lease.release()
     # Lost while inside, after the last write: the task still fails, since another process may
     # have been producing the same output alongside.

@@ -105,6 +105,15 @@ class ProgressHook(tf.estimator.SessionRunHook):
             self._progress(self._first_step + self._runs, self._total, "steps", f"loss {loss:.4f}")
 
 
+class LeaseCheckHook(tf.estimator.SessionRunHook):
+    """Raises LockLost after the first training step that ends once an S3 lease this process holds
+    has ended: TensorFlow writes checkpoints into model_dir itself, not through `storage`, whose
+    writes check the leases (see `storage.check_leases`)."""
+
+    def after_run(self, run_context, run_values):
+        storage.check_leases()
+
+
 def _call(model_fn: Callable, features, labels, mode, params, config):
     takes_config = "config" in inspect.signature(model_fn).parameters
     return model_fn(features, labels, mode, params, **({"config": config} if takes_config else {}))
@@ -203,6 +212,7 @@ def _train(estimator: tf.estimator.Estimator, metadata: Mapping[str, Any], *, co
            hooks: Sequence[tf.estimator.SessionRunHook] = ()) -> None:
     """Train `estimator` to `max_steps`, validating after its checkpoints when there is a validation
     split: in this process, or as the role its RunConfig took from TF_CONFIG."""
+    hooks = [*hooks, LeaseCheckHook()]
     seed = estimator.config.tf_random_seed
     # RunConfig seeds the graph, but Keras layers draw their initializers' seeds from Python's
     # `random`: without this, two runs of one version train different weights.

@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -119,8 +120,8 @@ def test_two_takers_that_both_saw_a_lock_stale_are_never_inside_it_together(s3_s
     lock = lock_uri(s3_server)
     left_by_a_dead_process(s3_server, lock, ttl_s=1)
     wait_until_stale([lock])
-    client = Interleaving(storage._s3(), storage._bucket_key(lock)[1])
-    monkeypatch.setattr(storage, "_s3", lambda: client)
+    client = Interleaving(storage._lock_s3(10.0), storage._bucket_key(lock)[1])
+    monkeypatch.setattr(storage, "_lock_s3", lambda ttl_s: client)
     journal, errors = [], []
 
     def take(name: str) -> None:
@@ -211,12 +212,102 @@ def test_a_holder_that_cannot_reach_s3_to_renew_loses_its_lease(s3_server, monke
     with pytest.raises(LockLost, match="renewing it failed: EndpointConnectionError"):
         with storage.file_lock(lock, guards=output) as lease:
             with monkeypatch.context() as cut_off:
-                cut_off.setattr(storage, "_s3", lambda: unreachable)
+                cut_off.setattr(storage, "_lock_s3", lambda ttl_s: unreachable)
                 while lease.lost is None:
                     time.sleep(0.1)
             storage.write_bytes(output, b"{}")
     assert not storage.exists(output)
     assert not storage.exists(lock), "the lock, still this holder's, was let go"
+
+
+def test_a_holder_whose_s3_stops_answering_stops_within_the_ttl(s3_server, monkeypatch, caplog):
+    """S3 accepts connections and never answers: the renewals and the release give up after the lock
+    client's timeouts (a sixth of the TTL), not botocore's default minutes."""
+    monkeypatch.setenv(TTL_VARIABLE, "3")
+    lock = lock_uri(s3_server)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # the kernel completes the connections; nothing ever answers them
+        started = time.monotonic()
+        try:
+            with pytest.raises(LockLost, match="lost the lock .*(not renewed|renewing it failed)"):
+                with storage.file_lock(lock):
+                    monkeypatch.setenv("S3_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+                    storage._clients.clear()
+                    while True:
+                        storage.check_leases()
+                        assert time.monotonic() - started < 60, "the lease never ended"
+                        time.sleep(0.1)
+            stopped_s = time.monotonic() - started
+        finally:
+            monkeypatch.undo()
+            storage._clients.clear()
+    assert stopped_s < 30, "botocore's default timeouts would take minutes"
+    assert "could not release the lock" in caplog.text
+    assert storage.exists(lock), "left to go stale, since S3 could not be asked to delete it only if unchanged"
+
+
+def test_a_release_answered_by_conflicts_gives_up_and_deletes_nothing(s3_server, monkeypatch, caplog):
+    from botocore.exceptions import ClientError
+
+    lock = lock_uri(s3_server)
+    lease = storage.Lease(lock, "results/run", ttl_s=30)
+    assert lease.acquire()
+    client, deletes = storage._lock_s3(30.0), []
+
+    class Conflicting:
+        """What S3 answers while another conditional request on the key is in flight."""
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def delete_object(self, **kwargs):
+            deletes.append(kwargs)
+            raise ClientError({"Error": {"Code": "ConditionalRequestConflict"}}, "DeleteObject")
+
+    monkeypatch.setattr(storage, "_lock_s3", lambda ttl_s: Conflicting())
+    lease.release()
+
+    assert len(deletes) == storage._RELEASE_TRIES and all(kwargs["IfMatch"] == lease.etag for kwargs in deletes)
+    assert "could not release the lock" in caplog.text and lease.lost is None
+    assert storage.exists(lock)
+
+
+def test_a_training_whose_lease_is_taken_over_stops_within_a_step(s3_server, monkeypatch, tmp_path):
+    """TensorFlow writes the checkpoints, not `storage`: the training checks its leases every step."""
+    from pipeline import models, training
+    from tests.test_convert import converted_images
+    from tests.test_prediction import RUN_CONFIG
+
+    monkeypatch.setenv(TTL_VARIABLE, "3")
+    out, _ = converted_images(tmp_path, per_class=6, test_fraction=0.3, image_size=6)
+    run_dir, max_steps = tmp_path / "run", 1000
+    lock = lock_uri(s3_server)
+    bucket, key = storage._bucket_key(lock)
+    steps = []
+    with pytest.raises(LockLost, match="another process took it over"):
+        with storage.file_lock(lock, guards=str(run_dir)) as lease:
+            def progress(step, total, unit, note):
+                steps.append(step)
+                if step == 3:  # what a taker that judged the lock stale does
+                    s3_server.client().put_object(Bucket=bucket, Key=key, Body=b'{"guards": "the taker"}')
+                    while lease.lost is None:  # found by the next renewal, half a second away
+                        time.sleep(0.1)
+
+            training.train_model(models.resolve_model_file("cnn"), {"conv_filters": [2], "dense_units": 4}, out,
+                                 out / "metadata.json", run_dir, run_dir / "train.json", max_steps=max_steps,
+                                 batch_size=4, run_config=RUN_CONFIG, progress=progress)
+
+    assert steps[-1] <= 4 < max_steps, steps
+    assert not (run_dir / "train.json").exists()
+    checkpoint = tf_checkpoint_step(run_dir / training.MODEL_DIR)
+    assert checkpoint <= 4, f"a checkpoint of step {checkpoint} was written after the lease ended"
+    assert s3_server.read(key) == b'{"guards": "the taker"}'
+
+
+def tf_checkpoint_step(model_dir) -> int:
+    import tensorflow as tf
+
+    return int(tf.train.load_variable(tf.train.latest_checkpoint(str(model_dir)), "global_step"))
 
 
 def run_holder(lock: str, output: str, ttl_s: str, text: str, s3_env: dict[str, str]) -> subprocess.Popen:
