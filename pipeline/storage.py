@@ -141,7 +141,7 @@ def _bucket_key(location: str) -> tuple[str, str]:
 
 
 def _is_missing(error: Exception) -> bool:
-    return getattr(error, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+    return (getattr(error, "response", None) or {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
 
 
 def _head(location: str) -> dict | None:
@@ -449,7 +449,7 @@ def _condition_failed(error: Exception) -> str | None:
     """How a conditional request failed: 'changed' (412: the ETag is not the one given, or the key
     exists), 'gone' (404), 'conflict' (409: a concurrent conditional request; read again and
     retry), or None for any other error."""
-    code = getattr(error, "response", {}).get("Error", {}).get("Code")
+    code = (getattr(error, "response", None) or {}).get("Error", {}).get("Code")
     if code in ("PreconditionFailed", "412"):
         return "changed"
     if code in ("ConditionalRequestConflict", "409"):
@@ -467,6 +467,7 @@ class _LockState:
     guards: str
     ttl_s: float
     age_s: float
+    nonce: str
 
     def stale(self) -> bool:
         # S3 times objects, and its Date header, in whole seconds: one more, so that a lease is
@@ -491,7 +492,7 @@ def _lock_state(lock_path: str) -> _LockState | None:
     server_now = email.utils.parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
     # A lock written before locks said their TTL is judged by this process's.
     return _LockState(response["ETag"], content.get("guards", ""), float(content.get("ttl_s") or lock_ttl_s()),
-                      (server_now - response["LastModified"]).total_seconds())
+                      (server_now - response["LastModified"]).total_seconds(), content.get("nonce", ""))
 
 
 class Lease:
@@ -507,25 +508,38 @@ class Lease:
         self.etag = ""
         self.renewed_at = time.monotonic()
         self.lost: str | None = None
+        # The nonce of this holder's last write whose answer never came (a timeout): S3 may have
+        # applied it, and then the lock's ETag is that write's, which this holder does not know.
+        self._unanswered_nonce = ""
 
     def _put(self, condition: dict[str, str]) -> str | None:
         """Write the lock under `condition`: None once written, else how the condition failed."""
-        from botocore.exceptions import ClientError
-
         bucket, key = _bucket_key(self.location)
         # A fresh nonce in every write: S3 gives identical bytes the same ETag, which would let a
         # condition on an old ETag pass.
+        nonce = uuid.uuid4().hex
         body = json.dumps({"guards": self.guards, "host": socket.gethostname(), "pid": os.getpid(),
-                           "ttl_s": self.ttl_s, "nonce": uuid.uuid4().hex}).encode()
+                           "ttl_s": self.ttl_s, "nonce": nonce}).encode()
         sent_at = time.monotonic()
         try:
             self.etag = _lock_s3(self.ttl_s).put_object(Bucket=bucket, Key=key, Body=body, **condition)["ETag"]
-        except ClientError as error:
+        except Exception as error:
             if failure := _condition_failed(error):
                 return failure
+            self._unanswered_nonce = nonce  # a timeout, say: S3 may have applied it all the same
             raise
+        self._unanswered_nonce = ""
         self.renewed_at = sent_at
         return None
+
+    def _adopt_unanswered(self) -> bool:
+        """Whether the lock is this holder's own last write, applied though its answer was lost:
+        then its ETag becomes this holder's, rather than the lease counting as taken over."""
+        state = _lock_state(self.location) if self._unanswered_nonce else None
+        if state is None or state.nonce != self._unanswered_nonce:
+            return False
+        self.etag, self._unanswered_nonce = state.etag, ""
+        return True
 
     def acquire(self) -> bool:
         return self._put({"IfNoneMatch": "*"}) is None
@@ -537,6 +551,8 @@ class Lease:
     def renew(self) -> bool:
         """Renew the lease; False once it is lost."""
         failure = self._put({"IfMatch": self.etag})
+        if failure == "changed" and self._adopt_unanswered():
+            failure = self._put({"IfMatch": self.etag})
         if failure in ("changed", "gone"):
             self.lose(_LOST[failure])
         # After a conflict (409) the next renewal tries again, within the TTL.

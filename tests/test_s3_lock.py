@@ -272,6 +272,33 @@ def test_a_release_answered_by_conflicts_gives_up_and_deletes_nothing(s3_server,
     assert storage.exists(lock)
 
 
+def test_a_renewal_applied_though_its_answer_was_lost_keeps_the_lease(s3_server, monkeypatch):
+    """A renewal that times out after S3 applied it leaves the lock with an ETag its holder never
+    heard: the holder recognises its own nonce there instead of taking itself for taken over."""
+    from botocore.exceptions import ReadTimeoutError
+
+    lock = lock_uri(s3_server)
+    lease = storage.Lease(lock, "results/run", ttl_s=30)
+    assert lease.acquire()
+    client = storage._lock_s3(30.0)
+
+    class AnswerLost:
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def put_object(self, **kwargs):
+            client.put_object(**kwargs)
+            raise ReadTimeoutError(endpoint_url=s3_server.endpoint)
+
+    with monkeypatch.context() as lossy:
+        lossy.setattr(storage, "_lock_s3", lambda ttl_s: AnswerLost())
+        with pytest.raises(ReadTimeoutError):
+            lease.renew()
+    assert lease.renew() and lease.lost is None
+    lease.release()
+    assert not storage.exists(lock) and lease.lost is None
+
+
 def test_a_training_whose_lease_is_taken_over_stops_within_a_step(s3_server, monkeypatch, tmp_path):
     """TensorFlow writes the checkpoints, not `storage`: the training checks its leases every step."""
     from pipeline import models, training
