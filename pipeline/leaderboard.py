@@ -11,6 +11,7 @@ import csv
 import datetime
 import html
 import io
+import urllib.parse
 from typing import Iterable, Mapping
 
 from pipeline import storage
@@ -52,6 +53,15 @@ def ranked(rows: Iterable[Mapping]) -> list[dict]:
     return rows
 
 
+def is_relative_link(link: str) -> bool:
+    """Whether `link` is a relative path below the page's folder: no scheme (`javascript:`, a
+    remote page), no leading '/', no '..'. A report's link comes from the index, which is rebuilt
+    from files lying among downloaded data: anything else is shown, not linked."""
+    parts = urllib.parse.urlsplit(link)
+    return (not parts.scheme and not parts.netloc and not link.startswith(("/", "\\"))
+            and ".." not in parts.path.replace("\\", "/").split("/"))
+
+
 def render_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
@@ -64,7 +74,9 @@ def render_html(rows: list[dict], title: str = "Leaderboard", csv_name: str = LE
     def cell(column: str, row: dict) -> str:
         value = row[column]
         if column == "report":
-            return f'<td><a href="{html.escape(value)}">report</a></td>' if value else "<td></td>"
+            link = str(value)
+            return (f'<td><a href="{html.escape(link)}">report</a></td>' if link and is_relative_link(link)
+                    else f"<td>{html.escape(link)}</td>")
         if column in ("accuracy", "loss"):
             return f'<td class="num">{value:.4f}</td>'
         css = ' class="num"' if isinstance(value, (int, float)) else ""

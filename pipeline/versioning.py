@@ -19,6 +19,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,29 +106,66 @@ def index_lock(index_path: str):
 
 @dataclass(frozen=True)
 class IndexRepair:
-    """How to rebuild a missing or damaged index: the glob patterns of the entry files, and what
-    to call with the rebuilt index (to rewrite the views made from it)."""
+    """How to rebuild a missing or damaged index: the glob patterns of the entry files, the roots
+    every indexed version must lie within, and what to call with the rebuilt index (to rewrite
+    the views made from it)."""
     entry_patterns: Sequence[str] = ()
+    roots: Sequence[str] = ()
     rebuilt: Callable[[dict], None] | None = None
 
 
-def _is_entry(value: Any) -> bool:
-    return isinstance(value, dict) and all(isinstance(value.get(field), str) for field in _ENTRY_FIELDS)
+def entry_file(path: str, marker: str) -> str:
+    """Where the entry file of the version at `path` lies: in its folder, or, for an output that is
+    a file among others (its marker is itself: a Comparison's CSV), beside it, named after it."""
+    if path == marker:
+        return storage.join(storage.parent(path), f".{posixpath.splitext(storage.name(path))[0]}{ENTRY_FILE}")
+    return storage.join(path, ENTRY_FILE)
 
 
-def read_index(index_path: str) -> dict | None:
-    """The index, or None when it is missing or damaged (not JSON, cut short, or not a mapping of
-    entries): then it is to be rebuilt (see `load_index`)."""
+def _is_entry(key: str, value: Any) -> bool:
+    return (isinstance(value, dict) and all(isinstance(value.get(field), str) for field in _ENTRY_FIELDS)
+            and key == f"{value['stage']}/{value['version']}")
+
+
+def _salvaged(index_path: str) -> tuple[dict, bool]:
+    """The index's valid entries, and whether it is intact: there, JSON, a mapping of entries only."""
     try:
         index = read_json(index_path)
     except (FileNotFoundError, ValueError):  # ValueError: not UTF-8, or not JSON
-        return None
-    return index if isinstance(index, dict) and all(map(_is_entry, index.values())) else None
+        return {}, False
+    if not isinstance(index, dict):
+        return {}, False
+    valid = {key: entry for key, entry in index.items() if _is_entry(key, entry)}
+    return valid, len(valid) == len(index)
 
 
-def rebuilt_index(entry_patterns: Sequence[str]) -> dict:
-    """The index made from the entry files matching `entry_patterns`, of versions whose marker exists
-    (an entry file outlives the removal of an output that is a file among others)."""
+def read_index(index_path: str) -> dict | None:
+    """The index, or None when it is missing or damaged (not JSON, cut short, not a mapping, or
+    holding a malformed entry): then it is to be repaired (see `load_index`)."""
+    index, intact = _salvaged(index_path)
+    return index if intact else None
+
+
+def within(path: str, roots: Sequence[str]) -> bool:
+    """Whether `path` lies within one of `roots`, not being one: what the pipeline may write or remove."""
+    path = storage.absolute(path)
+    return any(is_inside(path, root) and path != root for root in map(storage.absolute, roots))
+
+
+def _placed(found: str, entry: dict, roots: Sequence[str]) -> bool:
+    """Whether the entry file `found` is where its own entry says, for a version within `roots`
+    whose marker lies within it. Entry files sit among data that downloads unpack: a planted one
+    must not make gc remove, or the leaderboard show, whatever it names."""
+    marker = entry.get("marker")
+    return (isinstance(marker, str) and within(entry["path"], roots)
+            and is_inside(storage.absolute(marker), storage.absolute(entry["path"]))
+            and storage.absolute(found) == storage.absolute(entry_file(entry["path"], marker)))
+
+
+def rebuilt_index(entry_patterns: Sequence[str], roots: Sequence[str]) -> dict:
+    """The index made from the entry files matching `entry_patterns` that lie where their entries
+    say (see `_placed`), of versions whose marker exists (an entry file outlives the removal of an
+    output that is a file among others)."""
     index = {}
     for pattern in entry_patterns:
         for path in storage.glob(pattern):
@@ -135,16 +173,20 @@ def rebuilt_index(entry_patterns: Sequence[str]) -> dict:
                 entry = read_json(path)
             except (FileNotFoundError, ValueError):
                 continue  # its stage is indexed again once a run finds it complete
-            if _is_entry(entry) and storage.exists(entry.get("marker", "")):
-                index[f"{entry['stage']}/{entry['version']}"] = entry
+            key = f"{entry.get('stage')}/{entry.get('version')}" if isinstance(entry, dict) else ""
+            if _is_entry(key, entry) and _placed(path, entry, roots) and storage.exists(entry["marker"]):
+                index[key] = entry
     return index
 
 
 def _read_or_rebuild(index_path: str, repair: IndexRepair) -> dict:
-    """Under the index's lock: the index, rebuilt and written back first if it is missing or damaged."""
-    index = read_index(index_path)
-    if index is None:
-        index = rebuilt_index(repair.entry_patterns)
+    """Under the index's lock: the index, repaired and written back first if it is missing or
+    damaged. The valid entries of a damaged index are kept, over those of the entry files: the
+    index is the pipeline's own file, where entry files lie among downloaded data, and the two
+    hold the same entry unless one was damaged or planted. The entry files add what it lacks."""
+    index, intact = _salvaged(index_path)
+    if not intact:
+        index = {**rebuilt_index(repair.entry_patterns, repair.roots), **index}
         write_json(index_path, index)
         if repair.rebuilt is not None:
             repair.rebuilt(index)

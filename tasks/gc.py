@@ -6,7 +6,7 @@ configuration (the same stage with the same parameters all the way upstream, dif
 code or model file), not among the top N evaluations of the leaderboard, not a report or run
 record of a kept evaluation, and not upstream of a version that is kept. With their sizes.
 Removes them only with --yes, and never a version that a running task is writing into (its stage
-lock is held). A missing or damaged index is rebuilt first.
+lock is held), nor anything outside data_root and results_root. A missing or damaged index is rebuilt first.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from luigi.task_register import TaskClassException
 from pipeline.errors import PipelineError
 from pipeline.storage import absolute, held_locks, remove_tree, size_of
 from pipeline.leaderboard import ROW_KEY, leaderboard_rows
-from pipeline.versioning import canonical_json, is_inside
+from pipeline.versioning import canonical_json, is_inside, within
 from tasks.runs import RunAll, whole_dag
-from tasks.stage import Stage, forget_folders, load_index, locks_folders
+from tasks.stage import Stage, forget_folders, load_index, locks_folders, layout_roots
 
 # Stages that only describe one evaluation: kept with it, though they are not upstream of it.
 _DESCRIBING = ("Report", "RunRecord")
@@ -70,20 +70,24 @@ def kept(index: dict, keep_top: int, current: set[str]) -> set[str]:
     return keep
 
 
-def garbage(index: dict, keep_top: int, current: set[str]) -> list[dict[str, Any]]:
-    """The versions to remove, outermost folders only (a run folder holds its evaluations), with sizes."""
+def garbage(index: dict, keep_top: int, current: set[str],
+            allowed: list[str]) -> tuple[list[dict[str, Any]], list[dict]]:
+    """The versions to remove, outermost folders only (a run folder holds its evaluations), with
+    sizes; and those that lie outside `allowed`, refused whatever the index says (it may be
+    rebuilt from files lying among downloaded data)."""
     keep = kept(index, keep_top, current)
     kept_paths = [index[key]["path"] for key in keep]
     # Entries an older pipeline wrote have no identity to tell their configurations apart: kept.
-    removable = {key: entry for key, entry in index.items() if key not in keep and "identity" in entry
+    removable = [entry for key, entry in index.items() if key not in keep and "identity" in entry
                  # A folder holding a kept one (a run with a kept evaluation) stays.
-                 and not any(is_inside(path, entry["path"]) for path in kept_paths)}
-    outermost = [entry for key, entry in removable.items()
-                 if not any(other is not entry and is_inside(entry["path"], other["path"])
-                            for other in removable.values())]
-    return [{"key": f"{entry['stage']}/{entry['version']}", "path": entry["path"],
-             "bytes": size_of(entry["path"])}
-            for entry in sorted(outermost, key=lambda entry: entry["path"])]
+                 and not any(is_inside(path, entry["path"]) for path in kept_paths)]
+    refused = sorted((entry for entry in removable if not within(entry["path"], allowed)),
+                     key=lambda entry: entry["path"])
+    removable = [entry for entry in removable if entry not in refused]
+    outermost = [entry for entry in removable
+                 if not any(other is not entry and is_inside(entry["path"], other["path"]) for other in removable)]
+    return ([{"key": f"{entry['stage']}/{entry['version']}", "path": entry["path"], "bytes": size_of(entry["path"])}
+             for entry in sorted(outermost, key=lambda entry: entry["path"])], refused)
 
 
 def main(argv: list[str]) -> int:
@@ -100,7 +104,9 @@ def main(argv: list[str]) -> int:
         print(f"error: luigi.cfg does not make a RunAll, so the versions it uses are unknown: {error}",
               file=sys.stderr)
         return 2
-    found = garbage(load_index(), args.keep_top, current)
+    found, refused = garbage(load_index(), args.keep_top, current, layout_roots())
+    for entry in refused:
+        print(f"refused {entry['stage']}/{entry['version']} {entry['path']}: outside data_root and results_root")
     for item in found:
         print(f"{item['bytes'] / 1e6:10.1f} MB  {item['key']:<28} {item['path']}")
     total = sum(item["bytes"] for item in found)

@@ -21,7 +21,6 @@ from pipeline import storage
 from pipeline.storage import TEMP_INFIX, read_json, write_json
 from pipeline.leaderboard import rows_of, write_table
 from pipeline.models import DATASET_PARAMS, declared_param_keys, resolve_model_file
-from pipeline.versioning import ENTRY_FILE
 from tasks.config import layout
 from tasks.console import run_notes
 from tasks.parameters import GridParameter, UpstreamParameter
@@ -188,10 +187,6 @@ class Comparison(Stage):
     @property
     def owned(self):
         return self.marker
-
-    @property
-    def entry_path(self):
-        return storage.join(self.directory, f".{storage.name(self.marker).removesuffix('.csv')}{ENTRY_FILE}")
 
     def page(self) -> str:
         return self.marker.removesuffix(".csv") + ".html"

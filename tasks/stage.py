@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Iterator
 
 import luigi
+from luigi.task_register import Register, TaskClassException
 
 from pipeline import storage, versioning
 from pipeline.errors import CorruptShard
@@ -285,7 +286,7 @@ class Stage(Rerunnable):
     @property
     def entry_path(self) -> str:
         """This version's own copy of its index entry (see pipeline.versioning)."""
-        return storage.join(self.directory, versioning.ENTRY_FILE)
+        return versioning.entry_file(self.owned, self.marker)
 
     def entry(self) -> dict:
         """The index entry of this completed stage, with what the index's views need of it."""
@@ -354,7 +355,7 @@ def index_repair() -> versioning.IndexRepair:
     roots = layout()
     patterns = [storage.join(root, *["*"] * depth, versioning.ENTRY_GLOB)
                 for root, depths in ((roots.results_root, 5), (roots.data_root, 4)) for depth in range(depths)]
-    return versioning.IndexRepair(patterns, rebuilt=show_leaderboard)
+    return versioning.IndexRepair(patterns, layout_roots(), rebuilt=show_leaderboard)
 
 
 def _seen(index: dict) -> dict:
@@ -368,7 +369,27 @@ def load_index() -> dict:
 
 
 def update_index(change, then=None) -> dict:
-    return _seen(versioning.update_index(index_path(), change, then, index_repair()))
+    def changed(index: dict) -> None:
+        change(index)
+        add_entry_files(index)
+
+    return _seen(versioning.update_index(index_path(), changed, then, index_repair()))
+
+
+def add_entry_files(index: dict) -> None:
+    """Write the entry file of each version indexed before versions had one (its entry has no
+    marker), so that a rebuild of the index does not drop it; its entry gains its marker, so this
+    is done once. Called in an index update, which holds the lock and rewrites the index anyway,
+    rather than in completeness checks: a no-op rerun, which updates nothing, pays nothing."""
+    for entry in (entry for entry in index.values() if "marker" not in entry):
+        try:
+            marker_name = Register.get_task_cls(entry["stage"]).marker_name
+        except (TaskClassException, AttributeError):
+            continue  # a stage this code no longer has: its marker is unknown
+        # A stage without a marker name is its marker, a file among others (a Comparison's CSV).
+        entry["marker"] = storage.join(entry["path"], marker_name) if marker_name else entry["path"]
+        if versioning.within(entry["path"], layout_roots()) and storage.exists(entry["marker"]):
+            storage.write_json(versioning.entry_file(entry["path"], entry["marker"]), entry)
 
 
 def forget_folders(folders: list[str]) -> dict:
@@ -391,7 +412,8 @@ def _thawed(value: Any) -> Any:
     return value
 
 
-def _roots() -> list[str]:
+def layout_roots() -> list[str]:
+    """data_root and results_root: what the pipeline writes is within them."""
     return [location(layout().data_root), location(layout().results_root)]
 
 
@@ -399,14 +421,14 @@ def locks_folder(output: str) -> str:
     """The lock folder of the layout root that holds `output` (the innermost, should one hold the
     other), so that every machine writing `output` reaches its lock as it reaches the output: under
     a local data_root, the lock of an output on S3 would be each machine's own."""
-    roots = _roots()
+    roots = layout_roots()
     return storage.join(max((root for root in roots if versioning.is_inside(output, root)), key=len,
                             default=roots[0]), ".locks")
 
 
 def locks_folders() -> list[str]:
     """Every lock folder a stage's lock may be in (one when both roots are the same)."""
-    return list(dict.fromkeys(map(locks_folder, _roots())))
+    return list(dict.fromkeys(map(locks_folder, layout_roots())))
 
 
 def index_path() -> str:

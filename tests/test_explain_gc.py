@@ -3,6 +3,7 @@ completed tree and on ones made here."""
 from __future__ import annotations
 
 import configparser
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,30 @@ def test_gc_lists_superseded_runs_outside_the_top_and_removes_them_only_when_ask
     index = read_json(results / "index.json")
     assert "Train/v1" not in index and "Evaluate/ev1" not in index and "Train/v2" in index
     assert [row["run"] for row in read_csv(results / "leaderboard.csv")] == ["cnn-v4", "cnn-v2", "cnn-v3"]
+
+
+def test_gc_never_removes_what_lies_outside_the_roots_whatever_the_index_says(tmp_path):
+    results = tmp_path / "results"
+    config = write_config(tmp_path / "luigi.cfg", tiny_config(tmp_path, (tmp_path / "none.tar.gz").as_uri()))
+    runs = {"v1": ('{"lr": 1}', 0.70, "2026-01-01T00:00:01+00:00"),
+            "v2": ('{"lr": 1}', 0.80, "2026-01-02T00:00:01+00:00")}
+    index = fabricated(results, runs)
+    # Superseded by v2 as v1 is, but naming a folder outside data_root and results_root (as an
+    # index rebuilt from a planted entry file could).
+    precious = tmp_path / "home" / "user"
+    precious.mkdir(parents=True)
+    (precious / "notes.txt").write_text("keep me")
+    index["Train/v0"] = {**index["Train/v1"], "version": "v0", "path": str(precious),
+                         "completed_at": "2025-12-31T00:00:01+00:00"}
+    (results / "index.json").write_text(json.dumps(index))
+
+    removed = gc(tmp_path, config, "--keep-top", "0", "--yes")
+
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert (precious / "notes.txt").read_text() == "keep me" and (results / "ds" / "cnn-v2").is_dir()
+    assert f"refused Train/v0 {precious}: outside data_root and results_root" in removed.stdout
+    assert "removed 1 version(s)" in removed.stdout and not (results / "ds" / "cnn-v1").exists()
+    assert "Train/v0" in read_json(results / "index.json")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pipeline.convert import report_name, shard_name
 from pipeline.leaderboard import rebuild_leaderboard
 from pipeline.storage import TEMP_INFIX, read_json
 from pipeline.versioning import ENTRY_FILE
-from tasks import Convert, Download, Evaluate, RunAll, Train
+from tasks import Convert, Download, Evaluate, RunAll, Train, stage
 from tests.conftest import (REPO, cli_sections, luigi_env, read_csv, run_tasks, run_watched, start_watched,
                             tiny_config, write_config)
 
@@ -174,3 +174,29 @@ def test_a_stage_completed_but_not_indexed_is_indexed_when_found(mnist_subset, t
     assert {key: entry for key, entry in index.items() if key != report} == \
         {key: entry for key, entry in clean.items() if key != report}
     assert_linked_leaderboard(results, 1)
+
+
+def test_versions_indexed_before_entry_files_get_theirs_at_an_index_update_and_survive_a_rebuild(luigi_config,
+                                                                                                  tmp_path):
+    luigi_config(tiny_config(tmp_path, (tmp_path / "none.tar.gz").as_uri()))
+    results, data = tmp_path / "results", tmp_path / "data"
+    download = data / "raw" / "tiny" / "old1"
+    download.mkdir(parents=True)
+    (download / "download.json").write_text("{}")
+    results.mkdir()
+    (results / "sweep-oldc.csv").write_text("rank\n")
+    # As an older pipeline indexed them: no marker, no entry file.
+    legacy = {"Download/old1": {"stage": "Download", "version": "old1", "path": str(download)},
+              "Comparison/oldc": {"stage": "Comparison", "version": "oldc", "path": str(results / "sweep-oldc.csv")},
+              "Train/gone": {"stage": "Train", "version": "gone", "path": str(results / "tiny" / "cnn-gone")},
+              "Renamed/r1": {"stage": "Renamed", "version": "r1", "path": str(results / "r1")}}
+    (results / "index.json").write_text(json.dumps(legacy))
+
+    stage.update_index(lambda index: None)
+
+    assert read_json(download / ENTRY_FILE)["marker"] == str(download / "download.json")
+    assert read_json(results / f".sweep-oldc{ENTRY_FILE}")["marker"] == str(results / "sweep-oldc.csv")
+    assert not (results / "tiny").exists(), "no entry file is written for an output that is gone"
+    assert "marker" not in read_json(results / "index.json")["Renamed/r1"]
+    (results / "index.json").write_text('{"Download/old1": ')
+    assert set(stage.load_index()) == {"Download/old1", "Comparison/oldc"}

@@ -2,13 +2,14 @@
 import csv
 import io
 import json
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline import versioning
-from pipeline.leaderboard import COLUMNS, ROW_KEY, leaderboard_rows, rebuild_leaderboard
+from pipeline.leaderboard import COLUMNS, ROW_KEY, leaderboard_rows, rebuild_leaderboard, render_html
 from pipeline.plots import confusion_matrix_png, curves_png
 from pipeline.report import misclassified, render_report
 from tests.conftest import read_csv
@@ -106,6 +107,20 @@ def test_leaderboard_files_are_written_from_the_index(tmp_path):
     assert [(row["run"], float(row["accuracy"])) for row in table] == [("cnn-r1", 0.9), ("cnn-r2", 0.8)]
     page = (results / "leaderboard.html").read_text()
     assert page.count("<tr>") == 3 and 'href="ds/cnn-r1/evaluate-test-er1/report.html"' in page
+
+
+def test_leaderboard_links_a_report_only_by_a_relative_path(tmp_path):
+    """The index is rebuilt from files lying among downloaded data: a planted link is shown, not followed."""
+    links = {"r1": "ds/cnn-r1/report.html", "r2": "javascript:alert(1)", "r3": " JavaScript:alert(1)",
+             "r4": "/etc/passwd", "r5": "../../elsewhere.html", "r6": "https://example.com/x", "r7": "//example.com/x"}
+    index = {}
+    for number, (run, link) in enumerate(links.items()):
+        evaluation(index, run, 0.9 - number / 100, 0.1, report=link)
+
+    page = render_html(leaderboard_rows(index))
+
+    assert sorted(re.findall(r'href="([^"]*)"', page)) == ["ds/cnn-r1/report.html", "leaderboard.csv"]
+    assert "<td>javascript:alert(1)</td>" in page and "<td>../../elsewhere.html</td>" in page
 
 
 def test_leaderboard_stays_right_with_200_runs_recorded_one_by_one(tmp_path):
