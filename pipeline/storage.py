@@ -131,7 +131,9 @@ def _lock_s3(ttl_s: float):
     """The client of a lock's requests. botocore's defaults (60 s to connect, 60 s to read, 5 attempts)
     would let a renewal on a dead network outlive the lease many times over, and keep a holder that
     must stop waiting for minutes: each attempt here gets a sixth of the TTL, and two are made."""
-    return _client(("lock", ttl_s), connect_timeout=ttl_s / 6, read_timeout=ttl_s / 6,
+    # At least a second each, though: against a busy server a shorter wait fails live leases.
+    wait_s = max(ttl_s / 6, 1.0)
+    return _client(("lock", ttl_s), connect_timeout=wait_s, read_timeout=wait_s,
                    retries={"max_attempts": 2, "mode": "standard"})
 
 
@@ -274,10 +276,12 @@ def glob(pattern: str | os.PathLike) -> list[str]:
         return sorted(local_glob.glob(pattern))
     parts = pattern[len(S3_PREFIX):].split("/")
     fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
-    if fixed < 2:
-        raise ValueError(f"{pattern}: a pattern needs a fixed bucket and folder before its wildcards")
-    base = S3_PREFIX + "/".join(parts[:fixed - 1])
-    wanted = parts[fixed - 1:]
+    # Listed from the deepest fixed folder: all of it that can match, and nothing beside it.
+    cut = min(fixed, len(parts) - 1)
+    if cut < 1:
+        raise ValueError(f"{pattern}: a pattern needs a fixed bucket before its wildcards")
+    base = S3_PREFIX + "/".join(parts[:cut])
+    wanted = parts[cut:]
     found = set()
     for key, _ in _objects(base):
         components = key.split("/")
@@ -508,9 +512,10 @@ class Lease:
         self.etag = ""
         self.renewed_at = time.monotonic()
         self.lost: str | None = None
-        # The nonce of this holder's last write whose answer never came (a timeout): S3 may have
-        # applied it, and then the lock's ETag is that write's, which this holder does not know.
-        self._unanswered_nonce = ""
+        # The nonces of this holder's writes since its last answered one: a write whose answer was
+        # lost (a timeout) may have been applied, botocore's retry of it then refused, and the
+        # lock's ETag is then that write's, which this holder does not know.
+        self._unanswered: set[str] = set()
 
     def _put(self, condition: dict[str, str]) -> str | None:
         """Write the lock under `condition`: None once written, else how the condition failed."""
@@ -521,25 +526,36 @@ class Lease:
         body = json.dumps({"guards": self.guards, "host": socket.gethostname(), "pid": os.getpid(),
                            "ttl_s": self.ttl_s, "nonce": nonce}).encode()
         sent_at = time.monotonic()
+        self._unanswered.add(nonce)
         try:
             self.etag = _lock_s3(self.ttl_s).put_object(Bucket=bucket, Key=key, Body=body, **condition)["ETag"]
         except Exception as error:
             if failure := _condition_failed(error):
                 return failure
-            self._unanswered_nonce = nonce  # a timeout, say: S3 may have applied it all the same
             raise
-        self._unanswered_nonce = ""
+        self._unanswered.clear()
         self.renewed_at = sent_at
         return None
 
-    def _adopt_unanswered(self) -> bool:
-        """Whether the lock is this holder's own last write, applied though its answer was lost:
-        then its ETag becomes this holder's, rather than the lease counting as taken over."""
-        state = _lock_state(self.location) if self._unanswered_nonce else None
-        if state is None or state.nonce != self._unanswered_nonce:
+    def adopt(self, state: _LockState | None) -> bool:
+        """Whether the lock seen (`state`) is one of this holder's own writes, applied though its
+        answer was lost: then its ETag becomes this holder's, rather than the lock counting as
+        another process's."""
+        if state is None or state.nonce not in self._unanswered:
             return False
-        self.etag, self._unanswered_nonce = state.etag, ""
+        self.etag = state.etag
+        self._unanswered.clear()
         return True
+
+    def _unanswered_own_write(self) -> bool:
+        """Whether the lock now is this holder's own write whose answer was lost (then adopted)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return bool(self._unanswered) and self.adopt(_lock_state(self.location))
+        except (BotoCoreError, ClientError) as error:
+            log.error("could not read the lock %s (%r)", self.location, error)
+            return False
 
     def acquire(self) -> bool:
         return self._put({"IfNoneMatch": "*"}) is None
@@ -551,7 +567,7 @@ class Lease:
     def renew(self) -> bool:
         """Renew the lease; False once it is lost."""
         failure = self._put({"IfMatch": self.etag})
-        if failure == "changed" and self._adopt_unanswered():
+        if failure == "changed" and self._unanswered_own_write():
             failure = self._put({"IfMatch": self.etag})
         if failure in ("changed", "gone"):
             self.lose(_LOST[failure])
@@ -587,17 +603,21 @@ class Lease:
             try:
                 _lock_s3(self.ttl_s).delete_object(Bucket=bucket, Key=key, IfMatch=self.etag)
                 return
-            except BotoCoreError as error:
-                log.error("could not release the lock %s (%r): others take it over in %.0f s", self.location,
-                          error, self.ttl_s)
+            except (BotoCoreError, ClientError) as error:
+                failure, reason = _condition_failed(error), error
+            if failure == "gone":
+                # Deleted already: this delete, applied and then retried. (Had the lock gone stale
+                # and been taken over meanwhile, `check` fails the holder all the same.)
                 return
-            except ClientError as error:
-                failure = _condition_failed(error)
-                if failure is None:
-                    raise
-                if failure != "conflict":
-                    self.lose(_LOST[failure])
-                    return
+            if failure == "changed":
+                if self._unanswered_own_write():
+                    continue  # this holder's last renewal, applied though unanswered: delete that one
+                self.lose(_LOST[failure])
+                return
+            if failure is None:
+                log.error("could not release the lock %s (%r): others take it over in %.0f s",
+                          self.location, reason, self.ttl_s)
+                return
             time.sleep(_LOCK_RETRY_S * 2 ** attempt)
         log.error("could not release the lock %s: %d conflicting requests; others take it over in %.0f s",
                   self.location, _RELEASE_TRIES, self.ttl_s)
@@ -629,6 +649,8 @@ def _s3_lock(lock_path: str, holder: str, guards: str) -> Iterator[Lease]:
     waiting, retries = False, 0
     while not lease.acquire():
         state = _lock_state(lock_path)
+        if lease.adopt(state):
+            break  # its own write, applied though its answer was lost
         if state is None or state.stale():
             if state is not None and lease.take_over(state.etag):
                 log.warning("took over %s, not renewed for %.0f s: its holder is gone", lock_path, state.age_s)
@@ -654,7 +676,12 @@ def _s3_lock(lock_path: str, holder: str, guards: str) -> Iterator[Lease]:
         # A renewal in flight ends within its client's timeouts; one stuck beyond them must not
         # keep a holder that has to stop from stopping (the thread is a daemon).
         renewer.join(timeout=lease.ttl_s)
-        lease.release()
+        if renewer.is_alive():
+            # Its write may still land, after which a release by the ETag known now would fail.
+            log.error("could not release the lock %s: its renewal still waits for S3; others take it over in %.0f s",
+                      lock_path, lease.ttl_s)
+        else:
+            lease.release()
     # Lost while inside, after the last write: the task still fails, since another process may
     # have been producing the same output alongside.
     lease.check()

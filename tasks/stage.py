@@ -323,7 +323,9 @@ class Stage(Rerunnable):
             entry = storage.read_json(self.entry_path)
         except (FileNotFoundError, ValueError):
             entry = None
-        if not isinstance(entry, dict) or entry.get("version") != self.version:
+        # Trusted only as this version's own: an entry file sits among data a download unpacked.
+        if not isinstance(entry, dict) or [entry.get(field) for field in ("stage", "version", "path", "marker")] != \
+                [self.get_task_family(), self.version, str(self.owned), self.marker]:
             entry = self.entry()
             storage.write_json(self.entry_path, entry)
         self._index(entry, only_if_missing=True)

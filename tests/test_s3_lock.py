@@ -272,31 +272,51 @@ def test_a_release_answered_by_conflicts_gives_up_and_deletes_nothing(s3_server,
     assert storage.exists(lock)
 
 
-def test_a_renewal_applied_though_its_answer_was_lost_keeps_the_lease(s3_server, monkeypatch):
-    """A renewal that times out after S3 applied it leaves the lock with an ETag its holder never
-    heard: the holder recognises its own nonce there instead of taking itself for taken over."""
+@pytest.mark.parametrize("answer", ["timeout", "retry refused"])
+def test_a_renewal_applied_though_its_answer_was_lost_keeps_the_lease(answer, s3_server, monkeypatch):
+    """A renewal that S3 applied but whose answer was lost leaves the lock with an ETag its holder
+    never heard, and botocore's retry of it is refused (412): the holder recognises its own nonce in
+    the lock instead of taking itself for taken over, and its release still deletes the lock."""
     from botocore.exceptions import ReadTimeoutError
 
     lock = lock_uri(s3_server)
     lease = storage.Lease(lock, "results/run", ttl_s=30)
     assert lease.acquire()
     client = storage._lock_s3(30.0)
+    puts = []
 
     class AnswerLost:
+        """The first renewal is applied, but its answer is lost: a timeout, or botocore's retry of
+        it (the same request), refused since the ETag it names is gone."""
         def __getattr__(self, name):
             return getattr(client, name)
 
         def put_object(self, **kwargs):
+            puts.append(kwargs)
+            if len(puts) > 1:
+                return client.put_object(**kwargs)
             client.put_object(**kwargs)
-            raise ReadTimeoutError(endpoint_url=s3_server.endpoint)
+            if answer == "timeout":
+                raise ReadTimeoutError(endpoint_url=s3_server.endpoint)
+            return client.put_object(**kwargs)
 
-    with monkeypatch.context() as lossy:
-        lossy.setattr(storage, "_lock_s3", lambda ttl_s: AnswerLost())
+    monkeypatch.setattr(storage, "_lock_s3", lambda ttl_s: AnswerLost())
+    if answer == "timeout":
         with pytest.raises(ReadTimeoutError):
             lease.renew()
     assert lease.renew() and lease.lost is None
     lease.release()
     assert not storage.exists(lock) and lease.lost is None
+
+
+def test_a_release_of_a_lock_already_deleted_ends_quietly(s3_server):
+    """A delete that S3 applied, retried by botocore after its answer was lost, finds no lock (404)."""
+    lock = lock_uri(s3_server)
+    lease = storage.Lease(lock, "results/run", ttl_s=30)
+    assert lease.acquire()
+    storage.remove_tree(lock)
+    lease.release()
+    assert lease.lost is None and not storage.exists(lock)
 
 
 def test_a_training_whose_lease_is_taken_over_stops_within_a_step(s3_server, monkeypatch, tmp_path):

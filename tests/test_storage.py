@@ -98,12 +98,20 @@ def test_a_lock_is_held_by_one_process_at_a_time(root):
     assert storage.held_locks(storage.join(root, ".locks")) == []
 
 
+def test_a_pattern_on_a_bare_bucket_matches_from_its_root(s3_server):
+    """A root may be a bucket with no folder (s3://bucket): the index's rebuild globs from it."""
+    name = f"bare-{uuid.uuid4().hex[:8]}.stage.json"
+    storage.write_bytes(s3_server.uri(name), b"{}")
+    assert storage.glob(s3_server.uri("bare-*.stage.json")).count(s3_server.uri(name)) == 1
+
+
 def test_a_lock_left_by_a_dead_process_on_s3_is_taken_over(s3_server, monkeypatch):
     lock = s3_server.uri(f"locks-{uuid.uuid4().hex[:8]}", "stage.lock")
     storage.write_bytes(lock, json.dumps({"guards": "results/run", "host": "gone", "pid": 1}).encode())
     assert storage.held_locks(storage.parent(lock)) == ["results/run"]
-    monkeypatch.setenv(storage.LOCK_TTL_VARIABLE, "1")
-    time.sleep(3.1)  # S3 times objects in whole seconds: a lock is stale one second after its TTL
+    # A TTL of 3 s rather than less: the new holder must renew within two thirds of it, busy or not.
+    monkeypatch.setenv(storage.LOCK_TTL_VARIABLE, "3")
+    time.sleep(5.1)  # S3 times objects in whole seconds: a lock is stale one second after its TTL
     assert storage.held_locks(storage.parent(lock)) == []
     with storage.file_lock(lock, guards="results/other"):
         assert json.loads(storage.read_bytes(lock))["guards"] == "results/other"
