@@ -14,16 +14,16 @@ from pathlib import Path
 
 from common import REPEATS, report
 
-from pipeline import versioning
+from pipeline.index import INDEX_FILE, index_entry, update_index
 from pipeline.leaderboard import ROW_KEY, rebuild_leaderboard
 
 STAGES_PER_RUN = ("Download", "Convert", "Train", "Evaluate", "Predict", "Report", "RunRecord")
 
 
 def entry(stage: str, run: int, results: Path) -> dict:
-    found = versioning.index_entry(stage, f"{run:06d}", results / f"run-{run}" / stage.lower(),
-                                   {"params": {"learning_rate": run / 1000}, "upstream": {"train": f"{run:06d}"}},
-                                   dataset="bench", upstream=[f"Train/{run:06d}"])
+    found = index_entry(stage, f"{run:06d}", results / f"run-{run}" / stage.lower(),
+                        {"params": {"learning_rate": run / 1000}, "upstream": {"train": f"{run:06d}"}},
+                        dataset="bench", upstream=[f"Train/{run:06d}"])
     if stage == "Evaluate":
         found[ROW_KEY] = {"run": f"cnn-{run}", "model": "cnn", "dataset": "bench", "split": "test",
                           "accuracy": (run * 7919 % 1000) / 1000, "loss": 1 / (run + 1), "train_version": f"{run}"}
@@ -34,18 +34,18 @@ def per_stage_seconds(runs: int, repeats: int = 20) -> tuple[float, float]:
     """Median seconds to record one more evaluation (with the leaderboard) and one more other stage."""
     with tempfile.TemporaryDirectory() as folder:
         results = Path(folder)
-        index_path = results / versioning.INDEX_FILE
-        versioning.update_index(index_path, lambda index: index.update(
+        index_path = results / INDEX_FILE
+        update_index(index_path, lambda index: index.update(
             {f"{stage}/{run:06d}": entry(stage, run, results) for run in range(runs) for stage in STAGES_PER_RUN}))
         evaluation, other = [], []
         for extra in range(runs, runs + repeats):
             start = time.perf_counter()
-            versioning.update_index(index_path, lambda index: index.update(  # noqa: B023 - called at once
+            update_index(index_path, lambda index: index.update(  # noqa: B023 - called at once
                 {f"Evaluate/{extra:06d}": entry("Evaluate", extra, results)}),
                 then=lambda index: rebuild_leaderboard(results, index))
             evaluation.append(time.perf_counter() - start)
             start = time.perf_counter()
-            versioning.update_index(index_path, lambda index: index.update(  # noqa: B023 - called at once
+            update_index(index_path, lambda index: index.update(  # noqa: B023 - called at once
                 {f"Train/{extra:06d}": entry("Train", extra, results)}))
             other.append(time.perf_counter() - start)
         return statistics.median(evaluation), statistics.median(other)

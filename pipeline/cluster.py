@@ -1,7 +1,11 @@
-"""A TensorFlow training cluster on this host: a chief, workers, a parameter server and an evaluator,
-each a process of its own with the TF_CONFIG that `tf.estimator.train_and_evaluate` reads, on
-127.0.0.1 ports. TensorFlow's own runtime does the rest: the parameter server holds the variables,
-every trainer advances the shared global_step, the evaluator follows the chief's checkpoints.
+"""A TensorFlow training cluster: its roles, the TF_CONFIG that names them, and each role's entry
+point (`run_role`, or `python -m pipeline.cluster '<run_role's arguments as JSON>'`).
+
+On this host (`run_local_cluster`): a chief, workers, a parameter server and an evaluator, each a
+process of its own with the TF_CONFIG that `tf.estimator.train_and_evaluate` reads, on 127.0.0.1
+ports. TensorFlow's own runtime does the rest: the parameter server holds the variables, every
+trainer advances the shared global_step, the evaluator follows the chief's checkpoints. Elsewhere
+a cluster manager sets TF_CONFIG and starts the roles (see tasks.cluster_role).
 
 The spec's 127.0.0.1 is only the address the roles dial: TensorFlow 2.15's gRPC server binds
 0.0.0.0/:: and has no setting for its listen address, and an unauthenticated TensorFlow server runs
@@ -13,6 +17,8 @@ their own (`network="private"`, see pipeline.netns), where no other process or h
 The processes are this module's to start and to end: a parameter server never exits by itself,
 and a role left running after a failure would hold its port and a core. They die with the process
 that started them (PR_SET_PDEATHSIG), so even a SIGKILLed Train task leaves none behind.
+
+TensorFlow is imported only by a role as it runs, so that launching and checking need none.
 """
 from __future__ import annotations
 
@@ -22,14 +28,17 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from pipeline import netns, storage
+from pipeline import locks, netns, storage
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.runfiles import VERSIONS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +118,21 @@ def role_from_env() -> Role:
     except (KeyError, ValueError, TypeError) as error:
         raise ClusterError(f"TF_CONFIG={os.environ.get('TF_CONFIG')!r}; expected JSON with a cluster and this "
                            "process's task, {\"type\": \"chief\", \"index\": 0} say") from error
+
+
+def wait_for_chief(model_dir: str, strategy: str, role: str, timeout_s: float = 3600.0) -> None:
+    """In a role a cluster manager started: wait for the chief's snapshot of the model in `model_dir`
+    and, for a worker or the evaluator beside a parameter server, for the chief's first checkpoint
+    (a worker that asks for a session before the chief has set the variables sleeps 30 s; the
+    parameter server itself must be up before the chief can set them)."""
+    waited_for = [storage.join(model_dir, VERSIONS_FILE)]
+    if strategy == PARAMETER_SERVER and role != "ps":
+        waited_for.append(storage.join(model_dir, "checkpoint"))
+    deadline = time.monotonic() + timeout_s
+    while not all(map(storage.exists, waited_for)):
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the chief wrote no {', '.join(waited_for)} in {timeout_s:.0f} s")
+        time.sleep(1.0)
 
 
 def wait_for_start(timeout_s: float = 600.0) -> None:
@@ -217,8 +241,55 @@ def _wait_for(chief: _Running, running: list[_Running], timeout_s: float) -> Non
 def _raise_if_failed(running: list[_Running]) -> None:
     # The roles write checkpoints into model_dir under the Train task's lock: once its lease has
     # ended, they are stopped (LockLost), as a training in this process would be.
-    storage.check_leases()
+    locks.check_leases()
     for role in running:
         if role.failed():
             raise ClusterError(f"the {role.role.type} {role.role.index} of the training cluster exited with "
                                f"{role.process.returncode}; its log ends:\n{role.tail()}")
+
+
+def run_role(model_dir: str, strategy: str, **training: Any) -> None:
+    """Train as the role of a cluster that TF_CONFIG names, from the snapshot in `model_dir`;
+    `training` as `pipeline.estimator.train_and_validate` takes it."""
+    import tensorflow as tf
+
+    from pipeline.estimator import StepCountHook, build_estimator, train_and_validate
+
+    role = role_from_env()
+    # Without this, worker N waits (N + 1) x 5 s before its first step.
+    config: dict[str, Any] = {"experimental_max_worker_delay_secs": 0}
+    if role.type == "chief":
+        # The evaluator runs beside the chief and may lag behind it: a checkpoint it has yet to
+        # evaluate (and export, when best) must not be deleted under it. 0 keeps them all.
+        config["keep_checkpoint_max"] = 0
+    if strategy == MIRRORED and role.type in ("chief", "worker"):
+        # Synchronous: every trainer computes a share of each step. The evaluator is no trainer,
+        # and building the strategy there fails (KeyError: 'evaluator').
+        config["train_distribute"] = tf.distribute.experimental.MultiWorkerMirroredStrategy()
+    estimator = build_estimator(model_dir, lambda loss: [StepCountHook(f"{role.type} {role.index}")],
+                                in_cluster=True, **config)
+    metadata = storage.read_json(training["metadata_path"])
+    wait_for_start()
+    train_and_validate(estimator, metadata, **training)
+
+
+def _main(argv: Sequence[str]) -> int:
+    """A role of a local cluster (see `run_local_cluster`), with run_role's arguments as JSON."""
+    import tensorflow as tf
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    tf.get_logger().setLevel(logging.INFO)  # the chief's "Saving checkpoints" says it is ready
+    try:
+        run_role(**json.loads(argv[0]))
+        return 0
+    except BaseException:  # noqa: B036 - whatever ends the role, its traceback goes to its log
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    # Left through os._exit: a process that used tensorflow-io's S3 plugin aborts in a normal exit.
+    code = _main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

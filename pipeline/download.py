@@ -514,7 +514,7 @@ def drop_hidden(tree: Path) -> list[str]:
     """Remove every hidden file and folder below `tree` (see `storage.visible`: a name starting
     with '.' or '__MACOSX') and return their paths relative to `tree`, a folder's with a trailing
     '/'. They are never data (every reader skips them), and published they could pose as the
-    pipeline's own files, such as a stage's index entry (`versioning.ENTRY_FILE`)."""
+    pipeline's own files, such as a stage's index entry (`index.ENTRY_FILE`)."""
     hidden = []
     for folder, folders, files in os.walk(tree):
         for name in sorted(files + folders):

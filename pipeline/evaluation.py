@@ -13,13 +13,15 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pipeline import outputs, training
+from pipeline import outputs
+from pipeline.estimator import ProgressHook, build_estimator, input_fn
 from pipeline.convert import shard_paths
 from pipeline.errors import DatasetError
 from pipeline import storage
 from pipeline.storage import read_json, write_bytes, write_json
 from pipeline.plots import confusion_matrix_png
 from pipeline.progress import Progress
+from pipeline.runfiles import MODEL_DIR
 
 CONFUSION_MATRIX_PNG = "confusion_matrix.png"
 # What the Estimator's evaluate() returns beside the model's own metrics.
@@ -66,16 +68,16 @@ def evaluate_model(run_dir: str, convert_dir: str, metadata_path: str, split: st
         raise DatasetError(f"{metadata_path}: the {split!r} split holds no images; choose another split or "
                            "raise its fraction in Convert")
     class_names = metadata["class_names"]
-    model_dir = storage.join(run_dir, training.MODEL_DIR)
-    estimator = training.build_estimator(model_dir)
+    model_dir = storage.join(run_dir, MODEL_DIR)
+    estimator = build_estimator(model_dir)
     checkpoint = tf.train.latest_checkpoint(storage.tf_path(model_dir))
     batches = -(-examples // batch_size)
 
     def split_input():
-        return training.input_fn(files, metadata["image_shape"], batch_size, training=False)
+        return input_fn(files, metadata["image_shape"], batch_size, training=False)
 
     def hooks(done_before: int) -> list:
-        return [training.ProgressHook(progress, 2 * batches, done_before=done_before)] if progress else []
+        return [ProgressHook(progress, 2 * batches, done_before=done_before)] if progress else []
 
     result = estimator.evaluate(split_input, checkpoint_path=checkpoint, name=split, hooks=hooks(0))
     labels = np.concatenate([batch_labels for _, batch_labels in split_input().as_numpy_iterator()])

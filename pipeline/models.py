@@ -21,8 +21,6 @@ from pipeline import storage
 from pipeline.errors import ConfigError, ModelDefinitionError
 
 MODEL_DEFS_DIR = Path(__file__).resolve().parent.parent / "model_defs"
-# A run's Estimator model_dir, inside its run folder: checkpoints, events and the model snapshot.
-MODEL_DIR = "model_dir"
 # Params the pipeline fills in from the dataset; a user cannot set them through --params.
 # "feature_columns" (only where PARAMS has it) is the image as one numeric column, as the
 # custom-Estimator tutorial builds its feature columns from the training data.

@@ -17,13 +17,12 @@ import io
 import json
 from typing import Iterable, Mapping, Sequence
 
-from pipeline import training
 from pipeline.csvcells import read_record
 from pipeline.evaluation import CONFUSION_MATRIX_PNG
 from pipeline import storage
 from pipeline.storage import read_json, write_bytes
 from pipeline.plots import curves_png
-from pipeline.training import VALIDATION
+from pipeline.runfiles import MODEL_DIR, MODEL_FILE, VALIDATION
 
 # Tags charted; a model that does not log one (accuracy, say) simply has no such chart.
 CHARTED_TAGS = ("loss", "accuracy")
@@ -161,7 +160,7 @@ def write_report(run_dir: str, train_marker: str, metrics_path: str, predictions
     """
     metrics = read_json(metrics_path)
     train = read_json(train_marker)
-    model_dir = storage.join(run_dir, training.MODEL_DIR)
+    model_dir = storage.join(run_dir, MODEL_DIR)
     # Evaluations on the validation split, while training and by Evaluate, share its event folder.
     scalars = {"train": read_scalars(model_dir),
                **{split: read_scalars(storage.join(model_dir, f"eval_{split}"))
@@ -171,7 +170,7 @@ def write_report(run_dir: str, train_marker: str, metrics_path: str, predictions
     examples = misclassified(predictions_csv)
     images = _encoded_images(shard_files, (e["key"] for e in examples))
     examples = [{**e, "png": images[e["key"]]} for e in examples if e["key"] in images]
-    model_source = storage.read_bytes(storage.join(model_dir, training.MODEL_FILE))
+    model_source = storage.read_bytes(storage.join(model_dir, MODEL_FILE))
     page = render_report(
         title=f"{storage.name(storage.parent(run_dir))} / {storage.name(run_dir)}: {train['model_file']} on "
               f"{metrics['split']}",

@@ -43,11 +43,11 @@ def main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 40
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from pipeline import training
+    import tensorflow as tf
 
-    training.tf.get_logger().setLevel(logging.INFO)
-    training.wait_for_chief(arguments["model_dir"], arguments["strategy"], role.type)
-    training.run_role(**arguments)
+    tf.get_logger().setLevel(logging.INFO)
+    cluster.wait_for_chief(arguments["model_dir"], arguments["strategy"], role.type)
+    cluster.run_role(**arguments)
     return 0
 
 

@@ -19,9 +19,11 @@ import luigi
 from luigi.task_register import TaskClassException
 
 from pipeline.errors import PipelineError
-from pipeline.storage import absolute, held_locks, remove_tree, size_of
+from pipeline.index import within
+from pipeline.locks import held_locks
+from pipeline.storage import absolute, is_inside, remove_tree, size_of
 from pipeline.leaderboard import ROW_KEY, leaderboard_rows
-from pipeline.versioning import canonical_json, is_inside, within
+from pipeline.versioning import canonical_json
 from tasks.runs import RunAll, whole_dag
 from tasks.stage import Stage, forget_folders, load_index, locks_folders, layout_roots
 

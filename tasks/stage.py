@@ -22,9 +22,11 @@ from typing import Any, ClassVar, Iterator
 import luigi
 from luigi.task_register import Register, TaskClassException
 
+from pipeline import index as version_index
 from pipeline import storage, versioning
 from pipeline.errors import CorruptShard
-from pipeline.storage import TEMP_INFIX, file_lock, remove_temporaries
+from pipeline.locks import file_lock
+from pipeline.storage import TEMP_INFIX, remove_temporaries
 from pipeline.leaderboard import rebuild_leaderboard, shown
 from pipeline.convert import report_of
 from tasks.config import layout, isolate_remote_io
@@ -285,12 +287,12 @@ class Stage(Rerunnable):
 
     @property
     def entry_path(self) -> str:
-        """This version's own copy of its index entry (see pipeline.versioning)."""
-        return versioning.entry_file(self.owned, self.marker)
+        """This version's own copy of its index entry (see pipeline.index)."""
+        return version_index.entry_file(self.owned, self.marker)
 
     def entry(self) -> dict:
         """The index entry of this completed stage, with what the index's views need of it."""
-        return versioning.index_entry(
+        return version_index.index_entry(
             self.get_task_family(), self.version, self.owned, self.identity, dataset=self.dataset,
             marker=self.marker, upstream=self.upstream_keys())
 
@@ -351,13 +353,13 @@ def show_leaderboard(index: dict) -> None:
     rebuild_leaderboard(layout().results_root, index)
 
 
-def index_repair() -> versioning.IndexRepair:
+def index_repair() -> version_index.IndexRepair:
     """Where the entry files lie: a version's folder is at most 4 levels below results_root (a
     Report's), 3 below data_root, or, for an output that is a file, results_root itself."""
     roots = layout()
-    patterns = [storage.join(root, *["*"] * depth, versioning.ENTRY_GLOB)
+    patterns = [storage.join(root, *["*"] * depth, version_index.ENTRY_GLOB)
                 for root, depths in ((roots.results_root, 5), (roots.data_root, 4)) for depth in range(depths)]
-    return versioning.IndexRepair(patterns, layout_roots(), rebuilt=show_leaderboard)
+    return version_index.IndexRepair(patterns, layout_roots(), rebuilt=show_leaderboard)
 
 
 def _seen(index: dict) -> dict:
@@ -367,7 +369,7 @@ def _seen(index: dict) -> dict:
 
 def load_index() -> dict:
     """The index, rebuilt from the entry files when it is missing or damaged."""
-    return _seen(versioning.load_index(index_path(), index_repair()))
+    return _seen(version_index.load_index(index_path(), index_repair()))
 
 
 def update_index(change, then=None) -> dict:
@@ -375,7 +377,7 @@ def update_index(change, then=None) -> dict:
         change(index)
         add_entry_files(index)
 
-    return _seen(versioning.update_index(index_path(), changed, then, index_repair()))
+    return _seen(version_index.update_index(index_path(), changed, then, index_repair()))
 
 
 def add_entry_files(index: dict) -> None:
@@ -390,13 +392,13 @@ def add_entry_files(index: dict) -> None:
             continue  # a stage this code no longer has: its marker is unknown
         # A stage without a marker name is its marker, a file among others (a Comparison's CSV).
         entry["marker"] = storage.join(entry["path"], marker_name) if marker_name else entry["path"]
-        if versioning.within(entry["path"], layout_roots()) and storage.exists(entry["marker"]):
-            storage.write_json(versioning.entry_file(entry["path"], entry["marker"]), entry)
+        if version_index.within(entry["path"], layout_roots()) and storage.exists(entry["marker"]):
+            storage.write_json(version_index.entry_file(entry["path"], entry["marker"]), entry)
 
 
 def forget_folders(folders: list[str]) -> dict:
     """Drop the versions within the removed `folders` from the index, and the leaderboard's rows of them."""
-    return _seen(versioning.forget_folders(index_path(), folders, then=show_leaderboard, repair=index_repair()))
+    return _seen(version_index.forget_folders(index_path(), folders, then=show_leaderboard, repair=index_repair()))
 
 
 def indexed_keys() -> set[str]:
@@ -424,7 +426,7 @@ def locks_folder(output: str) -> str:
     other), so that every machine writing `output` reaches its lock as it reaches the output: under
     a local data_root, the lock of an output on S3 would be each machine's own."""
     roots = layout_roots()
-    return storage.join(max((root for root in roots if versioning.is_inside(output, root)), key=len,
+    return storage.join(max((root for root in roots if storage.is_inside(output, root)), key=len,
                             default=roots[0]), ".locks")
 
 
@@ -434,5 +436,5 @@ def locks_folders() -> list[str]:
 
 
 def index_path() -> str:
-    return storage.join(layout().results_root, versioning.INDEX_FILE)
+    return storage.join(layout().results_root, version_index.INDEX_FILE)
 

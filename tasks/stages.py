@@ -25,8 +25,9 @@ from pipeline.convert import (PLAN_FILE, SPLITS, finalize_conversion, plan_conve
                               shard_paths, validate_conversion_params, write_shard)
 from pipeline.errors import ConfigError, StageOutputError
 from pipeline.storage import TEMP_INFIX, read_json, remove_tree
-from pipeline.models import (MODEL_DIR, RUN_CONFIG_KEYS, check_param_overrides, declared_param_keys,
-                             require_positive, resolve_model_file, validate_training_settings)
+from pipeline.models import (RUN_CONFIG_KEYS, check_param_overrides, declared_param_keys, require_positive,
+                             resolve_model_file, validate_training_settings)
+from pipeline.runfiles import MODEL_DIR
 from pipeline.versioning import safe_name
 from pipeline.leaderboard import REPORT_KEY, ROW_KEY
 from tasks.config import layout, tensorboard, tensorboard_url

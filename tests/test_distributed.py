@@ -43,7 +43,7 @@ def role_processes(marker: str = "") -> dict[int, str]:
         except OSError:
             pass  # ended meanwhile
     return {pid: args for pid, args in found.items()
-            if re.search(r"-m (pipeline\.training|tasks\.cluster_role|pipeline\.netns)\b", args) and marker in args}
+            if re.search(r"-m (pipeline\.cluster|tasks\.cluster_role|pipeline\.netns)\b", args) and marker in args}
 
 
 def listening_ports(net: Path) -> set[int]:

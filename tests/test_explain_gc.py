@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import versioning
-from pipeline.storage import file_lock, read_json
+from pipeline.index import index_entry, update_index
+from pipeline.locks import file_lock
+from pipeline.storage import read_json
 from tests.conftest import REPO, cli_sections, luigi_env, read_csv, run_watched, tiny_config, write_config
 
 
@@ -115,17 +117,17 @@ def fabricated(results: Path, runs: dict[str, tuple[str, float, str]]) -> dict:
         for folder in (run, evaluation):
             folder.mkdir(parents=True)
             (folder / "weights").write_bytes(bytes(1000))
-        index[f"Train/{version}"] = versioning.index_entry(
+        index[f"Train/{version}"] = index_entry(
             "Train", version, run, {"params": {"params": params}, "content": version}, dataset="ds",
             upstream=["Convert/c1"])
         index[f"Train/{version}"]["completed_at"] = at
-        index[f"Evaluate/e{version}"] = versioning.index_entry(
+        index[f"Evaluate/e{version}"] = index_entry(
             "Evaluate", f"e{version}", evaluation, {"params": {"split": "test"}}, dataset="ds",
             upstream=[f"Train/{version}"], leaderboard={
                 "run": run.name, "model": "cnn", "split": "test", "accuracy": accuracy, "loss": 1 - accuracy,
                 "train_version": version})
         index[f"Evaluate/e{version}"]["completed_at"] = at
-    index["Convert/c1"] = versioning.index_entry("Convert", "c1", results.parent / "data" / "c1", {}, dataset="ds")
+    index["Convert/c1"] = index_entry("Convert", "c1", results.parent / "data" / "c1", {}, dataset="ds")
     return index
 
 
@@ -144,7 +146,7 @@ def test_gc_lists_superseded_runs_outside_the_top_and_removes_them_only_when_ask
             "v2": ('{"lr": 1}', 0.80, "2026-01-02T00:00:01+00:00"),
             "v3": ('{"lr": 2}', 0.60, "2026-01-03T00:00:01+00:00"),
             "v4": ('{"lr": 2}', 0.90, "2026-01-01T00:00:01+00:00")}
-    versioning.update_index(results / "index.json", lambda index: index.update(fabricated(results, runs)))
+    update_index(results / "index.json", lambda index: index.update(fabricated(results, runs)))
 
     listed = gc(tmp_path, config, "--keep-top", "1")
     assert listed.returncode == 0, listed.stderr

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import models, training
+from pipeline import models, runfiles
+from pipeline.estimator import ProgressHook, build_estimator, check_predictions, run_params
 from pipeline.errors import ConfigError, ModelDefinitionError
 from pipeline.storage import write_json
 
@@ -34,7 +35,7 @@ def load(name):
     model_file = models.resolve_model_file(name)
     model = models.load_model(model_file)
     recorded = models.merge_params(model_file, model.defaults, OVERRIDES.get(name, {}), {"n_classes": N_CLASSES})
-    return model, training.run_params(model, recorded, DATASET)
+    return model, run_params(model, recorded, DATASET)
 
 
 def call_model_fn(model, params, mode):
@@ -82,7 +83,7 @@ def test_model_fn_in_each_mode(name, mode):
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_two_training_steps(name, tmp_path):
     model, params = load(name)
-    assert training.check_predictions(model, params, DATASET).scores == "probabilities"
+    assert check_predictions(model, params, DATASET).scores == "probabilities"
     images = np.random.default_rng(0).random((16, *SHAPE), dtype=np.float32)
     labels = np.arange(16) % N_CLASSES
     estimator = tf.estimator.Estimator(model.model_fn, str(tmp_path), params=params)
@@ -138,7 +139,7 @@ def test_predictions_the_pipeline_cannot_read_fail_before_training_saying_what_i
     with pytest.raises(ModelDefinitionError, match=r"embedding.py: the PREDICT predictions are 'embedding' \[2, 8\]; "
                                                    r"expected class scores as 'probabilities' or 'logits' shaped "
                                                    r"\[batch, 3\]"):
-        training.check_predictions(model, {"n_classes": N_CLASSES}, DATASET)
+        check_predictions(model, {"n_classes": N_CLASSES}, DATASET)
 
 
 def test_training_params_must_be_positive():
@@ -151,14 +152,14 @@ def test_training_progress_counts_global_steps_across_a_resume(name, tmp_path):
     model_file = models.resolve_model_file(name)
     model_dir = tmp_path / "model_dir"
     model_dir.mkdir()
-    (model_dir / training.MODEL_FILE).write_bytes(model_file.read_bytes())
-    write_json(model_dir / training.PARAMS_FILE, models.merge_params(
+    (model_dir / runfiles.MODEL_FILE).write_bytes(model_file.read_bytes())
+    write_json(model_dir / runfiles.PARAMS_FILE, models.merge_params(
         model_file, models.load_model(model_file).defaults, OVERRIDES.get(name, {}), {"n_classes": N_CLASSES}))
-    write_json(model_dir / training.DATASET_FILE, DATASET)
-    write_json(model_dir / training.RUN_CONFIG_FILE, {"tf_random_seed": 1, "save_checkpoints_steps": 3})
+    write_json(model_dir / runfiles.DATASET_FILE, DATASET)
+    write_json(model_dir / runfiles.RUN_CONFIG_FILE, {"tf_random_seed": 1, "save_checkpoints_steps": 3})
     reports = []
-    estimator = training.build_estimator(
-        model_dir, lambda loss: [training.ProgressHook(lambda *report: reports.append(report), 5, loss)])
+    estimator = build_estimator(
+        model_dir, lambda loss: [ProgressHook(lambda *report: reports.append(report), 5, loss)])
     images = np.random.default_rng(0).random((8, *SHAPE), dtype=np.float32)
     labels = np.arange(8) % N_CLASSES
 

@@ -3,6 +3,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import convert, models, prediction, schema, training
+from pipeline.estimator import build_estimator
+from pipeline.runfiles import MODEL_DIR
 from pipeline.report import misclassified
 from pipeline.storage import read_json
 from tests.conftest import read_csv
@@ -31,7 +33,7 @@ def test_records_are_predicted_alike_through_either_signature(tmp_path):
         receiver = schema.serving_input_receiver_fn(SHAPE)()
         return tf.estimator.export.ServingInputReceiver(receiver.features, receiver.receiver_tensors)
 
-    older_export = training.build_estimator(run_dir / training.MODEL_DIR).export_saved_model(
+    older_export = build_estimator(run_dir / MODEL_DIR).export_saved_model(
         str(tmp_path / "older"), receiver_without_pixels).decode()
 
     count = prediction.predict_to_csv(export_dir, metadata, tmp_path / "pixels.csv", convert_dir=out, batch_size=3)

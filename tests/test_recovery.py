@@ -12,7 +12,7 @@ import pytest
 from pipeline.convert import report_name, shard_name
 from pipeline.leaderboard import rebuild_leaderboard
 from pipeline.storage import TEMP_INFIX, read_json
-from pipeline.versioning import ENTRY_FILE
+from pipeline.index import ENTRY_FILE
 from tasks import Convert, Download, Evaluate, RunAll, Train, stage
 from tests.conftest import (REPO, cli_sections, luigi_env, read_csv, run_tasks, run_watched, start_watched,
                             tiny_config, write_config)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import versioning
+from pipeline.index import INDEX_FILE, read_index, update_index
 from pipeline.leaderboard import COLUMNS, ROW_KEY, leaderboard_rows, rebuild_leaderboard, render_html
 from pipeline.plots import confusion_matrix_png, curves_png
 from pipeline.report import misclassified, render_report
@@ -128,15 +128,15 @@ def test_leaderboard_stays_right_with_200_runs_recorded_one_by_one(tmp_path):
     results, rng = tmp_path / "results", np.random.default_rng(4)
     scores = {f"r{number:03d}": (float(rng.integers(0, 1000)) / 1000, float(rng.random())) for number in range(200)}
     for run, (accuracy, loss) in scores.items():
-        versioning.update_index(results / versioning.INDEX_FILE,
-                                lambda index: evaluation(index, run, accuracy, loss),  # noqa: B023 - called at once
-                                then=lambda index: rebuild_leaderboard(results, index))
+        update_index(results / INDEX_FILE,
+                     lambda index: evaluation(index, run, accuracy, loss),  # noqa: B023 - called at once
+                     then=lambda index: rebuild_leaderboard(results, index))
 
     table = read_csv(results / "leaderboard.csv")
     expected = sorted(scores, key=lambda run: (-scores[run][0], scores[run][1], f"cnn-{run}"))
     assert [row["run"] for row in table] == [f"cnn-{run}" for run in expected]
     assert [int(row["rank"]) for row in table] == list(range(1, 201))
-    assert len(versioning.read_index(results / versioning.INDEX_FILE)) == 400
+    assert len(read_index(results / INDEX_FILE)) == 400
 
 
 def test_leaderboard_of_an_empty_index_has_no_rows(tmp_path):

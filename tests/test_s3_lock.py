@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import storage
+from pipeline import locks, storage
 from pipeline.errors import LockLost
 from tests.conftest import REPO, cli_sections, free_port, start_watched, tar_bytes, write_config
 
-TTL_VARIABLE = storage.LOCK_TTL_VARIABLE
+TTL_VARIABLE = locks.LOCK_TTL_VARIABLE
 
 
 def lock_uri(s3_server, name: str = "stage.lock") -> str:
@@ -34,14 +34,14 @@ def lock_uri(s3_server, name: str = "stage.lock") -> str:
 
 def left_by_a_dead_process(s3_server, lock: str, ttl_s: float) -> None:
     """A lock as a holder writes it, never renewed after."""
-    bucket, key = storage._bucket_key(lock)
+    bucket, key = storage.bucket_key(lock)
     s3_server.client().put_object(Bucket=bucket, Key=key, Body=json.dumps(
         {"guards": "results/dead", "host": "gone", "pid": 1, "ttl_s": ttl_s, "nonce": uuid.uuid4().hex}).encode())
 
 
-def wait_until_stale(locks: list[str]) -> None:
+def wait_until_stale(lock_paths: list[str]) -> None:
     deadline = time.monotonic() + 60
-    while not all(storage._lock_state(lock).stale() for lock in locks):
+    while not all(locks._lock_state(lock).stale() for lock in lock_paths):
         assert time.monotonic() < deadline, "the locks never became stale"
         time.sleep(0.2)
 
@@ -49,21 +49,21 @@ def wait_until_stale(locks: list[str]) -> None:
 def test_of_two_takers_of_a_stale_lock_exactly_one_holds_it(s3_server, monkeypatch):
     """30 stale locks, two takers each, all let go at once: never two inside one lock."""
     monkeypatch.setenv(TTL_VARIABLE, "10")
-    locks = [lock_uri(s3_server) for _ in range(30)]
-    for lock in locks:
+    lock_paths = [lock_uri(s3_server) for _ in range(30)]
+    for lock in lock_paths:
         left_by_a_dead_process(s3_server, lock, ttl_s=1)
-    wait_until_stale(locks)
-    start = threading.Barrier(2 * len(locks))
+    wait_until_stale(lock_paths)
+    start = threading.Barrier(2 * len(lock_paths))
     guard = threading.Lock()
-    inside = {lock: 0 for lock in locks}
-    most_inside = {lock: 0 for lock in locks}
-    entries = {lock: 0 for lock in locks}
+    inside = {lock: 0 for lock in lock_paths}
+    most_inside = {lock: 0 for lock in lock_paths}
+    entries = {lock: 0 for lock in lock_paths}
     errors = []
 
     def take(lock: str) -> None:
         try:
             start.wait()
-            with storage.file_lock(lock, guards="results/run"):
+            with locks.file_lock(lock, guards="results/run"):
                 with guard:
                     inside[lock] += 1
                     entries[lock] += 1
@@ -74,16 +74,16 @@ def test_of_two_takers_of_a_stale_lock_exactly_one_holds_it(s3_server, monkeypat
         except Exception as error:  # noqa: BLE001 - reported by the test below
             errors.append(error)
 
-    takers = [threading.Thread(target=take, args=(lock,)) for lock in locks for _ in range(2)]
+    takers = [threading.Thread(target=take, args=(lock,)) for lock in lock_paths for _ in range(2)]
     for taker in takers:
         taker.start()
     for taker in takers:
         taker.join(timeout=120)
 
     assert not errors, errors
-    assert entries == {lock: 2 for lock in locks}, "each taker got the lock in the end"
-    assert most_inside == {lock: 1 for lock in locks}, "two takers held one lock at once"
-    assert all(not storage.exists(lock) for lock in locks)
+    assert entries == {lock: 2 for lock in lock_paths}, "each taker got the lock in the end"
+    assert most_inside == {lock: 1 for lock in lock_paths}, "two takers held one lock at once"
+    assert all(not storage.exists(lock) for lock in lock_paths)
 
 
 class Interleaving:
@@ -120,13 +120,13 @@ def test_two_takers_that_both_saw_a_lock_stale_are_never_inside_it_together(s3_s
     lock = lock_uri(s3_server)
     left_by_a_dead_process(s3_server, lock, ttl_s=1)
     wait_until_stale([lock])
-    client = Interleaving(storage._lock_s3(10.0), storage._bucket_key(lock)[1])
-    monkeypatch.setattr(storage, "_lock_s3", lambda ttl_s: client)
+    client = Interleaving(locks._lock_s3(10.0), storage.bucket_key(lock)[1])
+    monkeypatch.setattr(locks, "_lock_s3", lambda ttl_s: client)
     journal, errors = [], []
 
     def take(name: str) -> None:
         try:
-            with storage.file_lock(lock, guards=f"results/{name}"):
+            with locks.file_lock(lock, guards=f"results/{name}"):
                 journal.append(f"{name} in")
                 client.first_inside.set()
                 time.sleep(0.5)
@@ -148,19 +148,19 @@ def test_two_takers_that_both_saw_a_lock_stale_are_never_inside_it_together(s3_s
 def test_two_takers_that_saw_one_stale_lock_write_in_turn_and_the_second_is_refused(s3_server):
     """The interleaving a race needs, forced: both takers read the lock, then both replace it."""
     lock = lock_uri(s3_server)
-    holder, first, second = (storage.Lease(lock, guards, ttl_s=30) for guards in ("old", "first", "second"))
+    holder, first, second = (locks.Lease(lock, guards, ttl_s=30) for guards in ("old", "first", "second"))
     assert holder.acquire() and not first.acquire() and not second.acquire()
-    seen = [storage._lock_state(lock), storage._lock_state(lock)]
+    seen = [locks._lock_state(lock), locks._lock_state(lock)]
 
     assert first.take_over(seen[0].etag)
     assert not second.take_over(seen[1].etag)
-    assert storage._lock_state(lock).guards == "first"
+    assert locks._lock_state(lock).guards == "first"
     # The holder that was taken over learns it at its next renewal, and its release leaves the lock be.
     assert not holder.renew() and holder.lost == "another process took it over"
     with pytest.raises(LockLost, match="lost the lock .*another process took it over"):
         holder.check()
     holder.release()
-    assert storage._lock_state(lock).guards == "first"
+    assert locks._lock_state(lock).guards == "first"
     first.release()
     assert not storage.exists(lock)
 
@@ -174,9 +174,9 @@ def test_a_lock_changed_under_its_holder_ends_the_lease_before_anything_is_publi
     for change in ("overwrite", "delete"):
         lock = lock_uri(s3_server)
         output = storage.join(storage.parent(storage.parent(lock)), "out")
-        bucket, key = storage._bucket_key(lock)
+        bucket, key = storage.bucket_key(lock)
         with pytest.raises(LockLost, match="lost the lock") as lost:
-            with storage.file_lock(lock, guards=output) as lease:
+            with locks.file_lock(lock, guards=output) as lease:
                 if change == "overwrite":
                     s3_server.client().put_object(Bucket=bucket, Key=key, Body=b'{"guards": "taker"}')
                 else:
@@ -192,9 +192,9 @@ def test_a_lock_changed_under_its_holder_ends_the_lease_before_anything_is_publi
 def test_a_lease_lost_inside_fails_the_block_even_when_nothing_was_written(s3_server, monkeypatch):
     monkeypatch.setenv(TTL_VARIABLE, "3")
     lock = lock_uri(s3_server)
-    bucket, key = storage._bucket_key(lock)
+    bucket, key = storage.bucket_key(lock)
     with pytest.raises(LockLost, match="took it over"):
-        with storage.file_lock(lock) as lease:
+        with locks.file_lock(lock) as lease:
             s3_server.client().put_object(Bucket=bucket, Key=key, Body=b'{"guards": "taker"}')
             while lease.lost is None:
                 time.sleep(0.1)
@@ -210,9 +210,9 @@ def test_a_holder_that_cannot_reach_s3_to_renew_loses_its_lease(s3_server, monke
     unreachable = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{free_port()}",
                                config=Config(retries={"max_attempts": 1}, connect_timeout=2))
     with pytest.raises(LockLost, match="renewing it failed: EndpointConnectionError"):
-        with storage.file_lock(lock, guards=output) as lease:
+        with locks.file_lock(lock, guards=output) as lease:
             with monkeypatch.context() as cut_off:
-                cut_off.setattr(storage, "_lock_s3", lambda ttl_s: unreachable)
+                cut_off.setattr(locks, "_lock_s3", lambda ttl_s: unreachable)
                 while lease.lost is None:
                     time.sleep(0.1)
             storage.write_bytes(output, b"{}")
@@ -231,11 +231,11 @@ def test_a_holder_whose_s3_stops_answering_stops_within_the_ttl(s3_server, monke
         started = time.monotonic()
         try:
             with pytest.raises(LockLost, match="lost the lock .*(not renewed|renewing it failed)"):
-                with storage.file_lock(lock):
+                with locks.file_lock(lock):
                     monkeypatch.setenv("S3_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
                     storage._clients.clear()
                     while True:
-                        storage.check_leases()
+                        locks.check_leases()
                         assert time.monotonic() - started < 60, "the lease never ended"
                         time.sleep(0.1)
             stopped_s = time.monotonic() - started
@@ -251,9 +251,9 @@ def test_a_release_answered_by_conflicts_gives_up_and_deletes_nothing(s3_server,
     from botocore.exceptions import ClientError
 
     lock = lock_uri(s3_server)
-    lease = storage.Lease(lock, "results/run", ttl_s=30)
+    lease = locks.Lease(lock, "results/run", ttl_s=30)
     assert lease.acquire()
-    client, deletes = storage._lock_s3(30.0), []
+    client, deletes = locks._lock_s3(30.0), []
 
     class Conflicting:
         """What S3 answers while another conditional request on the key is in flight."""
@@ -264,10 +264,10 @@ def test_a_release_answered_by_conflicts_gives_up_and_deletes_nothing(s3_server,
             deletes.append(kwargs)
             raise ClientError({"Error": {"Code": "ConditionalRequestConflict"}}, "DeleteObject")
 
-    monkeypatch.setattr(storage, "_lock_s3", lambda ttl_s: Conflicting())
+    monkeypatch.setattr(locks, "_lock_s3", lambda ttl_s: Conflicting())
     lease.release()
 
-    assert len(deletes) == storage._RELEASE_TRIES and all(kwargs["IfMatch"] == lease.etag for kwargs in deletes)
+    assert len(deletes) == locks._RELEASE_TRIES and all(kwargs["IfMatch"] == lease.etag for kwargs in deletes)
     assert "could not release the lock" in caplog.text and lease.lost is None
     assert storage.exists(lock)
 
@@ -280,9 +280,9 @@ def test_a_renewal_applied_though_its_answer_was_lost_keeps_the_lease(answer, s3
     from botocore.exceptions import ReadTimeoutError
 
     lock = lock_uri(s3_server)
-    lease = storage.Lease(lock, "results/run", ttl_s=30)
+    lease = locks.Lease(lock, "results/run", ttl_s=30)
     assert lease.acquire()
-    client = storage._lock_s3(30.0)
+    client = locks._lock_s3(30.0)
     puts = []
 
     class AnswerLost:
@@ -300,7 +300,7 @@ def test_a_renewal_applied_though_its_answer_was_lost_keeps_the_lease(answer, s3
                 raise ReadTimeoutError(endpoint_url=s3_server.endpoint)
             return client.put_object(**kwargs)
 
-    monkeypatch.setattr(storage, "_lock_s3", lambda ttl_s: AnswerLost())
+    monkeypatch.setattr(locks, "_lock_s3", lambda ttl_s: AnswerLost())
     if answer == "timeout":
         with pytest.raises(ReadTimeoutError):
             lease.renew()
@@ -312,7 +312,7 @@ def test_a_renewal_applied_though_its_answer_was_lost_keeps_the_lease(answer, s3
 def test_a_release_of_a_lock_already_deleted_ends_quietly(s3_server):
     """A delete that S3 applied, retried by botocore after its answer was lost, finds no lock (404)."""
     lock = lock_uri(s3_server)
-    lease = storage.Lease(lock, "results/run", ttl_s=30)
+    lease = locks.Lease(lock, "results/run", ttl_s=30)
     assert lease.acquire()
     storage.remove_tree(lock)
     lease.release()
@@ -322,6 +322,7 @@ def test_a_release_of_a_lock_already_deleted_ends_quietly(s3_server):
 def test_a_training_whose_lease_is_taken_over_stops_within_a_step(s3_server, monkeypatch, tmp_path):
     """TensorFlow writes the checkpoints, not `storage`: the training checks its leases every step."""
     from pipeline import models, training
+    from pipeline.runfiles import MODEL_DIR
     from tests.test_convert import converted_images
     from tests.test_prediction import RUN_CONFIG
 
@@ -329,10 +330,10 @@ def test_a_training_whose_lease_is_taken_over_stops_within_a_step(s3_server, mon
     out, _ = converted_images(tmp_path, per_class=6, test_fraction=0.3, image_size=6)
     run_dir, max_steps = tmp_path / "run", 1000
     lock = lock_uri(s3_server)
-    bucket, key = storage._bucket_key(lock)
+    bucket, key = storage.bucket_key(lock)
     steps = []
     with pytest.raises(LockLost, match="another process took it over"):
-        with storage.file_lock(lock, guards=str(run_dir)) as lease:
+        with locks.file_lock(lock, guards=str(run_dir)) as lease:
             def progress(step, total, unit, note):
                 steps.append(step)
                 if step == 3:  # what a taker that judged the lock stale does
@@ -346,7 +347,7 @@ def test_a_training_whose_lease_is_taken_over_stops_within_a_step(s3_server, mon
 
     assert steps[-1] <= 4 < max_steps, steps
     assert not (run_dir / "train.json").exists()
-    checkpoint = tf_checkpoint_step(run_dir / training.MODEL_DIR)
+    checkpoint = tf_checkpoint_step(run_dir / MODEL_DIR)
     assert checkpoint <= 4, f"a checkpoint of step {checkpoint} was written after the lease ended"
     assert s3_server.read(key) == b'{"guards": "the taker"}'
 
@@ -359,8 +360,8 @@ def tf_checkpoint_step(model_dir) -> int:
 
 def run_holder(lock: str, output: str, ttl_s: str, text: str, s3_env: dict[str, str]) -> subprocess.Popen:
     """A process that takes `lock`, says "held", waits for a line on its stdin, then writes `text` to `output`."""
-    code = (f"import sys; from pipeline import storage\n"
-            f"with storage.file_lock({lock!r}, guards={output!r}):\n"
+    code = (f"import sys; from pipeline import locks, storage\n"
+            f"with locks.file_lock({lock!r}, guards={output!r}):\n"
             f"    print('held', flush=True); sys.stdin.readline()\n"
             f"    storage.write_bytes({output!r}, {text!r}.encode())\n")
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -393,8 +394,8 @@ def test_a_fast_clock_does_not_take_over_a_live_lock(s3_server, monkeypatch):
     the holder renews its lock every 0.8 s."""
     lock = lock_uri(s3_server)
     left = storage.join(storage.parent(lock), "holder-left")
-    code = (f"import time; from pipeline import storage\n"
-            f"with storage.file_lock({lock!r}, guards='results/run'):\n"
+    code = (f"import time; from pipeline import locks, storage\n"
+            f"with locks.file_lock({lock!r}, guards='results/run'):\n"
             f"    print('held', flush=True); time.sleep(4)\n"
             f"    storage.write_bytes({left!r}, b'')\n")
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
@@ -414,7 +415,7 @@ def test_a_fast_clock_does_not_take_over_a_live_lock(s3_server, monkeypatch):
 
     monkeypatch.setattr(time, "time", lambda: real_time() + 31)
     monkeypatch.setattr(datetime, "datetime", Ahead)
-    with storage.file_lock(lock, guards="results/other"):
+    with locks.file_lock(lock, guards="results/other"):
         assert storage.exists(left), "the lock was taken while its holder was still inside"
     monkeypatch.undo()
     assert holder.wait(timeout=30) == 0
@@ -426,14 +427,14 @@ def test_machines_with_their_own_data_root_share_the_lock_of_an_s3_result(s3_ser
     journal, go = tmp_path / "journal", tmp_path / "go"
     code = (f"import os, sys, time\n"
             f"from pathlib import Path\n"
-            f"from pipeline import storage\n"
+            f"from pipeline import locks\n"
             f"from tasks.stages import Download, Train\n"
             f"train, download = Train(), Download()\n"
             f"print(train.lock_path(), download.lock_path(), flush=True)\n"
             f"while not Path({str(go)!r}).exists(): time.sleep(0.05)\n"
             f"def note(what):\n"
             f"    with open({str(journal)!r}, 'a') as journal: journal.write(f'{{what}} {{os.getpid()}}\\n')\n"
-            f"with storage.file_lock(train.lock_path(), guards=train.output().path):\n"
+            f"with locks.file_lock(train.lock_path(), guards=train.output().path):\n"
             f"    note('in'); time.sleep(1.5); note('out')\n")
     machines = []
     for machine in ("a", "b"):
@@ -470,11 +471,11 @@ def test_a_task_whose_lock_is_taken_over_fails_and_publishes_nothing(s3_server, 
     finish = start_watched(tmp_path, config, "Download", "--local-scheduler", limit_s=120,
                            env={**s3_server.env(), TTL_VARIABLE: "3"})
     deadline = time.monotonic() + 60
-    while not (locks := s3_server.keys(f"{prefix}/data/.locks/")):
+    while not (lock_paths := s3_server.keys(f"{prefix}/data/.locks/")):
         assert time.monotonic() < deadline, "the Download never took its lock"
         time.sleep(0.1)
     # What a second process that judged the lock stale would do: replace it.
-    s3_server.client().put_object(Bucket=s3_server.bucket, Key=locks[0], Body=b'{"guards": "the taker"}')
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=lock_paths[0], Body=b'{"guards": "the taker"}')
     run = finish()
 
     assert run.returncode == 30, run.output[-3000:]
@@ -482,7 +483,7 @@ def test_a_task_whose_lock_is_taken_over_fails_and_publishes_nothing(s3_server, 
     print(failure)
     assert "lost the lock" in failure and "another process took it over" in failure, failure
     assert s3_server.keys(f"{prefix}/data/raw/") == [], "the Download published after losing its lock"
-    assert s3_server.read(locks[0]) == b'{"guards": "the taker"}', "the taker's lock was deleted"
+    assert s3_server.read(lock_paths[0]) == b'{"guards": "the taker"}', "the taker's lock was deleted"
 
 
 def test_gc_sees_the_locks_held_under_both_roots(s3_server, luigi_config, tmp_path):
@@ -495,7 +496,7 @@ def test_gc_sees_the_locks_held_under_both_roots(s3_server, luigi_config, tmp_pa
     train, download = Train(), Download()
 
     assert locks_folders() == [str(tmp_path / "data" / ".locks"), f"{results_root}/.locks"]
-    with storage.file_lock(train.lock_path(), guards=train.directory), \
-            storage.file_lock(download.lock_path(), guards=download.directory):
-        assert sorted(path for folder in locks_folders() for path in storage.held_locks(folder)) == \
+    with locks.file_lock(train.lock_path(), guards=train.directory), \
+            locks.file_lock(download.lock_path(), guards=download.directory):
+        assert sorted(path for folder in locks_folders() for path in locks.held_locks(folder)) == \
             sorted([train.directory, download.directory])

@@ -4,7 +4,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from pipeline import schema, training
+from pipeline import schema
+from pipeline.estimator import input_fn
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -24,7 +25,7 @@ def test_example_round_trip_through_input_fn(tmp_path):
     parsed = [schema.parse_example(record) for record in tf.data.TFRecordDataset(str(path))]
     assert [p[schema.KEY].numpy().decode() for p in parsed] == [f"c/{i}.png" for i in range(5)]
 
-    features, labels = next(iter(training.input_fn([str(path)], (6, 6, 3), 5, training=False)))
+    features, labels = next(iter(input_fn([str(path)], (6, 6, 3), 5, training=False)))
     assert labels.numpy().tolist() == [0, 1, 0, 1, 0]
     np.testing.assert_allclose(features[schema.IMAGE].numpy(), np.stack(images) / 255.0, atol=1e-6)
 

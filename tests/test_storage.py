@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from pipeline import storage
+from pipeline import locks, storage
 from tests.conftest import REPO
 
 
@@ -77,8 +77,8 @@ def test_a_published_folder_replaces_the_old_one_with_its_marker(root, tmp_path)
 
 
 def hold_lock_in_subprocess(lock: str, seconds: float) -> subprocess.Popen:
-    code = (f"import time; from pipeline import storage\n"
-            f"with storage.file_lock({lock!r}, guards='results/run'):\n"
+    code = (f"import time; from pipeline import locks\n"
+            f"with locks.file_lock({lock!r}, guards='results/run'):\n"
             f"    print('held', flush=True); time.sleep({seconds})\n")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "held"
@@ -88,14 +88,14 @@ def hold_lock_in_subprocess(lock: str, seconds: float) -> subprocess.Popen:
 def test_a_lock_is_held_by_one_process_at_a_time(root):
     lock = storage.join(root, ".locks", "stage.lock")
     holder = hold_lock_in_subprocess(lock, 3)
-    assert storage.held_locks(storage.join(root, ".locks")) == ["results/run"]
+    assert locks.held_locks(storage.join(root, ".locks")) == ["results/run"]
     start = time.monotonic()
-    with storage.file_lock(lock, holder="Train(...)"):
+    with locks.file_lock(lock, holder="Train(...)"):
         waited = time.monotonic() - start
     # Granted only once the holder, which held it 3 s from its "held", let go.
     assert waited > 2.0, f"the lock was granted after {waited:.1f} s while another process held it"
     assert holder.wait(timeout=30) == 0
-    assert storage.held_locks(storage.join(root, ".locks")) == []
+    assert locks.held_locks(storage.join(root, ".locks")) == []
 
 
 def test_a_pattern_on_a_bare_bucket_matches_from_its_root(s3_server):
@@ -108,11 +108,11 @@ def test_a_pattern_on_a_bare_bucket_matches_from_its_root(s3_server):
 def test_a_lock_left_by_a_dead_process_on_s3_is_taken_over(s3_server, monkeypatch):
     lock = s3_server.uri(f"locks-{uuid.uuid4().hex[:8]}", "stage.lock")
     storage.write_bytes(lock, json.dumps({"guards": "results/run", "host": "gone", "pid": 1}).encode())
-    assert storage.held_locks(storage.parent(lock)) == ["results/run"]
+    assert locks.held_locks(storage.parent(lock)) == ["results/run"]
     # A TTL of 3 s rather than less: the new holder must renew within two thirds of it, busy or not.
-    monkeypatch.setenv(storage.LOCK_TTL_VARIABLE, "3")
+    monkeypatch.setenv(locks.LOCK_TTL_VARIABLE, "3")
     time.sleep(5.1)  # S3 times objects in whole seconds: a lock is stale one second after its TTL
-    assert storage.held_locks(storage.parent(lock)) == []
-    with storage.file_lock(lock, guards="results/other"):
+    assert locks.held_locks(storage.parent(lock)) == []
+    with locks.file_lock(lock, guards="results/other"):
         assert json.loads(storage.read_bytes(lock))["guards"] == "results/other"
     assert not storage.exists(lock)
