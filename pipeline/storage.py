@@ -40,6 +40,10 @@ from typing import IO, Any, Iterable, Iterator
 
 from pipeline.errors import ConfigError, LockLost
 
+# Moves bytes between places and never changes them, and its locks only order writers: how a
+# result is stored or waited for cannot change the result (see pipeline.fingerprint).
+AFFECTS_RESULTS = False
+
 log = logging.getLogger(__name__)
 
 S3_PREFIX = "s3://"
