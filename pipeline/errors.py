@@ -1,5 +1,9 @@
 """Exception types raised at the library's boundaries. Each message names the bad value and the expectation."""
 
+# What goes wrong, and what it is called: a failure makes no result, so its wording changes none
+# (see pipeline.fingerprint).
+AFFECTS_RESULTS = False
+
 
 class PipelineError(Exception):
     """Base of every error the pipeline raises on purpose."""

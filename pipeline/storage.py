@@ -31,6 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
+# Moves bytes between places and never changes them, and its locks only order writers: how a
+# result is stored or waited for cannot change the result (see pipeline.fingerprint).
+AFFECTS_RESULTS = False
+
 log = logging.getLogger(__name__)
 
 S3_PREFIX = "s3://"

@@ -2,8 +2,9 @@
 
 Prints every task of that task's DAG as done or to run, and for each one to run, why: no output
 yet; which significant parameter differs from the closest completed version of that stage in
-results/index.json (old and new value); the model file (or input folder) changed; the pipeline's
-code changed; an upstream stage will run. Nothing is run and TensorFlow is not imported; a damaged
+results/index.json (old and new value); the model file (or input folder) changed; which parts
+of the code it runs changed, were added or removed (`module.function`, see pipeline.fingerprint);
+an upstream stage will run. Nothing is run and TensorFlow is not imported; a damaged
 index is rebuilt, and a done stage the index lacks is indexed, as a run would.
 """
 from __future__ import annotations
@@ -34,8 +35,23 @@ def _differences(identity: dict[str, Any], recorded: dict[str, Any]) -> list[str
     if identity["content"] != recorded.get("content"):
         found.append(f"{_CONTENT.get(identity['stage'], 'its content')} changed")
     if identity["code"] != recorded.get("code"):
-        found.append("the pipeline's code changed")
+        found.append(_code_change(identity["code"], recorded.get("code")))
     return found
+
+
+def _code_change(code: dict[str, str], recorded: Any) -> str:
+    """One phrase naming the parts of the code (see pipeline.fingerprint) that changed, were added or removed."""
+    if not isinstance(recorded, dict):
+        return "code changed (the completed version predates code identities by part)"
+    kinds = (("changed", [name for name in code if name in recorded and code[name] != recorded[name]]),
+             ("added", [name for name in code if name not in recorded]),
+             ("removed", [name for name in recorded if name not in code]))
+    return "code " + "; ".join(f"{kind}: {', '.join(sorted(map(_dotted, names)))}" for kind, names in kinds if names)
+
+
+def _dotted(part: str) -> str:
+    """`pipeline.convert:load_image` as a reader names it: pipeline.convert.load_image."""
+    return part.replace(":", ".")
 
 
 def reasons(task: luigi.Task, index: dict, to_run: set[str]) -> list[str]:

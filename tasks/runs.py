@@ -79,7 +79,6 @@ class RunRecord(Stage):
     stage it took; in `run-<version>/` of the Train folder."""
 
     marker_name = "run.json"
-    library = "pipeline.storage"
     evaluate = UpstreamParameter(Evaluate)
     report = UpstreamParameter(Report)
     predict = UpstreamParameter(Predict)
@@ -162,7 +161,7 @@ class Comparison(Stage):
     """sweep-<version>.csv and .html beside the leaderboard: the leaderboard rows of one sweep's
     runs, best first."""
 
-    library = "pipeline.leaderboard"
+    entry_points = ("pipeline.leaderboard:write_table", "pipeline.leaderboard:rows_of")
     sweep = UpstreamParameter(Sweep)
 
     def evaluations(self) -> list[Evaluate]:

@@ -1,9 +1,9 @@
 """The base of the pipeline's tasks: one identity, a locked and repairing run, and `--rerun`.
 
 **One identity.** A stage's version hashes its identity: its significant parameters, the
-versions of the stages it reads (passed as parameters, see `UpstreamParameter`), the source of
-the library code it runs (found from the imports of its `library` module) and, for Train and
-what follows, the model file. Its folder is derived from that version under the layout roots,
+versions of the stages it reads (passed as parameters, see `UpstreamParameter`), the code it
+runs (its `entry_points` and its own `produce`, followed by pipeline.fingerprint) and, for Train
+and what follows, the model file. Its folder is derived from that version under the layout roots,
 and its Luigi task id from that folder. So two tasks that would write different folders never
 share an id, on any scheduler, and two that would write the same folder always do.
 """
@@ -23,7 +23,7 @@ import luigi
 from luigi.task_register import Register, TaskClassException
 
 from pipeline import index as version_index
-from pipeline import storage, versioning
+from pipeline import fingerprint, storage, versioning
 from pipeline.errors import CorruptShard
 from pipeline.locks import file_lock
 from pipeline.storage import TEMP_INFIX, remove_temporaries
@@ -200,13 +200,14 @@ class Rerunnable(Identified):
 class Stage(Rerunnable):
     """A pipeline stage: one versioned folder, complete once its marker, written last, exists.
 
-    Subclasses set `marker_name` and `library` (the pipeline module `produce()` calls into),
+    Subclasses set `marker_name` and `entry_points` (the pipeline functions `produce()` calls, as
+    `module:name`, and any other code that makes their output),
     declare their upstream stages as `UpstreamParameter`s, place their folder (`folder`) and
     implement `produce()`.
     """
 
     marker_name: ClassVar[str] = ""
-    library: ClassVar[str] = ""
+    entry_points: ClassVar[tuple[str, ...]] = ()
 
     def prepare(self) -> None:
         super().prepare()
@@ -236,8 +237,14 @@ class Stage(Rerunnable):
         content = self.content()
         return {"stage": self.get_task_family(), "params": self.significant_values(),
                 "upstream": self.upstream_versions(),
-                "code": versioning.code_fingerprint(self.library),
+                "code": fingerprint.code_identity(self.code_entry_points()),
                 "content": hashlib.sha256(content).hexdigest() if content else None}
+
+    @classmethod
+    def code_entry_points(cls) -> tuple[str, ...]:
+        """`entry_points`, and this stage's own produce(): it decides what they are given."""
+        owner = next(base for base in cls.__mro__ if "produce" in vars(base))
+        return (*cls.entry_points, f"{owner.__module__}:{owner.__qualname__}.produce")
 
     @functools.cached_property
     def version(self) -> str:

@@ -24,6 +24,7 @@ from pipeline.cluster import NETWORKS, PARAMETER_SERVER, PRIVATE, STRATEGIES, ch
 from pipeline.convert import (PLAN_FILE, SPLITS, finalize_conversion, plan_conversion, report_name, shard_name,
                               shard_paths, validate_conversion_params, write_shard)
 from pipeline.errors import ConfigError, StageOutputError
+from pipeline.fingerprint import normalised_source
 from pipeline.storage import TEMP_INFIX, read_json, remove_tree
 from pipeline.models import (RUN_CONFIG_KEYS, check_param_overrides, declared_param_keys, require_positive,
                              resolve_model_file, validate_training_settings)
@@ -40,7 +41,7 @@ class Download(Stage):
     """Fetch an image-folder archive or a CSV manifest into data/raw/<dataset>/<version>/<class>/<file>."""
 
     marker_name = "download.json"
-    library = "pipeline.download"
+    entry_points = ("pipeline.download:download_dataset",)
     dataset = luigi.Parameter(description="Dataset name; names its folders under data/")
     # Hidden from the scheduler's task list: a presigned URL's query or a user:password is a
     # secret. (PRIVATE would also drop it from to_str_params, which rebuilds tasks from their
@@ -102,7 +103,10 @@ class Convert(Stage):
     """Split the images and write sharded TFRecords plus metadata.json to data/tfrecords/<dataset>/<version>/."""
 
     marker_name = "metadata.json"
-    library = "pipeline.convert"
+    # Its version covers its plan and its shards: PlanConversion and ConvertShard make its output.
+    entry_points = ("pipeline.convert:plan_conversion", "pipeline.convert:write_shard",
+                    "pipeline.convert:finalize_conversion", "tasks.stages:PlanConversion.produce",
+                    "tasks.stages:ConvertShard.produce")
     download = UpstreamParameter(Download, description="The Download stage read; by default luigi.cfg's")
     image_size = luigi.IntParameter(description="Side in pixels of the square images stored in the records")
     channels = luigi.IntParameter(description="1 (grey) or 3 (RGB)")
@@ -190,7 +194,9 @@ class Train(Stage):
     """Train an Estimator from a model file; results/<dataset>/<model>-<version>/ holds model_dir and export."""
 
     marker_name = "train.json"
-    library = "pipeline.training"
+    # With the entry point of a cluster's other roles (`python -m pipeline.cluster`, and
+    # tasks.cluster_role's run_role): their code trains too.
+    entry_points = ("pipeline.training:train_model", "pipeline.cluster:__main__", "pipeline.cluster:run_role")
     uses_tensorflow = True
     # `[resources] train` in luigi.cfg caps the trainings run at once, whatever --workers says.
     resources = {"train": 1}
@@ -267,7 +273,8 @@ class Train(Stage):
         return {key: getattr(self, key) for key in RUN_CONFIG_KEYS}
 
     def content(self):
-        return resolve_model_file(self.model_def).read_bytes()
+        # Its syntax tree, where it parses: a comment or a docstring in a model file does not retrain it.
+        return normalised_source(resolve_model_file(self.model_def).read_bytes())
 
     def folder(self, version):
         return storage.join(layout().results_root, self.dataset, f"{Path(self.model_def).stem}-{version}")
@@ -318,7 +325,7 @@ class Evaluate(Stage):
     """Evaluate a run on one split: metrics.json and confusion_matrix.png."""
 
     marker_name = "metrics.json"
-    library = "pipeline.evaluation"
+    entry_points = ("pipeline.evaluation:evaluate_model",)
     uses_tensorflow = True
     train = UpstreamParameter(Train, description="The Train stage evaluated; by default luigi.cfg's")
     split = luigi.ChoiceParameter(choices=SPLITS, description="Split to evaluate on")
@@ -361,7 +368,7 @@ class Predict(Stage):
     """Batch prediction with the exported SavedModel on a split or a folder: predictions.csv."""
 
     marker_name = "predictions.csv"
-    library = "pipeline.prediction"
+    entry_points = ("pipeline.prediction:predict_to_csv",)
     uses_tensorflow = True
     train = UpstreamParameter(Train, description="The Train stage whose export predicts; by default luigi.cfg's")
     input_dir = luigi.Parameter(default="", description="Folder of images to predict; empty predicts `split`")
@@ -416,7 +423,7 @@ class Report(Stage):
     """report.html for an evaluation, beside its metrics.json; the leaderboard links to it."""
 
     marker_name = "report.html"
-    library = "pipeline.report"
+    entry_points = ("pipeline.report:write_report", "pipeline.convert:shard_paths")
     uses_tensorflow = True
     evaluate = UpstreamParameter(Evaluate, description="The evaluation reported; by default luigi.cfg's")
     predict = UpstreamParameter(description="The predictions its misclassified images come from; by default "

@@ -10,22 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import versioning
+from pipeline import fingerprint
 from pipeline.index import index_entry, update_index
 from pipeline.locks import file_lock
 from pipeline.storage import read_json
 from tests.conftest import REPO, cli_sections, luigi_env, read_csv, run_watched, tiny_config, write_config
 
 
-def explain(folder: Path, config: Path, *args: str, code: int = 0) -> list[str]:
-    """The lines `python -m tasks.explain` prints (on stderr when `code` is not 0); it must not
-    import TensorFlow on the way."""
+def explain(folder: Path, config: Path, *args: str, code: int = 0, source: Path = REPO) -> list[str]:
+    """The lines `python -m tasks.explain` prints (on stderr when `code` is not 0), run from the
+    code in `source`; it must not import TensorFlow on the way."""
     probe = ("import runpy, sys\nsys.argv = ['explain', *sys.argv[1:]]\n"
              "try:\n    runpy.run_module('tasks.explain', run_name='__main__')\n"
              "except SystemExit as done:\n    code = done.code\n"
              "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\nsys.exit(code)\n")
     result = subprocess.run([sys.executable, "-c", probe, *args], cwd=folder, env={**luigi_env(config),
-                            "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+                            "PYTHONPATH": str(source)}, capture_output=True, text=True, timeout=60)
     assert result.returncode == code, result.stderr[-3000:]
     return (result.stderr if code else result.stdout).splitlines()
 
@@ -72,10 +72,15 @@ def test_explain_says_what_will_run_and_why(completed):
     assert reasons_of(seed, "Train")[0].startswith("upstream will run: Convert@")
 
     model = folder / "cnn_copy.py"
-    model.write_text((REPO / "model_defs" / "cnn.py").read_text() + "# a user's edit\n")
+    model.write_text((REPO / "model_defs" / "cnn.py").read_text() + "\n\ndef a_users_edit():\n    return 1\n")
     copied = explain(folder, config, "RunAll", "--Train-model-def", str(model))
     assert any("the model file changed" in why for why in reasons_of(copied, "Train"))
     assert any(why.startswith("model_def: ") for why in reasons_of(copied, "Train"))
+
+    # A comment is no change to a model file (see pipeline.fingerprint).
+    model.write_text((REPO / "model_defs" / "cnn.py").read_text() + "# a user's comment\n")
+    commented = explain(folder, config, "RunAll", "--Train-model-def", str(model))
+    assert [why.startswith("model_def: ") for why in reasons_of(commented, "Train")] == [True]
 
 
 @pytest.mark.slow
@@ -96,15 +101,21 @@ def test_explain_names_a_change_to_the_pipelines_code(completed, luigi_config, m
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(config)
     luigi_config({name: dict(parser[name]) for name in parser.sections()})
-    fingerprint = versioning.code_fingerprint
-    monkeypatch.setattr(versioning, "code_fingerprint",
-                        lambda module: "edited" if module == "pipeline.evaluation" else fingerprint(module))
+    identity = fingerprint.code_identity
+
+    def edited(entry_points, packages=fingerprint.PACKAGES):
+        code = identity(entry_points, packages)
+        return {**code, "pipeline.evaluation:per_class_scores": "edited"} if \
+            "pipeline.evaluation:per_class_scores" in code else code
+
+    monkeypatch.setattr(fingerprint, "code_identity", edited)
     monkeypatch.chdir(folder)
     from tasks import RunAll
 
     lines = lines_of(RunAll())
     assert reasons_of(lines, "Train") == []
-    assert any(why.startswith("the pipeline's code changed") for why in reasons_of(lines, "Evaluate"))
+    assert any(why.startswith("code changed: pipeline.evaluation.per_class_scores (closest completed: Evaluate@")
+               for why in reasons_of(lines, "Evaluate")), lines
 
 
 def fabricated(results: Path, runs: dict[str, tuple[str, float, str]]) -> dict:
@@ -208,7 +219,7 @@ def edited_model_runs(tmp_path_factory, mnist_subset):
     first = run_watched(folder, config, "RunAll", "--local-scheduler")
     assert first.returncode == 0, first.output[-3000:]
     older = read_json(folder / "results" / "index.json")
-    model.write_text(original + "# a user's edit\n")
+    model.write_text(original + "\n\ndef a_users_edit():\n    return 1\n")
     second = run_watched(folder, config, "RunAll", "--local-scheduler")
     assert second.returncode == 0, second.output[-3000:]
     return folder, config, model, original, {entry["stage"]: entry for entry in older.values()}

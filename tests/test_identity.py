@@ -110,13 +110,17 @@ def test_pinning_a_checksum_keeps_the_download_and_everything_after(luigi_config
     assert changed(base, graph(luigi_config, sections)) == set()
 
 
-def test_the_model_files_source_is_part_of_train_and_what_follows(luigi_config, base_sections, tmp_path):
+def test_the_model_files_code_is_part_of_train_and_what_follows_and_its_comments_are_not(luigi_config,
+                                                                                           base_sections, tmp_path):
     model = tmp_path / "model.py"
-    model.write_text((REPO / "model_defs" / "cnn.py").read_text())
+    original = (REPO / "model_defs" / "cnn.py").read_text()
+    model.write_text(original)
     sections = copy.deepcopy(base_sections)
     sections["Train"]["model_def"] = str(model)
     before = graph(luigi_config, sections)
-    model.write_text(model.read_text() + "\n# a changed comment counts too\n")
+    model.write_text(original + '\n# a comment\n"""A docstring-like string."""\n')
+    assert changed(before, graph(luigi_config, sections)) == set()
+    model.write_text(original + "\n\ndef a_users_edit():\n    return 1\n")
     assert changed(before, graph(luigi_config, sections)) == DOWNSTREAM["Train"]
 
 
