@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
-from pipeline.errors import ConfigError, LockLost
+from pipeline.errors import ConfigError, LockLost, MissingBucket
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,19 @@ def _client(kind: Any, **config: Any):
             "s3", endpoint_url=os.environ.get("S3_ENDPOINT") or None,
             region_name=os.environ.get("AWS_REGION") or None,
             verify=os.environ.get("S3_VERIFY_SSL", "1") not in ("0", "false"), config=Config(**config))
+        _clients[pid, kind].meta.events.register("after-call.s3", _refuse_missing_bucket)
     return _clients[pid, kind]
+
+
+def _refuse_missing_bucket(parsed: dict, context: dict, **_: Any) -> None:
+    """Every request's answer, before botocore raises its error: a missing bucket is a set-up
+    mistake, which deserves one line naming the bucket rather than a traceback through botocore."""
+    error = parsed.get("Error", {})
+    if error.get("Code") == "NoSuchBucket":
+        bucket = error.get("BucketName") or context.get("input_params", {}).get("Bucket")
+        server = os.environ.get("S3_ENDPOINT") or "AWS"
+        raise MissingBucket(f"{S3_PREFIX}{bucket}: no such bucket on {server}; create it, or point "
+                            f"[layout] data_root and results_root at a bucket that exists")
 
 
 def _s3():
