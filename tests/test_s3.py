@@ -93,7 +93,7 @@ def test_two_workers_from_two_folders_split_a_run_on_s3(s3_server, luigid, tmp_p
     logs = [log.read_text() for _, log in processes]
 
     # A host that runs out of work while the other still runs the last stages stops there, and
-    # says its RunAll was not run (25, see the README); nothing may have failed (20, 30, 35, 40).
+    # says its RunAll was not run (25, see docs/several-machines.md); nothing may have failed (20, 30, 35, 40).
     assert 0 in codes and set(codes) <= {0, 25}, "\n".join(log[-3000:] for log in logs)
     assert not any(re.search(r"^\* \d+ failed", log, re.MULTILINE) for log in logs)
     ran = [produced(log) for log in logs]
