@@ -55,8 +55,8 @@ crash-trials: $(STAMP)
 # Rebuilt whenever the dependencies change. The version check runs first, so a wrong Python
 # stops set-up before anything is created.
 $(STAMP): pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; this project needs Python 3.11 (TensorFlow 2.15 supports 3.9-3.11). Set PYTHON=/path/to/python3.11" >&2; exit 1; }
-	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v[:2] == (3, 11) else f"error: {sys.executable} is Python {v.major}.{v.minor}; this project needs Python 3.11 because TensorFlow 2.15, the last release with tf.estimator, has no wheels for newer Pythons. Set PYTHON=/path/to/python3.11")'
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; this project needs Python 3.11, the one version its pinned dependencies are tested on. Set PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v[:2] == (3, 11) else f"error: {sys.executable} is Python {v.major}.{v.minor}; this project needs Python 3.11, the one version its pinned dependencies are tested on (TensorFlow 2.15, the last release with tf.estimator, has no wheels past 3.11). Set PYTHON=/path/to/python3.11")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'

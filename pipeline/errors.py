@@ -52,6 +52,10 @@ class StageOutputError(PipelineError):
     """A stage finished without producing what it promises."""
 
 
+class MissingBucket(PipelineError):
+    """An S3 location names a bucket that the S3 server does not have: a set-up mistake."""
+
+
 class LockLost(PipelineError):
     """An S3 lock's lease ended while its holder was still inside: taken over, deleted, or not
     renewed in time. The holder stops before it writes anything more."""

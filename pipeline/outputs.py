@@ -62,7 +62,7 @@ def output_keys(outputs: Mapping[str, tuple[Shape, bool]], n_classes: int, sourc
             raise ModelDefinitionError(
                 f"{source}: the PREDICT predictions are {seen}; expected class scores as 'probabilities' or "
                 f"'logits' shaped [batch, {n_classes}], or a single float tensor of that shape (optionally "
-                "'class_ids' shaped [batch] or [batch, 1]): see 'Adding a model' in README.md")
+                "'class_ids' shaped [batch] or [batch, 1]): see docs/model-files.md")
         scores, scores_are = candidates[0], None
     class_ids = CLASS_IDS if CLASS_IDS in outputs and _is_class_ids(outputs[CLASS_IDS][0]) else None
     return OutputKeys(scores, scores_are, class_ids)

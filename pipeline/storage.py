@@ -31,8 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
-# Moves bytes between places and never changes them, and its locks only order writers: how a
-# result is stored or waited for cannot change the result (see pipeline.fingerprint).
+from pipeline.errors import MissingBucket
+
+# Moves bytes between places and never changes them: how a result is stored cannot change the
+# result (see pipeline.fingerprint).
 AFFECTS_RESULTS = False
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,19 @@ def s3_client(kind: Any, **config: Any):
             "s3", endpoint_url=os.environ.get("S3_ENDPOINT") or None,
             region_name=os.environ.get("AWS_REGION") or None,
             verify=os.environ.get("S3_VERIFY_SSL", "1") not in ("0", "false"), config=Config(**config))
+        _clients[pid, kind].meta.events.register("after-call.s3", _refuse_missing_bucket)
     return _clients[pid, kind]
+
+
+def _refuse_missing_bucket(parsed: dict, context: dict, **_: Any) -> None:
+    """Every request's answer, before botocore raises its error: a missing bucket is a set-up
+    mistake, which deserves one line naming the bucket rather than a traceback through botocore."""
+    error = parsed.get("Error", {})
+    if error.get("Code") == "NoSuchBucket":
+        bucket = error.get("BucketName") or context.get("input_params", {}).get("Bucket")
+        server = os.environ.get("S3_ENDPOINT") or "AWS"
+        raise MissingBucket(f"{S3_PREFIX}{bucket}: no such bucket on {server}; create it, or point "
+                            f"[layout] data_root and results_root at a bucket that exists")
 
 
 def _s3():

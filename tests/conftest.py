@@ -371,7 +371,7 @@ class S3Server:
     bucket: str
 
     def env(self) -> dict[str, str]:
-        """The variables a process reaches the server with, as the README tells users to set them."""
+        """The variables a process reaches the server with, as docs/several-machines.md tells users to set them."""
         return {"S3_ENDPOINT": self.endpoint, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "PIPELINETESTKEY",
                 "AWS_SECRET_ACCESS_KEY": PLANTED_SECRET_KEY, "AWS_EC2_METADATA_DISABLED": "true"}
 

@@ -93,7 +93,7 @@ def test_two_workers_from_two_folders_split_a_run_on_s3(s3_server, luigid, tmp_p
     logs = [log.read_text() for _, log in processes]
 
     # A host that runs out of work while the other still runs the last stages stops there, and
-    # says its RunAll was not run (25, see the README); nothing may have failed (20, 30, 35, 40).
+    # says its RunAll was not run (25, see docs/several-machines.md); nothing may have failed (20, 30, 35, 40).
     assert 0 in codes and set(codes) <= {0, 25}, "\n".join(log[-3000:] for log in logs)
     assert not any(re.search(r"^\* \d+ failed", log, re.MULTILINE) for log in logs)
     ran = [produced(log) for log in logs]
@@ -110,3 +110,21 @@ def test_two_workers_from_two_folders_split_a_run_on_s3(s3_server, luigid, tmp_p
     for config in configs:
         again = run_watched(config.parent, config, "RunAll", env=s3_server.env())
         assert again.returncode == 0 and "did not run any tasks" in again.output.lower(), again.output[-2000:]
+
+
+def test_a_bucket_that_does_not_exist_fails_in_one_line_naming_it(s3_server, mnist_subset, tmp_path):
+    """A set-up mistake (the bucket was never made) ends the run naming the bucket and what to do,
+    with no traceback through botocore."""
+    bucket = f"never-made-{uuid.uuid4().hex[:8]}"
+    sections = cli_sections(tmp_path, mnist_subset.as_uri())
+    sections["layout"] = {"data_root": f"s3://{bucket}/data", "results_root": f"s3://{bucket}/results"}
+    config = write_config(tmp_path / "luigi.cfg", sections)
+
+    result = run_watched(tmp_path, config, "RunAll", "--local-scheduler", env=s3_server.env(), limit_s=120)
+
+    assert result.returncode == 30, result.output[-3000:]
+    assert "Traceback" not in result.output, result.output[-3000:]
+    naming = [line for line in result.output.splitlines() if f"s3://{bucket}" in line]
+    assert naming, result.output[-3000:]
+    assert all(f"s3://{bucket}: no such bucket on {s3_server.endpoint}; create it" in line for line in naming), naming
+    assert any(re.search(r"(?i)fail.*\bDownload\b", line) for line in result.output.splitlines()), result.output[-3000:]
