@@ -174,6 +174,23 @@ def _on_discovered(task: luigi.Task, dependency: luigi.Task) -> None:
     _discovered_by[dependency.task_id] = task
 
 
+def _cause(scheduler: luigi.rpc.RemoteScheduler, task_id: str, task: dict) -> tuple[str, str | None]:
+    """Why the scheduler holds a task back from this run, as the task's state on it says; and,
+    for a task it disables for a while, until when (HH:MM:SS)."""
+    name = task_name(_scheduled[task_id])
+    if task["status"] == luigi.scheduler.RUNNING:
+        return f"{name} is being run by another process ({task['worker_running']})", None
+    reason = json.loads(scheduler.fetch_error(task_id)["error"] or "null") or "no reason reported"
+    if task["status"] == luigi.scheduler.FAILED:
+        return f"{name} failed in another run:\n        {reason}", None
+    if not task.get("re_enable_able"):
+        return f"{name} was disabled by hand in the scheduler's UI, which can enable it again", None
+    persist = luigi.scheduler.scheduler().disable_persist  # luigid's own luigi.cfg may say otherwise
+    until = datetime.datetime.fromtimestamp(task["last_updated"] + persist).strftime("%H:%M:%S")
+    return (f"{name} failed in another run, so the scheduler disables it until about {until} "
+            f"([scheduler] disable_persist = {persist} s):\n        {reason}"), until
+
+
 def _not_run(failed_here: set[str]) -> list[str]:
     """Why the central scheduler did not let this run do some of its tasks (Luigi's "not granted
     run permission", exit code 25), and what to do; empty when every task is done, when only this
@@ -182,41 +199,25 @@ def _not_run(failed_here: set[str]) -> list[str]:
     if url is None:
         return []
     scheduler = luigi.rpc.RemoteScheduler(url)
+    held_back = (luigi.scheduler.DISABLED, luigi.scheduler.FAILED, luigi.scheduler.RUNNING)
     try:
         known = scheduler.task_list(status="", search=None, limit=False)
         undone = {task_id: known[task_id] for task_id in _scheduled
                   if task_id in known and known[task_id]["status"] != luigi.scheduler.DONE}
-        causes = []
-        disabled_until = []
-        persist = luigi.scheduler.scheduler().disable_persist
-        for task_id, task in undone.items():
-            status = task["status"]
-            if task_id in failed_here or status not in (luigi.scheduler.DISABLED, luigi.scheduler.FAILED,
-                                                        luigi.scheduler.RUNNING):
-                continue
-            name = task_name(_scheduled[task_id])
-            if status == luigi.scheduler.RUNNING:
-                causes.append(f"{name} is being run by another process ({task['worker_running']})")
-                continue
-            reason = json.loads(scheduler.fetch_error(task_id)["error"] or "null") or "no reason reported"
-            if status == luigi.scheduler.DISABLED:
-                until = datetime.datetime.fromtimestamp(task["last_updated"] + persist).strftime("%H:%M:%S")
-                disabled_until.append(until)
-                causes.append(f"{name} failed in another run, so the scheduler disables it until about "
-                              f"{until} ([scheduler] disable_persist = {persist} s):\n        {reason}")
-            else:
-                causes.append(f"{name} failed in another run:\n        {reason}")
+        causes = [_cause(scheduler, task_id, task) for task_id, task in undone.items()
+                  if task_id not in failed_here and task["status"] in held_back]
     except luigi.rpc.RPCError:
         return []
     if not causes:
         return []
     waiting = Counter(task.get_task_family() for task_id, task in _scheduled.items()
                       if task_id in undone and undone[task_id]["status"] == luigi.scheduler.PENDING)
-    todo = (f"rerun this command after {max(disabled_until)} to run the disabled task again, once its cause "
-            "is fixed" if disabled_until else "rerun this command once the other process is done")
+    until = max((until for _, until in causes if until), default=None)
+    todo = (f"rerun this command after {until} to run the disabled task again, once its cause is fixed" if until
+            else "rerun this command once the other process is done, or once the task is enabled again")
     return [f"NOT RUN: the central scheduler at {url} did not grant this run permission to run "
             f"{len(undone)} of its tasks (exit code 25):",
-            *(f"    {cause}" for cause in causes),
+            *(f"    {cause}" for cause, _ in causes),
             *([f"    waiting for them: {', '.join(f'{count} {family}' for family, count in waiting.items())}"]
               if waiting else []),
             f"What to do: {todo}; the scheduler's UI ({url}) shows each task's failure."]
