@@ -1,9 +1,12 @@
 """Luigi tasks of the pipeline: `luigi --module tasks RunAll`, or `Sweep` for a grid of runs."""
 import luigi.interface
 
-# First, before anything loads TensorFlow: how much of its logging a run prints, the console
-# filter and the run's notes.
+# This package is where every command starts (Luigi imports it for `--module tasks`, and each
+# `python -m tasks.<command>` imports it first): its console is set up here, before anything
+# loads TensorFlow.
 from tasks import console
+
+console.set_up()
 from tasks.config import layout, tensorboard
 from tasks.runs import Comparison, RunAll, RunRecord, Sweep
 from tasks.stage import Rerunnable, Stage

@@ -1,37 +1,52 @@
-"""What a `luigi` run prints: each failure on one line naming its task and reason, and, once at
-the end below Luigi's execution summary, which tasks failed and why, or what a run produced.
+"""What a `luigi` run prints: the run's story, set up by one call, `set_up()`, once per command.
+
+By default Luigi's own logging configuration (luigi.cfg `[core] log_level = WARNING`) keeps its
+scheduler chatter ("Informed scheduler that task ... has status ...", worker start and stop, the
+execution summary) off the console; `--log-level INFO` or `DEBUG` brings it back. What is left:
+
+- one line when a task starts and one when it is done, with its time; one for a task reused;
+- each failure on one line naming its task and reason (Luigi's own error line, shortened);
+- at the end, which tasks failed and why, what the run produced, or, when the central scheduler
+  did not let this run do its tasks (exit code 25), which tasks, why, and what to do.
 
 Luigi runs each task in a forked process under `--workers N`, and only the scheduling process
-prints the summary. So whatever is to be said at the end is written to `run_notes`, an unlinked
-file opened before any fork: every worker process appends to it, and the summary reads it.
+lives to the end. So whatever is to be said at the end is written to the run's notes, an
+unlinked file opened before any fork: every worker process appends to it, and the scheduling
+process prints it as it exits.
 """
 from __future__ import annotations
 
+import atexit
+import datetime
 import fcntl
+import inspect
 import json
 import logging
 import os
 import tempfile
+import time
 import warnings
+from collections import Counter
 
 import luigi
 import luigi.interface
 import luigi.rpc
 import luigi.scheduler
+from luigi.cmdline_parser import CmdlineParser
 
 from pipeline.errors import PipelineError
 
 logger = logging.getLogger("luigi-interface")
-_SUMMARY_MARK = "===== Luigi Execution Summary ====="
+# The run's own lines, printed whatever Luigi's log level: they are what the console is for.
+story = logging.getLogger("tasks.console")
 
-# TensorFlow's own logs are shown in full when the user sets TF_CPP_MIN_LOG_LEVEL below 3 (0 shows
-# all); otherwise its C++ start-up lines (CUDA and TensorRT probes, cuDNN factory registrations),
-# its deprecation notices and its set-up chatter are left out, so that a run's result fits on a
-# screen. 3 is what this module sets, so processes started from this one stay quiet too.
-TENSORFLOW_LOGS = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") != "3"
-# The INFO lines of TensorFlow's Python logger that say how training and evaluation go.
-_TENSORFLOW_LINES_KEPT = ("loss = ", "global_step/sec", "Loss for final step", "Saving checkpoints for",
-                          "Restoring parameters from", "Saving dict for global step", "Finished evaluation")
+# The INFO lines of TensorFlow's Python logger that say how training goes: by default only each
+# evaluation's metrics (six in a default Train); under --log-level INFO or DEBUG also the loss,
+# steps/s and checkpoints.
+_TENSORFLOW_LINES = ("Saving dict for global step",)
+_TENSORFLOW_LINES_VERBOSE = _TENSORFLOW_LINES + (
+    "loss = ", "global_step/sec", "Loss for final step", "Saving checkpoints for", "Restoring parameters from",
+    "Finished evaluation")
 
 
 class _TensorFlowChatter(logging.Filter):
@@ -39,18 +54,8 @@ class _TensorFlowChatter(logging.Filter):
         message = record.getMessage()
         if record.levelno > logging.INFO:
             return "is deprecated and will be removed" not in message
-        return message.startswith(_TENSORFLOW_LINES_KEPT)
-
-
-if not TENSORFLOW_LOGS:
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # read when TensorFlow loads, which is later
-    logging.getLogger("tensorflow").addFilter(_TensorFlowChatter())
-    # tf.compat.v1.layers, which model files from the Estimator guides use, warns at every call.
-    warnings.filterwarnings("ignore", message=r".* is deprecated and will be removed", category=UserWarning)
-    # TensorBoard's reader warns about each run's duplicate graph events when the report reads curves.
-    logging.getLogger("tensorboard").setLevel(logging.ERROR)
-# The Estimator reports loss, steps/s and checkpoints at INFO, below TensorFlow's default level.
-logging.getLogger("tensorflow").setLevel(logging.INFO)
+        verbose = logger.isEnabledFor(logging.INFO)  # Luigi's --log-level, inherited by forked workers
+        return message.startswith(_TENSORFLOW_LINES_VERBOSE if verbose else _TENSORFLOW_LINES)
 
 
 class RunNotes:
@@ -66,7 +71,7 @@ class RunNotes:
     def add(self, key: str, text: str) -> None:
         os.write(self._descriptor, (json.dumps([key, text]) + "\n").encode("utf-8"))
 
-    def take(self) -> list[str]:
+    def take(self) -> dict[str, str]:
         """Every note so far, the last one of each key, in the order the keys first came; then empty."""
         data = os.pread(self._descriptor, os.fstat(self._descriptor).st_size, 0)
         os.ftruncate(self._descriptor, 0)
@@ -74,10 +79,27 @@ class RunNotes:
         for line in data.decode("utf-8").splitlines():
             key, text = json.loads(line)
             notes[key] = text
-        return list(notes.values())
+        return notes
 
 
-run_notes = RunNotes()
+_notes: RunNotes | None = None
+
+
+def note(key: str, text: str) -> None:
+    """Say `text` at the end of the run, once for `key`; nothing without `set_up()`."""
+    if _notes is not None:
+        _notes.add(key, text)
+
+
+def say(text: str) -> None:
+    """One line of the run's story, now."""
+    story.info("%s", text)
+
+
+def task_name(task: luigi.Task) -> str:
+    """A stage as `Family@version`; any other task as its repr (upstream stages by version)."""
+    version = getattr(task, "version", None)
+    return f"{task.get_task_family()}@{version}" if isinstance(version, str) else repr(task)
 
 
 def pipeline_error(error: BaseException | None) -> PipelineError | None:
@@ -94,55 +116,151 @@ def failure_reason(error: BaseException) -> str:
     return str(cause) if cause is not None else f"{type(error).__name__}: {error}"
 
 
-@luigi.Task.event_handler(luigi.Event.FAILURE)
-def _note_failure(task: luigi.Task, error: BaseException) -> None:
-    run_notes.add(task.task_id, f"FAILED {task}\n    {failure_reason(error)}")
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(seconds, 60)
+    return f"{int(minutes)}m{seconds:04.1f}s" if minutes else f"{seconds:.1f}s"
 
 
-# Every task this process scheduled, so that a run on a shared central scheduler can say which of
-# the tasks it waited for failed in another process.
-_scheduled: set[str] = set()
+# When each task this process runs started (a task that yields dependencies starts more than once).
+_started_at: dict[str, float] = {}
+# Every task this process scheduled, by id: what a run on a shared central scheduler checks at
+# its end, to say which of them another process failed, holds or runs.
+_scheduled: dict[str, luigi.Task] = {}
+# Where the central scheduler is, as this command's parameters say; None under --local-scheduler.
+_scheduler_url: list[str | None] = []
 
 
-@luigi.Task.event_handler(luigi.Event.DEPENDENCY_DISCOVERED)
-def _note_scheduled(task: luigi.Task, dependency: luigi.Task) -> None:
-    _scheduled.add(dependency.task_id)
+def _on_start(task: luigi.Task) -> None:
+    if task.task_id not in _started_at and not inspect.isgeneratorfunction(type(task).run):
+        # A task that yields its dependencies is started again once they are done: its end alone is said.
+        say(f"started {task_name(task)}")
+    _started_at.setdefault(task.task_id, time.monotonic())
 
 
-def _failed_elsewhere() -> list[str]:
-    """Tasks this run needed that failed in another process on the central scheduler, with the
-    reason that process reported; empty under --local-scheduler."""
-    config = luigi.interface.core()
-    if config.local_scheduler or not _scheduled:
+def _on_success(task: luigi.Task) -> None:
+    started = _started_at.pop(task.task_id, None)
+    say(f"done    {task_name(task)}" + (f" in {_duration(time.monotonic() - started)}" if started else ""))
+
+
+def _on_failure(task: luigi.Task, error: BaseException) -> None:
+    note(task.task_id, f"FAILED {task}\n    {failure_reason(error)}")
+
+
+def _on_present(task: luigi.Task) -> None:
+    _remember(task)
+    # A task that `requires_whole_dag` has its requirements found done again once they have run.
+    if not getattr(_discovered_by.get(task.task_id), "requires_whole_dag", False):
+        say(f"reused  {task_name(task)}")
+
+
+def _remember(*tasks: luigi.Task) -> None:
+    if not _scheduler_url:
+        # Read while the `luigi` command's line is parsed, not at exit. luigi.build() (in a test)
+        # passes its settings past the configuration: it is not asked about.
+        config = luigi.interface.core()
+        command = CmdlineParser.get_instance() is not None
+        _scheduler_url.append(None if config.local_scheduler or not command else
+                              config.scheduler_url or f"http://{config.scheduler_host}:{config.scheduler_port}/")
+    for task in tasks:
+        _scheduled.setdefault(task.task_id, task)
+
+
+# The task that required each task last, as Luigi scheduled them.
+_discovered_by: dict[str, luigi.Task] = {}
+
+
+def _on_discovered(task: luigi.Task, dependency: luigi.Task) -> None:
+    _remember(task, dependency)
+    _discovered_by[dependency.task_id] = task
+
+
+def _cause(scheduler: luigi.rpc.RemoteScheduler, task_id: str, task: dict) -> tuple[str, str | None]:
+    """Why the scheduler holds a task back from this run, as the task's state on it says; and,
+    for a task it disables for a while, until when (HH:MM:SS)."""
+    name = task_name(_scheduled[task_id])
+    if task["status"] == luigi.scheduler.RUNNING:
+        return f"{name} is being run by another process ({task['worker_running']})", None
+    reason = json.loads(scheduler.fetch_error(task_id)["error"] or "null") or "no reason reported"
+    if task["status"] == luigi.scheduler.FAILED:
+        return f"{name} failed in another run:\n        {reason}", None
+    if not task.get("re_enable_able"):
+        return f"{name} was disabled by hand in the scheduler's UI, which can enable it again", None
+    persist = luigi.scheduler.scheduler().disable_persist  # luigid's own luigi.cfg may say otherwise
+    until = datetime.datetime.fromtimestamp(task["last_updated"] + persist).strftime("%H:%M:%S")
+    return (f"{name} failed in another run, so the scheduler disables it until about {until} "
+            f"([scheduler] disable_persist = {persist} s):\n        {reason}"), until
+
+
+def _not_run(failed_here: set[str]) -> list[str]:
+    """Why the central scheduler did not let this run do some of its tasks (Luigi's "not granted
+    run permission", exit code 25), and what to do; empty when every task is done, when only this
+    process's own failures stopped it, or under --local-scheduler."""
+    url = _scheduler_url[0] if _scheduler_url else None
+    if url is None:
         return []
-    url = config.scheduler_url or f"http://{config.scheduler_host}:{config.scheduler_port}/"
     scheduler = luigi.rpc.RemoteScheduler(url)
+    held_back = (luigi.scheduler.DISABLED, luigi.scheduler.FAILED, luigi.scheduler.RUNNING)
     try:
-        failed = {**scheduler.task_list(status=luigi.scheduler.DISABLED, search=None),
-                  **scheduler.task_list(status=luigi.scheduler.FAILED, search=None)}
-        return [f"FAILED {failed[task_id]['display_name']} (in another process)\n    "
-                f"{json.loads(scheduler.fetch_error(task_id)['error'] or 'null') or 'no reason reported'}"
-                for task_id in sorted(_scheduled & set(failed))]
+        known = scheduler.task_list(status="", search=None, limit=False)
+        undone = {task_id: known[task_id] for task_id in _scheduled
+                  if task_id in known and known[task_id]["status"] != luigi.scheduler.DONE}
+        causes = [_cause(scheduler, task_id, task) for task_id, task in undone.items()
+                  if task_id not in failed_here and task["status"] in held_back]
     except luigi.rpc.RPCError:
         return []
+    if not causes:
+        return []
+    waiting = Counter(task.get_task_family() for task_id, task in _scheduled.items()
+                      if task_id in undone and undone[task_id]["status"] == luigi.scheduler.PENDING)
+    until = max((until for _, until in causes if until), default=None)
+    todo = (f"rerun this command after {until} to run the disabled task again, once its cause is fixed" if until
+            else "rerun this command once the other process is done, or once the task is enabled again")
+    return [f"NOT RUN: the central scheduler at {url} did not grant this run permission to run "
+            f"{len(undone)} of its tasks (exit code 25):",
+            *(f"    {cause}" for cause, _ in causes),
+            *([f"    waiting for them: {', '.join(f'{count} {family}' for family, count in waiting.items())}"]
+              if waiting else []),
+            f"What to do: {todo}; the scheduler's UI ({url}) shows each task's failure."]
+
+
+def _epilogue() -> None:
+    """At the end of the command: the run's notes, then why tasks were not run, if they were not."""
+    notes = _notes.take() if _notes is not None else {}
+    failed_here = {key for key, text in notes.items() if text.startswith("FAILED ")}
+    lines = [*notes.values(), *_not_run(failed_here)]
+    if lines:
+        say("\n".join(lines))
+
+
+# Luigi's warnings as it retries an RPC to the central scheduler.
+_RETRIES = ("Failed connecting to remote scheduler %r", "Failed pinging scheduler")
 
 
 class ConsoleFilter(logging.Filter):
-    """Shortens what Luigi logs on `luigi-interface`, without tracebacks that would only show
-    Luigi's internals or repeat one of the pipeline's own messages:
+    """Shortens the errors Luigi logs on `luigi-interface`, without tracebacks that would only
+    show Luigi's internals or repeat one of the pipeline's own messages:
 
     - a task that failed with a PipelineError: Luigi's line naming the task, then the message;
     - a bad parameter (before any task exists): its message alone;
-    - an unreachable central scheduler: what to do about it;
-    - Luigi's execution summary: followed by the run's notes (see `run_notes`).
+    - an unreachable central scheduler: what to do about it, once it has given up; its retries
+      are left out unless --log-level is INFO or DEBUG.
 
     Any other error (a bug) keeps its traceback.
     """
 
+    def __init__(self):
+        super().__init__()
+        self._unreachable_said: set[str] = set()
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in _RETRIES and not logger.isEnabledFor(logging.INFO):
+            return False
         error = record.exc_info[1] if record.exc_info else None
         cause = pipeline_error(error)
         if isinstance(error, luigi.rpc.RPCError):
+            if str(error) in self._unreachable_said:
+                return False  # the worker and then the command each log the same error
+            self._unreachable_said.add(str(error))
             record.msg = ("%s. Start the central scheduler with `make ui` (or `luigid`), "
                           "or pass --local-scheduler to run without one.")
             record.args = (error,)
@@ -153,26 +271,52 @@ class ConsoleFilter(logging.Filter):
         elif isinstance(error, ValueError) and isinstance(error.__cause__, ValueError):
             # Luigi's "Error when parsing the value of 'split'", caused by "holdout is not a valid choice ...".
             record.msg, record.args = "%s: %s", (error, error.__cause__)
-        elif isinstance(record.msg, str) and record.msg.startswith("\n" + _SUMMARY_MARK):
-            notes = run_notes.take()
-            if "being run by another worker" in record.msg or "not granted run permission" in record.msg:
-                notes += _failed_elsewhere()
-            if notes:
-                record.msg = record.msg.rstrip("\n") + "\n\n" + "\n".join(notes) + "\n"
-            return True
         else:
             return True
         record.exc_info = record.exc_text = None
         return True
 
 
-logger.addFilter(ConsoleFilter())
-
-
-@luigi.Task.event_handler(luigi.Event.START)
 def _keep_luigi_lines_single(task: luigi.Task) -> None:
     # absl (inside TensorFlow) calls logging.basicConfig() on its first message, giving the root
     # logger a handler that repeats every line Luigi's own handler already printed. Luigi's
     # default setup gives "luigi-interface" that handler; a user's logging setup is left alone.
     if logger.handlers:
         logger.propagate = False
+
+
+def set_up() -> None:
+    """Set up the console of this command; later calls do nothing. Call it before anything
+    imports TensorFlow, which reads TF_CPP_MIN_LOG_LEVEL as it loads."""
+    global _notes
+    if _notes is not None:
+        return
+    _notes = RunNotes()
+    # TensorFlow's own logs are shown in full when the user sets TF_CPP_MIN_LOG_LEVEL below 3 (0
+    # shows all); otherwise its C++ start-up lines (CUDA and TensorRT probes, cuDNN factory
+    # registrations), its deprecation notices and its set-up chatter are left out. The variable
+    # set here keeps the processes this one starts quiet too.
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") == "3":
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        logging.getLogger("tensorflow").addFilter(_TensorFlowChatter())
+        # tf.compat.v1.layers, which model files from the Estimator guides use, warns at every call.
+        warnings.filterwarnings("ignore", message=r".* is deprecated and will be removed", category=UserWarning)
+        # TensorBoard's reader warns about each run's duplicate graph events when the report reads curves.
+        logging.getLogger("tensorboard").setLevel(logging.ERROR)
+    # The Estimator reports its evaluations, loss and steps/s at INFO, below TensorFlow's default level.
+    logging.getLogger("tensorflow").setLevel(logging.INFO)
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    story.addHandler(handler)
+    story.setLevel(logging.INFO)
+    story.propagate = False  # absl's root handler (see _keep_luigi_lines_single) would repeat it
+    logger.addFilter(ConsoleFilter())
+
+    for event, handler_function in ((luigi.Event.START, _on_start), (luigi.Event.START, _keep_luigi_lines_single),
+                                    (luigi.Event.SUCCESS, _on_success), (luigi.Event.FAILURE, _on_failure),
+                                    (luigi.Event.DEPENDENCY_PRESENT, _on_present),
+                                    (luigi.Event.DEPENDENCY_DISCOVERED, _on_discovered)):
+        luigi.Task.event_handler(event)(handler_function)
+    # Forked worker processes leave through os._exit: only the scheduling process says this.
+    atexit.register(_epilogue)

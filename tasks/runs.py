@@ -22,7 +22,7 @@ from pipeline.storage import TEMP_INFIX, read_json, write_json
 from pipeline.leaderboard import rows_of, write_table
 from pipeline.models import DATASET_PARAMS, declared_param_keys, resolve_model_file
 from tasks.config import layout
-from tasks.console import run_notes
+from tasks.console import note
 from tasks.parameters import GridParameter, UpstreamParameter
 from tasks.stage import Identified, Stage, dag, load_index
 from tasks.stages import Convert, Evaluate, Predict, Report, Train
@@ -79,6 +79,9 @@ class RunRecord(Stage):
     stage it took; in `run-<version>/` of the Train folder."""
 
     marker_name = "run.json"
+    # Its requirements are the whole DAG, run before it (see this module's docstring): the console
+    # does not call them reused.
+    requires_whole_dag = True
     evaluate = UpstreamParameter(Evaluate)
     report = UpstreamParameter(Report)
     predict = UpstreamParameter(Predict)
@@ -112,7 +115,7 @@ class RunRecord(Stage):
 @RunAll.event_handler(luigi.Event.DEPENDENCY_PRESENT)
 def _note_result(task: RunAll) -> None:
     # DEPENDENCY_PRESENT: found complete when scheduled, so the run had nothing to do.
-    run_notes.add(task.task_id, task.closing().result())
+    note(task.task_id, task.closing().result())
 
 
 class Sweep(Gathering):
@@ -162,6 +165,7 @@ class Comparison(Stage):
     runs, best first."""
 
     entry_points = ("pipeline.leaderboard:write_table", "pipeline.leaderboard:rows_of")
+    requires_whole_dag = True  # as RunRecord's
     sweep = UpstreamParameter(Sweep)
 
     def evaluations(self) -> list[Evaluate]:
@@ -218,4 +222,4 @@ class Comparison(Stage):
 @Sweep.event_handler(luigi.Event.SUCCESS)
 @Sweep.event_handler(luigi.Event.DEPENDENCY_PRESENT)
 def _note_comparison(task: Sweep) -> None:
-    run_notes.add(task.task_id, task.closing().summary())
+    note(task.task_id, task.closing().summary())

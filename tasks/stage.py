@@ -13,7 +13,6 @@ import functools
 import gc
 import hashlib
 import importlib
-import logging
 import sys
 import time
 from collections.abc import Mapping
@@ -30,10 +29,8 @@ from pipeline.storage import TEMP_INFIX, remove_temporaries
 from pipeline.leaderboard import rebuild_leaderboard, shown
 from pipeline.convert import report_of
 from tasks.config import layout, isolate_remote_io
-from tasks.console import pipeline_error
+from tasks.console import pipeline_error, say, task_name
 from tasks.parameters import UpstreamParameter
-
-logger = logging.getLogger("luigi-interface")
 
 
 def _short_hash(text: str, length: int = 16) -> str:
@@ -166,7 +163,7 @@ class Rerunnable(Identified):
         """
         with file_lock(self.lock_path(), holder=str(self), guards=location(self.output().path)):
             if self.complete():
-                logger.info("%s was completed by another process while this one waited", self)
+                say(f"{task_name(self)} was made by another process while this one waited")
                 return
             remove_temporaries(self.temporaries())
             try:

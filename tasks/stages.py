@@ -32,6 +32,7 @@ from pipeline.runfiles import MODEL_DIR
 from pipeline.versioning import safe_name
 from pipeline.leaderboard import REPORT_KEY, ROW_KEY
 from tasks.config import layout, tensorboard, tensorboard_url
+from tasks.console import note, task_name
 from tasks.parameters import ParamsParameter, UpstreamParameter
 from tasks.progress import TaskProgress
 from tasks.stage import Rerunnable, Stage, StorageTarget, forget_folders
@@ -150,6 +151,9 @@ class PlanConversion(Rerunnable):
     def convert(self) -> Convert:
         return self.clone(Convert)
 
+    def __repr__(self):
+        return f"PlanConversion({task_name(self.convert())})"
+
     def requires(self):
         return self.download
 
@@ -169,6 +173,10 @@ class ConvertShard(Rerunnable):
     uses_tensorflow = True
     split = luigi.ChoiceParameter(choices=SPLITS, description="Split this shard belongs to")
     index = luigi.IntParameter(description="Shard number within the split")
+
+    def __repr__(self):
+        # Convert's parameters, which it shares, would bury its own.
+        return f"ConvertShard({task_name(self.clone(Convert))}, split={self.split}, index={self.index})"
 
     def requires(self):
         return {"plan": self.clone(PlanConversion), "raw": self.download}
@@ -417,6 +425,14 @@ class Predict(Stage):
             predict_to_csv(storage.join(train.directory, export), read_json(convert.marker), self.marker,
                            convert_dir=convert.directory, split=self.split, input_dir=self.input_dir or None,
                            batch_size=self.batch_size, progress=progress)
+
+
+@Predict.event_handler(luigi.Event.SUCCESS)
+@Predict.event_handler(luigi.Event.DEPENDENCY_PRESENT)
+def _note_predictions(task: Predict) -> None:
+    # A split's predictions are named in the run's RESULT; a folder's are said here.
+    if task.input_dir:
+        note(task.task_id, f"PREDICTIONS of {task.input_dir}: {task.marker}")
 
 
 class Report(Stage):

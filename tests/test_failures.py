@@ -106,7 +106,7 @@ def check_failure(folder: Path, config: Path, args: list[str], scheduler: str, w
         assert "Traceback" in result.output and f"\n{reason}\n" in result.output, result.output[-3000:]
     else:
         assert reason in failure_line and "Traceback" not in result.output, result.output[-3000:]
-    epilogue = result.output.rsplit("===== Luigi Execution Summary =====", 1)[1]
+    epilogue = result.output.split(failure_line, 1)[1]
     assert epilogue.count("FAILED ") == 1 and f"FAILED {task}(" in epilogue and reason in epilogue, epilogue
     assert_kept(folder, before, index_before, allowed_to_go)
 
@@ -203,6 +203,7 @@ def test_predict_skips_unusable_files_in_a_folder(workspace, scheduler, workers)
     assert result.returncode == 0, result.output[-3000:]
     [predictions] = set((folder / "results").glob("tiny/*/predict-*/predictions.csv")) - earlier
     assert [row["path"] for row in read_csv(predictions)] == ["one.png"]
+    assert f"PREDICTIONS of {images}: {predictions}" in result.output.splitlines(), result.output[-2000:]
     skipped = {line.split("skipping ", 1)[1] for line in result.output.splitlines() if "skipping " in line}
     assert {line.split(":", 1)[0] for line in skipped} == {str(images / "unreadable.png"), str(images / "bomb.png")}
     assert any("DecompressionBomb" in line for line in skipped), skipped

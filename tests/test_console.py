@@ -1,0 +1,92 @@
+"""What a `luigi` run prints (tasks/console.py): the run's story by default, Luigi's chatter only
+when asked for, and, when the central scheduler refuses a run its tasks, why and what to do."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, cli_sections, run_watched, write_config
+
+# Every line a default run may print: the story of each task, TensorFlow's evaluations, the result.
+STORY_LINE = re.compile(r"(started|done   ) (\w+@\w+|ConvertShard\(Convert@\w+, split=\w+, index=\d\)|"
+                        r"PlanConversion\(Convert@\w+\))( in [0-9.ms]+)?"
+                        r"|done    RunAll\(train=Train@\w+\) in [0-9.ms]+"
+                        r"|INFO:tensorflow:Saving dict for global step \d+: .*"
+                        r"|RESULT test accuracy [0-9.]+ on 18 images|    (report|predictions): +\S+")
+
+
+@pytest.mark.slow
+def test_a_run_prints_one_line_as_each_task_starts_and_ends_and_luigi_chatter_only_at_debug(mnist_subset, tmp_path):
+    config = write_config(tmp_path / "luigi.cfg", cli_sections(tmp_path, mnist_subset.as_uri()))
+
+    result = run_watched(tmp_path, config, "RunAll", "--local-scheduler", limit_s=300)
+
+    assert result.returncode == 0, result.output[-3000:]
+    lines = result.output.splitlines()
+    assert [line for line in lines if not STORY_LINE.fullmatch(line)] == [], result.output
+    started = re.findall(r"^started (.+)$", result.output, re.MULTILINE)
+    done = re.findall(r"^done +(.+) in ", result.output, re.MULTILINE)
+    # Each task once as it starts and once as it ends; RunAll, which only gathers, as it ends.
+    assert len(started) == len(set(started)) and len(done) == len(set(done)) == len(started) + 1, result.output
+    assert set(done) - set(started) == {re.search(r"^done +(RunAll\(.+\)) in ", result.output, re.MULTILINE)[1]}
+    families = sorted(re.split(r"[@(]", name)[0] for name in started)
+    assert families == sorted(["Download", "PlanConversion", *["ConvertShard"] * 6, "Convert", "Train", "Evaluate",
+                               "Predict", "Report", "RunRecord"]), families
+
+    # Done, the same run is reused; --log-level DEBUG brings back Luigi's lines.
+    again = run_watched(tmp_path, config, "RunAll", "--local-scheduler", "--log-level", "DEBUG")
+    assert again.returncode == 0, again.output[-3000:]
+    assert re.search(r"^reused  RunAll\(train=Train@\w+\)$", again.output, re.MULTILINE), again.output
+    assert "Informed scheduler that task   RunAll_" in again.output and "Checking if RunAll(" in again.output
+    assert "===== Luigi Execution Summary =====" in again.output and "RESULT test accuracy" in again.output
+
+
+def test_a_run_refused_by_the_central_scheduler_says_which_tasks_why_and_what_to_do(luigid, file_server, tmp_path):
+    """A Download that failed in one run is disabled on the central scheduler for disable_persist
+    seconds: the next run gets none of its tasks (exit code 25) and says so."""
+    config = write_config(tmp_path / "luigi.cfg", cli_sections(tmp_path, file_server.url("/gone.tar.gz"), luigid))
+    failed = run_watched(tmp_path, config, "RunAll")
+    assert failed.returncode == 30 and "FAILED Download(" in failed.output, failed.output[-3000:]
+
+    refused = run_watched(tmp_path, config, "RunAll")
+
+    assert refused.returncode == 25, refused.output[-3000:]
+    assert file_server.requests["/gone.tar.gz"] == 1, "the disabled Download was not run again"
+    epilogue = refused.output[refused.output.index("NOT RUN: "):].splitlines()
+    assert re.fullmatch(r"NOT RUN: the central scheduler at http://127\.0\.0\.1:\d+/ did not grant this run "
+                        r"permission to run \d+ of its tasks \(exit code 25\):", epilogue[0]), epilogue
+    assert re.fullmatch(r"    Download@\w+ failed in another run, so the scheduler disables it until about "
+                        r"(\d\d:\d\d:\d\d) \(\[scheduler\] disable_persist = 30 s\):", epilogue[1]), epilogue
+    assert epilogue[2].strip().startswith(f"{file_server.url('/gone.tar.gz')}: HTTP 404"), epilogue
+    waiting = dict(reversed(part.split()) for part in epilogue[3].split("waiting for them: ")[1].split(", "))
+    assert waiting == {"RunAll": "1", "Evaluate": "1", "Report": "1", "Predict": "1", "Train": "1", "Convert": "1",
+                       "ConvertShard": "6", "PlanConversion": "1"}, epilogue
+    until = re.search(r"until about (\S+)", epilogue[1])[1]
+    assert epilogue[4].startswith(f"What to do: rerun this command after {until} to run the disabled task again"), \
+        epilogue
+    assert "Informed scheduler" not in refused.output and ":)" not in refused.output
+
+
+def test_the_console_is_set_up_by_one_call_not_by_importing_its_module():
+    script = f"""
+import importlib.util, logging, os, sys
+import luigi
+sys.path.insert(0, {str(REPO)!r})
+def handlers():
+    return sum(len(callbacks) for callbacks in luigi.Task._event_callbacks.get(luigi.Task, {{}}).values())
+spec = importlib.util.spec_from_file_location("console_alone", {str(REPO / "tasks" / "console.py")!r})
+console = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(console)
+assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ and handlers() == 0 and not console.story.handlers
+console.set_up()
+once = handlers()
+console.set_up()
+assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3" and handlers() == once > 0 and len(console.story.handlers) == 1
+print("ok")
+"""
+    env = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stderr[-3000:]
