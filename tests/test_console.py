@@ -15,6 +15,8 @@ STORY_LINE = re.compile(r"(started|done   ) (\w+@\w+|ConvertShard\(Convert@\w+, 
                         r"PlanConversion\(Convert@\w+\))( in [0-9.ms]+)?"
                         r"|done    RunAll\(train=Train@\w+\) in [0-9.ms]+"
                         r"|INFO:tensorflow:Saving dict for global step \d+: .*"
+                        # TensorFlow's warnings stay: its exporter meets an export of the same second.
+                        r"|WARNING:tensorflow:.*"
                         r"|RESULT test accuracy [0-9.]+ on 18 images|    (report|predictions): +\S+")
 
 
