@@ -9,7 +9,7 @@ from tasks import console
 console.set_up()
 from tasks.config import layout, tensorboard
 from tasks.runs import Comparison, RunAll, RunRecord, Sweep
-from tasks.stage import Rerunnable, Stage
+from tasks.base import PipelineTask, Stage, Step
 from tasks.stages import ConvertShard, Convert, Download, Evaluate, PlanConversion, Predict, Report, Train
 
 # luigi.cfg's [core] RPC settings are read by luigi.rpc, and the scheduler address through
@@ -18,5 +18,5 @@ from tasks.stages import ConvertShard, Convert, Download, Evaluate, PlanConversi
 luigi.interface.core.ignore_unconsumed = {"rpc_connect_timeout", "rpc_retry_attempts", "rpc_retry_wait",
                                           "default_scheduler_host", "default_scheduler_port"}
 
-__all__ = ["console", "Rerunnable", "Stage", "layout", "tensorboard", "Download", "PlanConversion", "ConvertShard",
+__all__ = ["console", "PipelineTask", "Step", "Stage", "layout", "tensorboard", "Download", "PlanConversion", "ConvertShard",
            "Convert", "Train", "Evaluate", "Predict", "Report", "RunAll", "RunRecord", "Sweep", "Comparison"]

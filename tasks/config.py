@@ -1,4 +1,9 @@
-"""Sections of luigi.cfg that are not a task's own: where outputs go and where TensorBoard serves."""
+"""Sections of luigi.cfg that are not a task's own, and where everything the pipeline writes lies.
+
+`stage_folder` is the one function that derives a stage's folder from its version under the
+`[layout]` roots; the index, the entry files and the locks are placed here too, so that no other
+module reads `[layout]`.
+"""
 from __future__ import annotations
 
 import re
@@ -7,7 +12,7 @@ import urllib.parse
 import luigi
 import luigi.configuration
 
-from pipeline import storage
+from pipeline import storage, versioning
 
 
 class layout(luigi.Config):  # noqa: N801 - Luigi names a config section after its class
@@ -15,6 +20,84 @@ class layout(luigi.Config):  # noqa: N801 - Luigi names a config section after i
                                                             "converted datasets")
     results_root = luigi.Parameter(default="results", description="Folder, or s3://bucket/prefix, of training "
                                                                   "runs and index.json")
+
+
+def stage_folder(stage: str, version: str, *, dataset: str = "", model: str = "", split: str = "",
+                 within: str = "") -> str:
+    """The folder of `stage` (a task family) at `version`, where it writes its output.
+
+    Download and Convert write under data_root, by dataset; Train under results_root, by dataset
+    and model; what is made from one training (its evaluations, predictions and run records) in
+    that training's folder (`within`), and a report in its evaluation's. A Comparison writes its
+    files into results_root itself, beside the leaderboard:
+
+        Download    <data_root>/raw/<dataset>/<version>
+        Convert     <data_root>/tfrecords/<dataset>/<version>
+        Train       <results_root>/<dataset>/<model>-<version>
+        Evaluate    <within: the Train folder>/evaluate-<split>-<version>
+        Predict     <within: the Train folder>/predict-<version>
+        RunRecord   <within: the Train folder>/run-<version>
+        Report      <within: the Evaluate folder>/report-<version>
+        Comparison  <results_root>
+
+    A folder per version: a version's output can never be found in another's folder.
+    """
+    roots = layout()
+    places = {
+        "Download": (roots.data_root, "raw", dataset, version),
+        "Convert": (roots.data_root, "tfrecords", dataset, version),
+        "Train": (roots.results_root, dataset, model and f"{model}-{version}"),
+        "Evaluate": (within, split and f"evaluate-{split}-{version}"),
+        "Predict": (within, f"predict-{version}"),
+        "RunRecord": (within, f"run-{version}"),
+        "Report": (within, f"report-{version}"),
+        "Comparison": (roots.results_root,),
+    }
+    if stage not in places:
+        raise KeyError(f"no folder is defined for stage {stage!r}; stages with a folder: {', '.join(places)}")
+    parts = places[stage]
+    if not all(parts):
+        raise TypeError(f"the folder of {stage} at {version!r} needs dataset, model, split or within as the "
+                        f"table in stage_folder's docstring shows; given dataset={dataset!r}, model={model!r}, "
+                        f"split={split!r}, within={within!r}")
+    return storage.join(*parts)
+
+
+def results_root() -> str:
+    return layout().results_root
+
+
+def layout_roots() -> list[str]:
+    """data_root and results_root, as every process names them: what the pipeline writes is within them."""
+    roots = layout()
+    return [storage.absolute(roots.data_root), storage.absolute(roots.results_root)]
+
+
+def index_path() -> str:
+    return storage.join(results_root(), versioning.INDEX_FILE)
+
+
+def entry_patterns() -> list[str]:
+    """Where the entry files may lie (see pipeline.versioning): a version's folder is at most 4
+    levels below results_root (a Report's), 3 below data_root, or, for an output that is a file
+    (a Comparison's), results_root itself."""
+    roots = layout()
+    return [storage.join(root, *["*"] * depth, versioning.ENTRY_GLOB)
+            for root, depths in ((roots.results_root, 5), (roots.data_root, 4)) for depth in range(depths)]
+
+
+def locks_folder(output: str) -> str:
+    """The lock folder of the layout root that holds `output` (the innermost, should one hold the
+    other), so that every machine writing `output` reaches its lock as it reaches the output: under
+    a local data_root, the lock of an output on S3 would be each machine's own."""
+    roots = layout_roots()
+    return storage.join(max((root for root in roots if versioning.is_inside(output, root)), key=len,
+                            default=roots[0]), ".locks")
+
+
+def locks_folders() -> list[str]:
+    """Every lock folder a stage's lock may be in (one when both roots are the same)."""
+    return list(dict.fromkeys(map(locks_folder, layout_roots())))
 
 
 def isolate_remote_io() -> None:
@@ -25,8 +108,7 @@ def isolate_remote_io() -> None:
     skips that; the process that schedules never loads the plugin (see pipeline.storage).
     Called as tasks are made, before Luigi makes its worker, which reads this setting then.
     """
-    roots = layout()
-    if storage.is_remote(roots.data_root) or storage.is_remote(roots.results_root):
+    if any(map(storage.is_remote, layout_roots())):
         luigi.configuration.get_config().set("worker", "force_multiprocessing", "true")
 
 

@@ -19,7 +19,7 @@ from luigi.task_register import TaskClassException
 
 from pipeline.errors import PipelineError
 from tasks.runs import Gathering, whole_dag
-from tasks.stage import Stage, load_index
+from tasks.base import Stage, load_index
 
 # What a stage's `content` is, where it has one.
 _CONTENT = {"Train": "the model file", "Predict": "the input folder's images"}

@@ -21,11 +21,12 @@ from luigi.task_register import TaskClassException
 from pipeline.errors import PipelineError
 from pipeline.index import within
 from pipeline.locks import held_locks
-from pipeline.storage import absolute, is_inside, remove_tree, size_of
+from pipeline.storage import absolute, is_inside, size_of
 from pipeline.leaderboard import ROW_KEY, leaderboard_rows
 from pipeline.versioning import canonical_json
 from tasks.runs import RunAll, whole_dag
-from tasks.stage import Stage, forget_folders, load_index, locks_folders, layout_roots
+from tasks.base import Stage, load_index, remove_versions
+from tasks.config import layout_roots, locks_folders
 
 # Stages that only describe one evaluation: kept with it, though they are not upstream of it.
 _DESCRIBING = ("Report", "RunRecord")
@@ -116,18 +117,14 @@ def main(argv: list[str]) -> int:
     if not args.yes:
         return 0
     busy = [path for folder in locks_folders() for path in held_locks(folder)]
-    removed = []
-    try:
-        for item in found:
-            writing = [path for path in busy if is_inside(path, absolute(item["path"]))]
-            if writing:
-                print(f"kept {item['path']}: a running task is writing {writing[0]}")
-                continue
-            remove_tree(item["path"])
-            removed.append(item["path"])
-    finally:
-        # What was removed leaves the index even when a later removal fails.
-        forget_folders(removed)
+    idle = []
+    for item in found:
+        writing = [path for path in busy if is_inside(path, absolute(item["path"]))]
+        if writing:
+            print(f"kept {item['path']}: a running task is writing {writing[0]}")
+        else:
+            idle.append(item["path"])
+    removed = remove_versions(idle)
     print(f"removed {len(removed)} version(s)")
     return 0
 

@@ -42,13 +42,14 @@ class UpstreamParameter(luigi.Parameter):
     """An upstream task, as an instance: the same downstream class can sit on any upstream, and a
     sweep builds its variants in plain Python (`Train(convert=convert, params=p)`), as gokart's
     TaskInstanceParameter allows. Left out, it is the task its own section of luigi.cfg describes
-    (`Stage.default_upstream`).
+    (`PipelineTask.default_upstream`).
 
-    It is written as JSON of the task's family and significant parameters, upstream ones
-    included, so that a task can be rebuilt from its parameters in another process (Luigi does
-    that for dynamic dependencies). That JSON holds hidden parameters too (a Download's
-    source_url), so it is hidden from the scheduler's task list itself; the task's id names the
-    upstream's version.
+    It is written as one JSON object of the task's family and significant parameters, its own
+    upstream tasks nested in it as objects (never as JSON strings inside strings), so that a task
+    can be rebuilt from its parameters in another process (Luigi does that for dynamic
+    dependencies). That JSON holds hidden parameters too (a Download's source_url), so it is
+    hidden from the scheduler's task list itself, which shows the upstream as Family@version
+    instead (see `PipelineTask.to_str_params`).
     """
 
     def __init__(self, task_class: type | None = None, **kwargs):
@@ -62,13 +63,28 @@ class UpstreamParameter(luigi.Parameter):
         try:
             described = json.loads(source)
             task_class = Register.get_task_cls(described["family"])
-            return task_class.from_str_params(described["params"])
-        except (ValueError, KeyError, TypeError, luigi.task_register.TaskClassException) as error:
+            # Nested objects (upstream tasks, dicts and lists) back to the strings Luigi parses.
+            return task_class.from_str_params({name: value if isinstance(value, str) else json.dumps(value)
+                                               for name, value in described["params"].items()})
+        except (ValueError, KeyError, TypeError, AttributeError, luigi.task_register.TaskClassException) as error:
             raise ConfigError(f"upstream task {source!r} is not a task's JSON ({error}); expected "
                               """'{"family": "Convert", "params": {...}}', or leave it out""") from None
 
     def serialize(self, task):
         if task is None:
             return ""
-        return json.dumps({"family": task.get_task_family(), "params": task.to_str_params(only_significant=True)},
-                          sort_keys=True)
+        return json.dumps(described(task), sort_keys=True)
+
+
+# Parameters whose serialized value is JSON: nested as JSON values in an upstream task's description.
+_JSON_PARAMETERS = (UpstreamParameter, luigi.DictParameter, luigi.ListParameter, luigi.TupleParameter)
+
+
+def described(task: luigi.Task) -> dict:
+    """A task's family and significant parameters as one JSON value, upstream tasks nested."""
+    params = {}
+    for name, param in task.get_params():
+        if param.significant and param.visibility != ParameterVisibility.PRIVATE:
+            value = param.serialize(getattr(task, name))
+            params[name] = json.loads(value) if isinstance(param, _JSON_PARAMETERS) and value else value
+    return {"family": task.get_task_family(), "params": params}

@@ -3,11 +3,15 @@ with a record of what it made, printed when the command ends.
 
 **Why the record is a dynamic dependency.** On a central scheduler shared with other processes,
 Luigi's worker only knows as done the tasks it ran itself or found complete while scheduling: a
-stage that another process ran in the meantime stays "pending" in its summary and, unless seen
+task that another process ran in the meantime stays "pending" in its summary and, unless seen
 running, counts as "not granted run permission" (exit code 25), though everything was made. So
-`RunAll` and `Sweep`, once their stages are done, yield their record: Luigi then schedules it with
-every task of the DAG as its requirements, finds them complete, and counts them so. The command
-exits 0 exactly when all it asked for exists.
+`RunAll` and `Sweep`, once their stages are done, yield their record, which requires every stage
+of the DAG, together with the tasks of the DAG that are no stages (Convert's plan and shards, a
+sweep's runs): Luigi schedules them all again, finds them complete, and counts them so. The
+command exits 0 exactly when all it asked for exists. The record requires the stages alone, so
+that in the scheduler's graph it sits on the stages and Convert's parts under Convert; the
+gathering gains an edge to each part, which that count needs (Luigi re-checks only what a
+running task yields or what an unfinished one requires).
 """
 from __future__ import annotations
 
@@ -21,14 +25,13 @@ from pipeline import storage
 from pipeline.storage import TEMP_INFIX, read_json, write_json
 from pipeline.leaderboard import rows_of, write_table
 from pipeline.models import DATASET_PARAMS, declared_param_keys, resolve_model_file
-from tasks.config import layout
 from tasks.console import note
 from tasks.parameters import GridParameter, UpstreamParameter
-from tasks.stage import Identified, Stage, dag, load_index
+from tasks.base import PipelineTask, Stage, dag, load_index
 from tasks.stages import Convert, Evaluate, Predict, Report, Train
 
 
-class Gathering(Identified):
+class Gathering(PipelineTask):
     """A task that asks for stages and ends with one more, made from them (`closing`): yielded
     once they are done, for the reason this module's docstring gives."""
 
@@ -48,7 +51,13 @@ class Gathering(Identified):
         return done
 
     def run(self):
-        yield self.closing()
+        closing = self.closing()
+        yield [closing, *(task for task in whole_dag(self) if not isinstance(task, Stage) and task is not self)]
+
+
+def stages_of(*roots: luigi.Task) -> list[Stage]:
+    """The stages `roots` are made from, and those among `roots`, upstream first."""
+    return [task for task in dag(*roots) if isinstance(task, Stage)]
 
 
 def whole_dag(root: luigi.Task) -> Iterator[luigi.Task]:
@@ -86,11 +95,11 @@ class RunRecord(Stage):
     report = UpstreamParameter(Report)
     predict = UpstreamParameter(Predict)
 
-    def folder(self, version):
-        return storage.join(self.evaluate.train.directory, f"run-{version}")
+    def where(self):
+        return {"within": self.evaluate.train.directory}
 
     def requires(self):
-        return list(dag(*self.upstream()))
+        return stages_of(*self.upstream())
 
     def produce(self):
         # Luigi's scheduler clears a finished task's tracking URL when a worker re-adds it as done,
@@ -128,8 +137,7 @@ class Sweep(Gathering):
     model_defs = luigi.ListParameter(default=[], description="Model files to sweep (names in model_defs/ or "
                                                              "paths); by default Train's model_def")
 
-    def prepare(self):
-        super().prepare()
+    def validate(self):
         for model_def in self.models():
             model_file = resolve_model_file(model_def)
             known = declared_param_keys(model_file)
@@ -180,8 +188,8 @@ class Comparison(Stage):
     def dataset(self):
         return self.sweep.trains()[0].dataset
 
-    def folder(self, version):
-        return layout().results_root
+    def where(self):
+        return {}
 
     @property
     def marker(self):
@@ -198,7 +206,7 @@ class Comparison(Stage):
         return [f"{self.marker}{TEMP_INFIX}*", f"{self.page()}{TEMP_INFIX}*"]
 
     def requires(self):
-        return list(dag(*self.sweep.requires()))
+        return stages_of(*self.sweep.requires())
 
     def upstream_keys(self):
         # The evaluations it compares: the Sweep itself is no stage.

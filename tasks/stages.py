@@ -1,5 +1,5 @@
 """The pipeline's stages. Each `produce()` (called by `run()` under the output's lock, see
-tasks.stage) unpacks its inputs and calls one `pipeline` function.
+tasks.base) unpacks its inputs and calls one `pipeline` function.
 
 Each stage takes the stages it reads as parameters (`UpstreamParameter`): left out, they are the
 ones luigi.cfg describes, so `luigi --module tasks Train` trains on the configured data, while a
@@ -7,7 +7,7 @@ sweep builds `Train(convert=convert, params=...)` variants on one shared Convert
 
 TensorFlow-backed library modules are imported inside `produce()`, so that `--help` and no-op
 reruns never load TensorFlow; scheduling imports it only when such a task will run (see
-`Rerunnable.complete`).
+`Step.complete`).
 """
 from __future__ import annotations
 
@@ -25,17 +25,17 @@ from pipeline.convert import (PLAN_FILE, SPLITS, finalize_conversion, plan_conve
                               shard_paths, validate_conversion_params, write_shard)
 from pipeline.errors import ConfigError, StageOutputError
 from pipeline.fingerprint import normalised_source
-from pipeline.storage import TEMP_INFIX, read_json, remove_tree
+from pipeline.storage import TEMP_INFIX, read_json
 from pipeline.models import (RUN_CONFIG_KEYS, check_param_overrides, declared_param_keys, require_positive,
                              resolve_model_file, validate_training_settings)
 from pipeline.runfiles import MODEL_DIR
 from pipeline.versioning import safe_name
 from pipeline.leaderboard import REPORT_KEY, ROW_KEY
-from tasks.config import layout, tensorboard, tensorboard_url
-from tasks.console import note, task_name
+from tasks.config import layout_roots, results_root, tensorboard, tensorboard_url
+from tasks.console import note
 from tasks.parameters import ParamsParameter, UpstreamParameter
 from tasks.progress import TaskProgress
-from tasks.stage import Rerunnable, Stage, StorageTarget, forget_folders
+from tasks.base import Stage, Step, StorageTarget, remove_versions
 
 
 class Download(Stage):
@@ -83,9 +83,6 @@ class Download(Stage):
         return {**super().significant_values(),
                 "source_url": download.redact_url(download.split_checksum(self.source_url)[0])}
 
-    def folder(self, version):
-        return storage.join(layout().data_root, "raw", self.dataset, version)
-
     def temporaries(self):
         # The work folder beside the version's folder; see download.download_dataset.
         return [f"{self.directory}{TEMP_INFIX}*"]
@@ -121,9 +118,6 @@ class Convert(Stage):
         validate_conversion_params(self.image_size, self.channels, self.validation_fraction, self.test_fraction,
                                    self.num_shards, self.max_bad_fraction)
 
-    def folder(self, version):
-        return storage.join(layout().data_root, "tfrecords", self.dataset, version)
-
     def shards(self) -> list[ConvertShard]:
         return [self.clone(ConvertShard, split=split, index=index)
                 for split in SPLITS for index in range(self.num_shards)]
@@ -132,7 +126,7 @@ class Convert(Stage):
         return self.shards()
 
     def done(self):
-        # A shard found corrupt loses its report (see Rerunnable.run): then Convert reruns to
+        # A shard found corrupt loses its report (see Step.run): then Convert reruns to
         # rebuild that shard and check it against the others.
         return super().done() and all(shard.done() for shard in self.shards())
 
@@ -145,14 +139,24 @@ class Convert(Stage):
 
 
 @inherits(Convert)
-class PlanConversion(Rerunnable):
-    """Fix the split and shard of every image (plan.json in the Convert folder)."""
+class ConvertPart(Step):
+    """A part of one Convert version, written into its folder by a task of its own, so that
+    `--workers N` writes N shards at once. It is named by what is its own and by the Convert
+    version it belongs to: Convert's parameters, repeated on every part, would bury the rest."""
 
     def convert(self) -> Convert:
         return self.clone(Convert)
 
-    def __repr__(self):
-        return f"PlanConversion({task_name(self.convert())})"
+    def significant_values(self):
+        shared = {name for name, _ in Convert.get_params()}
+        return {name: value for name, value in super().significant_values().items() if name not in shared}
+
+    def shown(self):
+        return {"of": f"Convert@{self.convert().version}"}
+
+
+class PlanConversion(ConvertPart):
+    """Fix the split and shard of every image (plan.json in the Convert folder)."""
 
     def requires(self):
         return self.download
@@ -166,23 +170,18 @@ class PlanConversion(Rerunnable):
                         split_seed=self.split_seed, num_shards=self.num_shards)
 
 
-@inherits(Convert)
-class ConvertShard(Rerunnable):
+class ConvertShard(ConvertPart):
     """Write one TFRecord shard; its JSON report, written after it, is the target."""
 
     uses_tensorflow = True
     split = luigi.ChoiceParameter(choices=SPLITS, description="Split this shard belongs to")
     index = luigi.IntParameter(description="Shard number within the split")
 
-    def __repr__(self):
-        # Convert's parameters, which it shares, would bury its own.
-        return f"ConvertShard({task_name(self.clone(Convert))}, split={self.split}, index={self.index})"
-
     def requires(self):
         return {"plan": self.clone(PlanConversion), "raw": self.download}
 
     def output(self):
-        folder = self.clone(Convert).directory
+        folder = self.convert().directory
         return StorageTarget(storage.join(folder, report_name(self.split, self.index, self.num_shards)))
 
     def shard_path(self) -> str:
@@ -257,7 +256,7 @@ class Train(Stage):
                                   f"{self.distribute}; early stopping needs distribute=none")
         if self.distribute == "local":
             try:
-                check_network(self.cluster_network, [layout().data_root, layout().results_root])
+                check_network(self.cluster_network, layout_roots())
             except ConfigError as error:  # refused as the command starts, where no task is named otherwise
                 raise ConfigError(f"{self.get_task_family()}: {error}") from None
         if self.early_stopping_steps < 0 or self.eval_throttle_secs < 0:
@@ -284,8 +283,8 @@ class Train(Stage):
         # Its syntax tree, where it parses: a comment or a docstring in a model file does not retrain it.
         return normalised_source(resolve_model_file(self.model_def).read_bytes())
 
-    def folder(self, version):
-        return storage.join(layout().results_root, self.dataset, f"{Path(self.model_def).stem}-{version}")
+    def where(self):
+        return {"dataset": self.dataset, "model": Path(self.model_def).stem}
 
     def temporaries(self):
         model_dir = storage.join(self.directory, MODEL_DIR)
@@ -302,13 +301,14 @@ class Train(Stage):
                 "eval_throttle_secs": self.eval_throttle_secs, "early_stopping_steps": self.early_stopping_steps}
 
     def tensorboard_link(self) -> str:
-        return tensorboard_url(tensorboard().url, layout().results_root, self.directory)
+        return tensorboard_url(tensorboard().url, results_root(), self.directory)
 
     def produce(self):
         from pipeline.training import train_model
 
         if self.rerun:
-            forget_run(self.directory)
+            # The old weights go, with the evaluations and predictions made from them.
+            remove_versions([self.directory])
         convert = self.convert
         self.set_tracking_url(self.tensorboard_link())
         with TaskProgress(self) as progress:
@@ -320,13 +320,6 @@ class Train(Stage):
                         distribute=self.distribute, cluster_workers=self.cluster_workers, strategy=self.strategy,
                         cluster_network=self.cluster_network,
                         progress=progress)
-
-
-def forget_run(run_dir: str) -> None:
-    """Remove a run folder, with the evaluations and predictions of its weights, and their index
-    entries and leaderboard rows."""
-    remove_tree(run_dir)
-    forget_folders([run_dir])
 
 
 class Evaluate(Stage):
@@ -342,8 +335,8 @@ class Evaluate(Stage):
     def validate(self):
         require_positive("batch_size", self.batch_size)
 
-    def folder(self, version):
-        return storage.join(self.train.directory, f"evaluate-{self.split}-{version}")
+    def where(self):
+        return {"within": self.train.directory, "split": self.split}
 
     def also_reads(self):
         return [self.train.convert]
@@ -407,8 +400,8 @@ class Predict(Stage):
                          for p in Path(self.input_dir).rglob("*") if p.is_file())
         return hashlib.sha256("\n".join(listing).encode()).digest()
 
-    def folder(self, version):
-        return storage.join(self.train.directory, f"predict-{version}")
+    def where(self):
+        return {"within": self.train.directory}
 
     def also_reads(self):
         return [self.train.convert]
@@ -450,10 +443,10 @@ class Report(Stage):
             return Predict(train=self.evaluate.train, input_dir="", split=self.evaluate.split, export="final")
         return super().default_upstream(name)
 
-    def folder(self, version):
+    def where(self):
         # Within its evaluation's folder, but a folder per version: a report of other predictions,
         # or made by changed report code, must not find an older report.html and count as done.
-        return storage.join(self.evaluate.directory, f"report-{version}")
+        return {"within": self.evaluate.directory}
 
     def also_reads(self):
         return [self.evaluate.train, self.evaluate.train.convert]
@@ -472,5 +465,5 @@ class Report(Stage):
     def entry(self):
         entry = super().entry()
         entry[REPORT_KEY] = {"evaluation": self.evaluate.index_key,
-                             "link": storage.relative(self.marker, layout().results_root)}
+                             "link": storage.relative(self.marker, results_root())}
         return entry

@@ -38,9 +38,9 @@ STARTED: list[str] = []
 
 @luigi.Task.event_handler(luigi.Event.START)
 def _record_start(task):
-    from tasks.stage import Rerunnable
+    from tasks.base import Step
 
-    if isinstance(task, Rerunnable):
+    if isinstance(task, Step):
         STARTED.append(task.get_task_family())
 
 

@@ -11,9 +11,9 @@ import pytest
 from tests.conftest import REPO, cli_sections, run_watched, write_config
 
 # Every line a default run may print: the story of each task, TensorFlow's evaluations, the result.
-STORY_LINE = re.compile(r"(started|done   ) (\w+@\w+|ConvertShard\(Convert@\w+, split=\w+, index=\d\)|"
-                        r"PlanConversion\(Convert@\w+\))( in [0-9.ms]+)?"
-                        r"|done    RunAll\(train=Train@\w+\) in [0-9.ms]+"
+STORY_LINE = re.compile(r"(started|done   ) (\w+@\w+|ConvertShard\(split=\w+, index=\d, of=Convert@\w+\)|"
+                        r"PlanConversion\(of=Convert@\w+\))( in [0-9.ms]+)?"
+                        r"|done    RunAll\(upstream=Train@\w+\) in [0-9.ms]+"
                         r"|INFO:tensorflow:Saving dict for global step \d+: .*"
                         # TensorFlow's warnings stay: its exporter meets an export of the same second.
                         r"|WARNING:tensorflow:.*"
@@ -41,7 +41,7 @@ def test_a_run_prints_one_line_as_each_task_starts_and_ends_and_luigi_chatter_on
     # Done, the same run is reused; --log-level DEBUG brings back Luigi's lines.
     again = run_watched(tmp_path, config, "RunAll", "--local-scheduler", "--log-level", "DEBUG")
     assert again.returncode == 0, again.output[-3000:]
-    assert re.search(r"^reused  RunAll\(train=Train@\w+\)$", again.output, re.MULTILINE), again.output
+    assert re.search(r"^reused  RunAll\(upstream=Train@\w+\)$", again.output, re.MULTILINE), again.output
     assert "Informed scheduler that task   RunAll_" in again.output and "Checking if RunAll(" in again.output
     assert "===== Luigi Execution Summary =====" in again.output and "RESULT test accuracy" in again.output
 

@@ -4,6 +4,7 @@ upstream, with the model file and with the layout roots; insignificant parameter
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -142,6 +143,37 @@ def test_the_same_task_built_two_ways_has_one_id(luigi_config, base_sections):
     explicit = Report(evaluate=Evaluate(train=Train(convert=Convert())))
     assert explicit.task_id == Report().task_id and explicit == Report()
     assert len({Train(convert=Convert()), Train()}) == 1
+
+
+def test_a_task_rebuilt_from_what_luigi_sends_is_the_same_task(luigi_config, base_sections):
+    """Luigi rebuilds a dynamic dependency from its parameters: each upstream task travels as one
+    JSON object, the stages above it nested as objects, never as JSON escaped inside a string."""
+    from luigi.task_register import load_task
+
+    from tasks import RunAll
+
+    luigi_config(base_sections)
+    record = RunAll().closing()
+    sent = record.to_str_params()
+    assert not any("\\" in value for value in sent.values()), sent
+    assert json.loads(sent["report"])["params"]["evaluate"]["params"]["train"]["family"] == "Train"
+    rebuilt = load_task("tasks", "RunRecord", sent)
+    assert rebuilt == record and rebuilt.task_id == record.task_id
+
+
+def test_stage_folder_places_each_stage_under_the_layout_roots(luigi_config, tmp_path):
+    from tasks.config import stage_folder
+
+    luigi_config({"layout": {"data_root": str(tmp_path / "data"), "results_root": "s3://bucket/results"}})
+    assert stage_folder("Convert", "v1", dataset="mnist") == str(tmp_path / "data" / "tfrecords" / "mnist" / "v1")
+    assert stage_folder("Train", "v2", dataset="mnist", model="cnn") == "s3://bucket/results/mnist/cnn-v2"
+    assert stage_folder("Evaluate", "v3", within="s3://bucket/results/mnist/cnn-v2", split="test") == \
+        "s3://bucket/results/mnist/cnn-v2/evaluate-test-v3"
+    assert stage_folder("Comparison", "v4") == "s3://bucket/results"
+    with pytest.raises(TypeError, match="within=''"):
+        stage_folder("Report", "v5")
+    with pytest.raises(KeyError, match="'Sweep'"):
+        stage_folder("Sweep", "v6")
 
 
 def test_two_datasets_share_no_task_and_two_trainings_share_their_upstream(luigi_config, base_sections):

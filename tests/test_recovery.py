@@ -13,7 +13,7 @@ from pipeline.convert import report_name, shard_name
 from pipeline.leaderboard import rebuild_leaderboard
 from pipeline.storage import TEMP_INFIX, read_json
 from pipeline.index import ENTRY_FILE
-from tasks import Convert, Download, Evaluate, RunAll, Train, stage
+from tasks import Convert, Download, Evaluate, RunAll, Train, base
 from tests.conftest import (REPO, cli_sections, luigi_env, read_csv, run_tasks, run_watched, start_watched,
                             tiny_config, write_config)
 
@@ -192,11 +192,11 @@ def test_versions_indexed_before_entry_files_get_theirs_at_an_index_update_and_s
               "Renamed/r1": {"stage": "Renamed", "version": "r1", "path": str(results / "r1")}}
     (results / "index.json").write_text(json.dumps(legacy))
 
-    stage.update_index(lambda index: None)
+    base.update_index(lambda index: None)
 
     assert read_json(download / ENTRY_FILE)["marker"] == str(download / "download.json")
     assert read_json(results / f".sweep-oldc{ENTRY_FILE}")["marker"] == str(results / "sweep-oldc.csv")
     assert not (results / "tiny").exists(), "no entry file is written for an output that is gone"
     assert "marker" not in read_json(results / "index.json")["Renamed/r1"]
     (results / "index.json").write_text('{"Download/old1": ')
-    assert set(stage.load_index()) == {"Download/old1", "Comparison/oldc"}
+    assert set(base.load_index()) == {"Download/old1", "Comparison/oldc"}

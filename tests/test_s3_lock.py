@@ -487,7 +487,7 @@ def test_a_task_whose_lock_is_taken_over_fails_and_publishes_nothing(s3_server, 
 
 
 def test_gc_sees_the_locks_held_under_both_roots(s3_server, luigi_config, tmp_path):
-    from tasks.stage import locks_folders
+    from tasks.config import locks_folders
     from tasks.stages import Download, Train
 
     sections = cli_sections(tmp_path, "file:/nowhere/source.tar.gz")

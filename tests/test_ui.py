@@ -1,9 +1,11 @@
 """The pipeline as a user watches it: a real luigid, its API and visualiser, reports and the leaderboard.
 
 A tiny RunAll runs once against a `luigid` on a free loopback port. The scheduler's API must
-then show every task DONE with its last progress, and headless Chromium (Debian's chromium and
-chromium-driver, driven through Selenium) must render the visualiser, a report and the
-leaderboard. Screenshots go to $TEST_ARTIFACTS (default build/test-artifacts/).
+then show every task DONE with its last progress, each with its own significant parameters and
+its upstream tasks as Family@version, in a graph that follows the stages; headless Chromium
+(Debian's chromium and chromium-driver, driven through Selenium) must render the visualiser's
+task list and graph readably, a report and the leaderboard. Screenshots go to $TEST_ARTIFACTS
+(default build/test-artifacts/).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import luigi.configuration
 import pytest
 
 from tasks.services import start_scheduler, stop_scheduler
-from tasks import Report, RunAll, Train
+from tasks import Report, RunAll, Stage, Train
+from tasks.runs import whole_dag
 from tests.conftest import REPO, free_port, install_luigi_config, restore_luigi_config, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -31,6 +34,15 @@ ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO / "build" / "test-artifac
 HANG_S = 300
 FAMILIES = {"Download", "PlanConversion", "ConvertShard", "Convert", "Train", "Evaluate", "Predict", "Report",
             "RunAll", "RunRecord"}
+# The longest a task's details may be in the visualiser's task list: at the test's 1400 px window
+# its Details column wraps at about 40 characters, so a task reads in at most five lines. The
+# longest today is Train's (about 150: its own significant parameters, the model params among
+# them, and its Convert); the issue's Report row, upstream tasks escaped inside strings, was over 800.
+READABLE_DETAILS = 200
+# Tasks in the graph: each family once, ConvertShard once per shard (3 splits x tiny_config's 2 shards).
+TASKS = len(FAMILIES) - 1 + 6
+# A task as the scheduler shows another (an upstream one, or the stage a part belongs to): Family@version.
+SHOWN_UPSTREAM = re.compile(r"[A-Z]\w+@[0-9a-f]{12}")
 
 
 @dataclass
@@ -40,6 +52,8 @@ class ScheduledRun:
     results: Path
     report: Path
     train_dir: Path
+    root_id: str
+    versions: dict[str, str]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +65,9 @@ def scheduled_run(tmp_path_factory, mnist_subset):
     install_luigi_config(tiny_config(root, mnist_subset.as_uri()))
     try:
         succeeded = luigi.build([RunAll()], scheduler_host="127.0.0.1", scheduler_port=port, log_level="WARNING")
+        versions = {task.get_task_family(): task.version for task in whole_dag(RunAll()) if isinstance(task, Stage)}
         yield ScheduledRun(ui, succeeded, root / "results", Path(Report().marker),
-                           Path(Train().directory))
+                           Path(Train().directory), RunAll().task_id, versions)
     finally:
         restore_luigi_config(original)
         stop_scheduler(root / "luigid")
@@ -88,6 +103,41 @@ def test_every_task_is_done_on_the_scheduler_with_its_last_progress(scheduled_ru
     # One batch for the loss and the model's metrics, one for the predictions the accuracy comes from.
     assert by_family["Evaluate"][0]["status_message"] == "2/2 batches"
     assert by_family["Predict"][0]["status_message"] == "1/1 batches - 18 images"
+
+
+def test_the_scheduler_shows_significant_parameters_and_upstream_versions(scheduled_run):
+    tasks = scheduler_api(scheduled_run.ui, "task_list", status="DONE", upstream_status="", search="")
+    by_family = {task["name"]: task for task in tasks.values()}
+    version = scheduled_run.versions
+
+    def upstream(*families: str) -> str:
+        return ", ".join(f"{family}@{version[family]}" for family in families)
+
+    # Their own significant parameters, nothing insignificant (batch_size, rerun), and each upstream by version.
+    assert by_family["Evaluate"]["params"] == {"split": "test", "upstream": upstream("Train")}
+    assert by_family["Report"]["params"] == {"upstream": upstream("Evaluate", "Predict")}
+    assert by_family["RunRecord"]["params"] == {"upstream": upstream("Evaluate", "Report", "Predict")}
+    assert by_family["RunAll"]["display_name"] == f"RunAll(upstream={upstream('Train')})"
+    assert by_family["Train"]["params"]["upstream"] == upstream("Convert")
+    assert json.loads(by_family["Train"]["params"]["params"]) == {"conv_filters": [8], "dense_units": 16}
+    assert "save_checkpoints_steps" not in by_family["Train"]["params"]
+    assert "source_url" not in by_family["Download"]["params"]
+    # Convert's parts by what is their own and the Convert they belong to.
+    assert by_family["PlanConversion"]["params"] == {"of": upstream("Convert")}
+    assert sorted((shard["params"]["split"], shard["params"]["index"], shard["params"]["of"])
+                  for shard in tasks.values() if shard["name"] == "ConvertShard") == \
+        [(split, str(index), upstream("Convert")) for split in ("test", "train", "validation") for index in (0, 1)]
+    for task in tasks.values():
+        assert "\\" not in task["display_name"], task["display_name"]
+        shown = task["params"].get("upstream") or task["params"].get("of")
+        assert (shown is None) == (task["name"] == "Download"), task["params"]
+        assert shown is None or all(map(SHOWN_UPSTREAM.fullmatch, shown.split(", "))), shown
+
+    # The graph follows the stages: the record requires the stages, Convert its shards.
+    graph = scheduler_api(scheduled_run.ui, "dep_graph", task_id=scheduled_run.root_id)
+    deps = {task["name"]: sorted(graph[dep]["name"] for dep in task["deps"]) for task in graph.values()}
+    assert deps["RunRecord"] == ["Convert", "Download", "Evaluate", "Predict", "Report", "Train"]
+    assert deps["Convert"] == ["ConvertShard"] * 6
 
 
 @pytest.fixture(scope="module")
@@ -143,20 +193,56 @@ def images_rendered(session) -> list[bool]:
         "return Array.from(document.images, i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0);")
 
 
+def task_table(session, ui: str) -> list[list[str]]:
+    """The text of each cell of the visualiser's task list, every task listed and shown."""
+    session.get(f"{ui}/static/visualiser/index.html")
+
+    def rows():
+        return session.find_elements("css selector", "#taskTable tbody tr")
+
+    # The task table fills in from the scheduler's API after the page loads; show every row.
+    wait_for(session, lambda: any(row.text.startswith("DONE") for row in rows()))
+    session.execute_script("$('#taskTable').DataTable().page.len(-1).draw();")
+    return wait_for(session, lambda: len(cells := [[cell.text for cell in row.find_elements("css selector", "td")]
+                                                   for row in rows()]) == TASKS and cells)
+
+
 @pytest.mark.browser
 def test_visualiser_lists_every_pipeline_task_as_done(scheduled_run, browser):
-    browser.get(f"{scheduled_run.ui}/static/visualiser/index.html")
-    # The task table fills in from the scheduler's API after the page loads; show every row.
-    wait_for(browser, lambda: any(row.text.startswith("DONE")
-                                  for row in browser.find_elements("css selector", "#taskTable tbody tr")))
-    browser.execute_script("$('#taskTable').DataTable().page.len(-1).draw();")
-    rows = wait_for(browser, lambda: [row.text for row in browser.find_elements("css selector", "#taskTable tbody tr")
-                                      if row.text.startswith("DONE")])
+    rows = task_table(browser, scheduled_run.ui)
     screenshot(browser, "visualiser.png")
 
-    listed = {row.split("\n")[0].split()[1] for row in rows}
-    assert listed == FAMILIES
-    assert len(browser.find_elements("css selector", "#taskTable tbody tr")) == len(rows), "a task is not DONE"
+    assert {name for _, name, *_ in rows} == FAMILIES
+    assert all(status.startswith("DONE") for status, *_ in rows), "a task is not DONE"
+
+
+@pytest.mark.browser
+def test_task_details_and_the_graph_read_without_escapes(scheduled_run, browser):
+    # Name and Details, the table's second and third columns.
+    rows = [row[1:3] for row in task_table(browser, scheduled_run.ui)]
+    screenshot(browser, "task-list.png")
+
+    assert {name for name, _ in rows} == FAMILIES
+    for name, details in rows:
+        assert "\\" not in details, f"{name}: {details}"
+        assert len(details) <= READABLE_DETAILS, f"{name}: {len(details)} characters: {details}"
+    details = dict(rows)
+    assert details["Evaluate"] == f"split=test, upstream=Train@{scheduled_run.versions['Train']}"
+    assert details["RunAll"] == f"upstream=Train@{scheduled_run.versions['Train']}"
+
+    browser.get(f"{scheduled_run.ui}/static/visualiser/index.html#tab=graph&visType=svg"
+                f"&taskId={scheduled_run.root_id}")
+    nodes = wait_for(browser, lambda: len(found := browser.find_elements(
+        "css selector", "#graphPlaceholder svg .graph-node-a")) == TASKS and found)
+    title = browser.find_element("css selector", "#dependencyTitle").text
+    screenshot(browser, "graph.png")
+    assert title == f"RunAll(upstream=Train@{scheduled_run.versions['Train']})"
+    assert sorted(node.get_attribute("data-task-id").split("_")[0] for node in nodes) == \
+        sorted([*FAMILIES - {"ConvertShard"}, *["ConvertShard"] * 6])
+    # Each node's popover lists the task's details, as the task list does.
+    popovers = browser.execute_script(
+        "return $('#graphPlaceholder svg g').map((i, g) => $(g).data('bs.popover')?.options.content).get();")
+    assert len(popovers) == TASKS and not any("\\" in content for content in popovers), popovers
 
 
 @pytest.mark.browser

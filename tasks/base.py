@@ -1,11 +1,20 @@
-"""The base of the pipeline's tasks: one identity, a locked and repairing run, and `--rerun`.
+"""The base classes of the pipeline's tasks, and the index they record their versions in.
+
+- `PipelineTask`: what every task shares: its Luigi id, derived from what it makes; its upstream
+  tasks, given as parameters; how it shows in logs and in the scheduler's UI. The gatherings
+  (`RunAll`, `Sweep`, see tasks.runs) are plain `PipelineTask`s.
+- `Step`: a task that writes one output under that output's lock, complete once it exists (under
+  `--rerun`, once it was rewritten). The steps that are not stages are parts of one: Convert's
+  plan and shards, written into its folder.
+- `Stage`: a step whose output is a folder of its own, named by its version, and recorded in the
+  index once complete.
 
 **One identity.** A stage's version hashes its identity: its significant parameters, the
 versions of the stages it reads (passed as parameters, see `UpstreamParameter`), the code it
 runs (its `entry_points` and its own `produce`, followed by pipeline.fingerprint) and, for Train
-and what follows, the model file. Its folder is derived from that version under the layout roots,
-and its Luigi task id from that folder. So two tasks that would write different folders never
-share an id, on any scheduler, and two that would write the same folder always do.
+and what follows, the model file. Its folder is derived from that version by `stage_folder`
+(tasks.config), and its Luigi task id from that folder. So two tasks that would write different
+folders never share an id, on any scheduler, and two that would write the same folder always do.
 """
 from __future__ import annotations
 
@@ -15,10 +24,11 @@ import hashlib
 import importlib
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Iterator
 
 import luigi
+from luigi.parameter import ParameterVisibility
 from luigi.task_register import Register, TaskClassException
 
 from pipeline import index as version_index
@@ -28,9 +38,11 @@ from pipeline.locks import file_lock
 from pipeline.storage import TEMP_INFIX, remove_temporaries
 from pipeline.leaderboard import rebuild_leaderboard, shown
 from pipeline.convert import report_of
-from tasks.config import layout, isolate_remote_io
+from tasks.config import (entry_patterns, index_path, isolate_remote_io, layout_roots, locks_folder, results_root,
+                          stage_folder)
 from tasks.console import pipeline_error, say, task_name
 from tasks.parameters import UpstreamParameter
+
 
 
 def _short_hash(text: str, length: int = 16) -> str:
@@ -68,33 +80,39 @@ def dag(*roots: luigi.Task) -> Iterator[luigi.Task]:
         yield from visit(root)
 
 
-class Identified(luigi.Task):
-    """A task whose Luigi id is derived from what it makes (`identity_key`), not from its own
-    parameters alone, which would leave out what it reads."""
+class PipelineTask(luigi.Task):
+    """A task whose Luigi id is derived from what it makes (`id_suffix`), not from its own
+    parameters alone, which would leave out what it reads; its upstream tasks are parameters
+    (`UpstreamParameter`), the ones luigi.cfg describes when left out."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.prepare()
+        for name in self.upstream_names():
+            if getattr(self, name) is None:
+                setattr(self, name, self.default_upstream(name))
+                self.param_kwargs[name] = getattr(self, name)
+        # Checked as each task is made, its upstream made with it: a bad value anywhere in the
+        # DAG fails when the root task is built, before any task is scheduled or run.
+        self.validate()
         self.task_id = f"{self.get_task_family()}_{self.id_suffix()}"
 
     def __hash__(self):
         return hash(self.task_id)
 
-    def prepare(self) -> None:
-        """Complete and check the parameters, before the id is derived from them: an upstream
-        task left out becomes the one `default_upstream` gives."""
-        for name in self.upstream_names():
-            if getattr(self, name) is None:
-                setattr(self, name, self.default_upstream(name))
-                self.param_kwargs[name] = getattr(self, name)
-
     @classmethod
     def upstream_names(cls) -> list[str]:
         return [name for name, param in cls.get_params() if isinstance(param, UpstreamParameter)]
 
+    def upstream(self) -> list[luigi.Task]:
+        """The upstream tasks, in parameter order (for a stage, those whose versions its version depends on)."""
+        return [getattr(self, name) for name in self.upstream_names()]
+
     def default_upstream(self, name: str) -> luigi.Task:
         """The upstream task `name` when none was given: the one its section of luigi.cfg describes."""
         return dict(self.get_params())[name].task_class()
+
+    def validate(self) -> None:
+        """Raise ConfigError for a parameter value this task cannot use, naming the valid ones."""
 
     def id_suffix(self) -> str:
         """By default, a hash of what the task requires: the id of a task that makes nothing itself."""
@@ -106,19 +124,37 @@ class Identified(luigi.Task):
         return {name: _thawed(getattr(self, name)) for name, param in self.get_params()
                 if param.significant and name not in upstream}
 
+    def shown(self) -> dict[str, str]:
+        """What names this task beside its own significant parameters: its upstream tasks, as
+        Family@version (a task without a version, by its id); their whole parameters would bury
+        this task's own."""
+        upstream = [f"{task.get_task_family()}@{task.version}" if isinstance(task, Stage) else task.task_id
+                    for task in self.upstream() if task is not None]
+        return {"upstream": ", ".join(upstream)} if upstream else {}
+
     def __repr__(self) -> str:
-        # Upstream stages by family and version: their whole parameters would bury this task's own.
-        own = ", ".join(f"{name}={value}" for name, value in self.significant_values().items())
-        upstream = ", ".join(f"{name}={task.get_task_family()}@{task.version}" if isinstance(task, Stage)
-                             else f"{name}={task.task_id}"
-                             for name, task in ((name, getattr(self, name)) for name in self.upstream_names()))
-        return f"{self.get_task_family()}({', '.join(filter(None, (own, upstream)))})"
+        shown = {**self.significant_values(), **self.shown()}
+        return f"{self.get_task_family()}({', '.join(f'{name}={value}' for name, value in shown.items())})"
+
+    # The scheduler's task list and dependency graph show of a task the parameters Luigi sends it
+    # as public: here what its repr shows, its own significant parameters and `shown()`. The rest
+    # is sent too, hidden: Luigi rebuilds a task from it in another process (a dynamic
+    # dependency), and ignores the keys of `shown()`, which are no parameters.
+
+    def to_str_params(self, only_significant=False, only_public=False):
+        return {**super().to_str_params(only_significant=only_significant, only_public=only_public), **self.shown()}
+
+    def _get_param_visibilities(self):
+        public = {name for name, param in self.get_params() if param.visibility == ParameterVisibility.PUBLIC}
+        shown = (public & set(self.significant_values())) | set(self.shown())
+        return {name: (ParameterVisibility.PUBLIC if name in shown else ParameterVisibility.HIDDEN).serialize()
+                for name in self.to_str_params()}
 
 
-class Rerunnable(Identified):
-    """A task complete when its output exists; under --rerun, only once it was rewritten after the
-    task was scheduled. The check reads the file's time, so it holds in forked worker processes too.
-    Its output is a `StorageTarget`."""
+class Step(PipelineTask):
+    """A task that writes one output (a `StorageTarget`) under that output's lock: complete when
+    the output exists; under --rerun, only once it was rewritten after the task was scheduled. The
+    check reads the file's time, so it holds in forked worker processes too."""
 
     rerun = luigi.BoolParameter(default=False, significant=False,
                                 description="Ignore this stage's finished outputs and run it again; "
@@ -194,33 +230,20 @@ class Rerunnable(Identified):
         return [f"{self.output().path}{TEMP_INFIX}*"]
 
 
-class Stage(Rerunnable):
+class Stage(Step):
     """A pipeline stage: one versioned folder, complete once its marker, written last, exists.
 
     Subclasses set `marker_name` and `entry_points` (the pipeline functions `produce()` calls, as
-    `module:name`, and any other code that makes their output),
-    declare their upstream stages as `UpstreamParameter`s, place their folder (`folder`) and
-    implement `produce()`.
+    `module:name`, and any other code that makes their output), declare their upstream stages as
+    `UpstreamParameter`s, say `where` their folder lies (the values `stage_folder` needs besides
+    the version) and implement `produce()`.
     """
 
     marker_name: ClassVar[str] = ""
     entry_points: ClassVar[tuple[str, ...]] = ()
 
-    def prepare(self) -> None:
-        super().prepare()
-        # Checked as each task is made, its upstream made with it: a bad value anywhere in the
-        # DAG fails when the root task is built, before any stage is scheduled or run.
-        self.validate()
-
     def id_suffix(self) -> str:
         return f"{self.version}_{_short_hash(location(self.directory), 8)}"
-
-    def upstream(self) -> list[Stage]:
-        """The stages whose versions this one's version depends on, in parameter order."""
-        return [getattr(self, name) for name in self.upstream_names()]
-
-    def validate(self) -> None:
-        """Raise ConfigError for a parameter value this stage cannot use, naming the valid ones."""
 
     def upstream_versions(self) -> dict[str, str]:
         return {name: task.version for name, task in zip(self.upstream_names(), self.upstream())}
@@ -247,12 +270,13 @@ class Stage(Rerunnable):
     def version(self) -> str:
         return versioning.version_of(self.identity)
 
+    def where(self) -> dict[str, str]:
+        """What `stage_folder` needs, besides the version, to place this stage's folder."""
+        return {"dataset": self.dataset}
+
     @functools.cached_property
     def directory(self) -> str:
-        return self.folder(self.version)
-
-    def folder(self, version: str) -> str:
-        raise NotImplementedError
+        return stage_folder(self.get_task_family(), self.version, **self.where())
 
     @property
     def marker(self) -> str:
@@ -354,16 +378,11 @@ _indexed: dict[str, set[str]] = {}
 
 
 def show_leaderboard(index: dict) -> None:
-    rebuild_leaderboard(layout().results_root, index)
+    rebuild_leaderboard(results_root(), index)
 
 
 def index_repair() -> version_index.IndexRepair:
-    """Where the entry files lie: a version's folder is at most 4 levels below results_root (a
-    Report's), 3 below data_root, or, for an output that is a file, results_root itself."""
-    roots = layout()
-    patterns = [storage.join(root, *["*"] * depth, version_index.ENTRY_GLOB)
-                for root, depths in ((roots.results_root, 5), (roots.data_root, 4)) for depth in range(depths)]
-    return version_index.IndexRepair(patterns, layout_roots(), rebuilt=show_leaderboard)
+    return version_index.IndexRepair(entry_patterns(), layout_roots(), rebuilt=show_leaderboard)
 
 
 def _seen(index: dict) -> dict:
@@ -400,9 +419,18 @@ def add_entry_files(index: dict) -> None:
             storage.write_json(version_index.entry_file(entry["path"], entry["marker"]), entry)
 
 
-def forget_folders(folders: list[str]) -> dict:
-    """Drop the versions within the removed `folders` from the index, and the leaderboard's rows of them."""
-    return _seen(version_index.forget_folders(index_path(), folders, then=show_leaderboard, repair=index_repair()))
+def remove_versions(paths: Iterable[str]) -> list[str]:
+    """Remove the outputs of versions (their folders, or files), then forget them: the index drops
+    every version within one removed, and the leaderboard loses their rows. What was removed is
+    forgotten even when a later removal fails. Returns the paths removed."""
+    removed: list[str] = []
+    try:
+        for path in paths:
+            storage.remove_tree(path)
+            removed.append(path)
+    finally:
+        _seen(version_index.forget_folders(index_path(), removed, then=show_leaderboard, repair=index_repair()))
+    return removed
 
 
 def indexed_keys() -> set[str]:
@@ -418,27 +446,3 @@ def _thawed(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_thawed(item) for item in value]
     return value
-
-
-def layout_roots() -> list[str]:
-    """data_root and results_root: what the pipeline writes is within them."""
-    return [location(layout().data_root), location(layout().results_root)]
-
-
-def locks_folder(output: str) -> str:
-    """The lock folder of the layout root that holds `output` (the innermost, should one hold the
-    other), so that every machine writing `output` reaches its lock as it reaches the output: under
-    a local data_root, the lock of an output on S3 would be each machine's own."""
-    roots = layout_roots()
-    return storage.join(max((root for root in roots if storage.is_inside(output, root)), key=len,
-                            default=roots[0]), ".locks")
-
-
-def locks_folders() -> list[str]:
-    """Every lock folder a stage's lock may be in (one when both roots are the same)."""
-    return list(dict.fromkeys(map(locks_folder, layout_roots())))
-
-
-def index_path() -> str:
-    return storage.join(layout().results_root, version_index.INDEX_FILE)
-
