@@ -12,7 +12,8 @@ import urllib.parse
 import luigi
 import luigi.configuration
 
-from pipeline import storage, versioning
+from pipeline import index as version_index
+from pipeline import storage
 
 
 class layout(luigi.Config):  # noqa: N801 - Luigi names a config section after its class
@@ -74,7 +75,7 @@ def layout_roots() -> list[str]:
 
 
 def index_path() -> str:
-    return storage.join(results_root(), versioning.INDEX_FILE)
+    return storage.join(results_root(), version_index.INDEX_FILE)
 
 
 def entry_patterns() -> list[str]:
@@ -82,7 +83,7 @@ def entry_patterns() -> list[str]:
     levels below results_root (a Report's), 3 below data_root, or, for an output that is a file
     (a Comparison's), results_root itself."""
     roots = layout()
-    return [storage.join(root, *["*"] * depth, versioning.ENTRY_GLOB)
+    return [storage.join(root, *["*"] * depth, version_index.ENTRY_GLOB)
             for root, depths in ((roots.results_root, 5), (roots.data_root, 4)) for depth in range(depths)]
 
 
@@ -91,7 +92,7 @@ def locks_folder(output: str) -> str:
     other), so that every machine writing `output` reaches its lock as it reaches the output: under
     a local data_root, the lock of an output on S3 would be each machine's own."""
     roots = layout_roots()
-    return storage.join(max((root for root in roots if versioning.is_inside(output, root)), key=len,
+    return storage.join(max((root for root in roots if storage.is_inside(output, root)), key=len,
                             default=roots[0]), ".locks")
 
 
