@@ -79,7 +79,7 @@ def index_path() -> str:
 
 
 def entry_patterns() -> list[str]:
-    """Where the entry files may lie (see pipeline.versioning): a version's folder is at most 4
+    """Where the entry files may lie (see pipeline.index): a version's folder is at most 4
     levels below results_root (a Report's), 3 below data_root, or, for an output that is a file
     (a Comparison's), results_root itself."""
     roots = layout()
