@@ -175,8 +175,15 @@ class Step(PipelineTask):
         path = self.output().path
         return storage.written_since(path, self._scheduled_ns) if self.rerun else storage.exists(path)
 
+    # Whether this process found it incomplete: then, found complete later, it was made in this
+    # run (here or by another process), not reused. Luigi keeps one instance per task and process.
+    found_incomplete = False
+    # Whether the console says "reused" of it when it is found complete.
+    said_reused = True
+
     def complete(self) -> bool:
         done = self.done()
+        self.found_incomplete |= not done
         if not done and self.uses_tensorflow and "tensorflow" not in sys.modules:
             # Luigi checks completeness while scheduling, in the process that later forks one
             # worker process per task under --workers N. Importing TensorFlow there once, and

@@ -148,8 +148,12 @@ def _on_failure(task: luigi.Task, error: BaseException) -> None:
 
 def _on_present(task: luigi.Task) -> None:
     _remember(task)
-    # A task that `requires_whole_dag` has its requirements found done again once they have run.
-    if not getattr(_discovered_by.get(task.task_id), "requires_whole_dag", False):
+    # A task that `requires_whole_dag` has its requirements found done again once they have run,
+    # and a gathering has what it made checked again (see tasks.runs): only what this run did not
+    # have to make is reused.
+    if getattr(task, "said_reused", True) and not (
+            getattr(_discovered_by.get(task.task_id), "requires_whole_dag", False)
+            or getattr(task, "found_incomplete", False)):
         say(f"reused  {task_name(task)}")
 
 

@@ -144,6 +144,9 @@ class ConvertPart(Step):
     `--workers N` writes N shards at once. It is named by what is its own and by the Convert
     version it belongs to: Convert's parameters, repeated on every part, would bury the rest."""
 
+    # Reused with its Convert: the console says so of the Convert alone.
+    said_reused = False
+
     def convert(self) -> Convert:
         return self.clone(Convert)
 
