@@ -213,9 +213,12 @@ def _module(name: str) -> _Module | None:
     path = _module_file(name)
     if path is None:
         return None
-    tree = _strip(ast.parse(path.read_bytes(), filename=str(path)))
+    # Stripped (see `_strip`) part by part, as each is hashed: most of a module is never reached.
+    tree = ast.parse(path.read_bytes(), filename=str(path))
     module = _Module(name, path.name == "__init__.py", any(map(_is_exemption, tree.body)))
     for statement in tree.body:
+        if _is_bare_string(statement) or _is_log_call(statement):
+            continue
         if isinstance(statement, (ast.Import, ast.ImportFrom)):
             _record_import(module, statement)
         elif isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -582,6 +585,8 @@ def _part(module_name: str, qualified: str, packages: tuple[str, ...]) -> tuple[
     if not statements:
         raise ConfigError(f"no {qualified!r} in {module_name}; expected a function, class, method or "
                           "constant defined at its module level, or a method of a class there or of its bases")
+    for statement in statements:
+        _strip(statement)  # in place, once per statement: stripping again changes nothing
     home = _module(defining[0] if defining else module_name)
     found = _References(home, packages, context, defining)
     found.scan(statements)
