@@ -17,7 +17,8 @@ from PIL import ExifTags, Image, ImageOps
 
 from pipeline.errors import ConfigError, CorruptShard, DatasetError, StageOutputError, UnusableImage
 from pipeline import storage
-from pipeline.storage import atomic_path, read_json, sha256_file, visible_keys, write_json
+from pipeline.datafiles import visible_keys
+from pipeline.storage import atomic_path, read_json, sha256_file, write_json
 from pipeline.progress import Progress
 
 SPLITS = ("train", "validation", "test")

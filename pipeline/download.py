@@ -32,8 +32,8 @@ from pathlib import Path, PurePosixPath
 from pipeline.errors import (ChecksumMismatch, ConfigError, DatasetError, DownloadError, RefusedURL, SizeCapExceeded,
                              UnsafeArchiveError)
 from pipeline import storage
-from pipeline.storage import (TEMP_INFIX, atomic_path, flush_to_disk, publish_folder, remove_tree, sha256_file, visible,
-                              visible_keys, write_json)
+from pipeline.datafiles import visible, visible_keys
+from pipeline.storage import TEMP_INFIX, atomic_path, flush_to_disk, publish_folder, remove_tree, sha256_file, write_json
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -511,7 +511,7 @@ class _ExtractionBudget:
 
 
 def drop_hidden(tree: Path) -> list[str]:
-    """Remove every hidden file and folder below `tree` (see `storage.visible`: a name starting
+    """Remove every hidden file and folder below `tree` (see `datafiles.visible`: a name starting
     with '.' or '__MACOSX') and return their paths relative to `tree`, a folder's with a trailing
     '/'. They are never data (every reader skips them), and published they could pose as the
     pipeline's own files, such as a stage's index entry (`index.ENTRY_FILE`)."""

@@ -1,7 +1,8 @@
 """Exception types raised at the library's boundaries. Each message names the bad value and the expectation."""
 
-# What goes wrong, and what it is called: a failure makes no result, so its wording changes none
-# (see pipeline.fingerprint).
+# What goes wrong, and what it is called: the wording of a failure changes no result. Which class
+# derives from which can (`except UnusableImage` leaves an image out), so a class named by counted
+# code counts by its bases, never by its body (see pipeline.fingerprint).
 AFFECTS_RESULTS = False
 
 

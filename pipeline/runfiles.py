@@ -28,7 +28,15 @@ BEST_EXPORT = "best"
 
 
 def newest_export(folder: str) -> str | None:
-    """The newest complete SavedModel among the timestamped exports in `folder`, if any."""
+    """The newest complete SavedModel among the timestamped exports in `folder`, if any: the one
+    whose timestamp (its folder's name, seconds since the epoch) is the largest. Decided here, not
+    by the order a listing comes in (pipeline.storage enters no version)."""
     exports = [path for path in storage.glob(storage.join(folder, "[0-9]*"))
                if storage.exists(storage.join(path, "saved_model.pb"))]
-    return exports[-1] if exports else None
+    return max(exports, key=_timestamp, default=None)
+
+
+def _timestamp(export: str) -> tuple[int, str]:
+    # Numbers of more digits are larger; among as many digits, the larger name is the later time.
+    name = storage.name(export)
+    return len(name), name

@@ -34,7 +34,8 @@ from typing import IO, Any, Callable, Iterable, Iterator
 from pipeline.errors import MissingBucket
 
 # Moves bytes between places and never changes them: how a result is stored cannot change the
-# result (see pipeline.fingerprint).
+# result (see pipeline.fingerprint). Which files form a dataset, and in what order, is decided
+# elsewhere (pipeline.datafiles, runfiles.newest_export), never by a listing's order here.
 AFFECTS_RESULTS = False
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,6 @@ log = logging.getLogger(__name__)
 S3_PREFIX = "s3://"
 # Temporary siblings carry this infix, so that what a crash left is recognisable as such.
 TEMP_INFIX = ".tmp-"
-# Names that operating systems and archivers leave beside data (.DS_Store, AppleDouble ._*, __MACOSX).
-_HIDDEN_PREFIXES = (".", "__MACOSX")
 _UPLOADS_AT_ONCE = 16
 
 
@@ -81,11 +80,6 @@ def relative(location: str | os.PathLike, root: str | os.PathLike) -> str:
 def is_inside(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or lies within it (both named alike: see `absolute`)."""
     return path == folder or path.startswith(folder.rstrip("/") + "/")
-
-
-def visible(file_name: str) -> bool:
-    """Whether a file or folder name is data rather than something an OS or archiver left."""
-    return not file_name.startswith(_HIDDEN_PREFIXES)
 
 
 def tf_path(location: str | os.PathLike) -> str:
@@ -242,30 +236,32 @@ def size_of(location: str | os.PathLike) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
-def visible_keys(folder: str | os.PathLike) -> list[str]:
-    """Relative POSIX paths of every file below `folder`, leaving out hidden files and anything in
-    hidden folders; sorted by path components. Locally `os.scandir` rather than `Path.rglob`: on
-    20k files, pathlib's per-file objects made listing cost more than a shard."""
+def keys_below(folder: str | os.PathLike, keep: Callable[[str], bool]) -> list[str]:
+    """Relative POSIX paths of every file below `folder` whose name, and the name of every folder
+    on its way, `keep` accepts; in no particular order (the caller decides which files and in what
+    order: see pipeline.datafiles). Locally `os.scandir` rather than `Path.rglob`: on 20k files,
+    pathlib's per-file objects made listing cost more than a shard; a folder `keep` refuses is not
+    entered."""
     if is_remote(folder):
-        keys = [key for key, _ in s3_objects(str(folder)) if all(map(visible, key.split("/")))]
-        return sorted(keys, key=lambda key: key.split("/"))
+        return [key for key, _ in s3_objects(str(folder)) if all(map(keep, key.split("/")))]
     keys, pending = [], [""]
     while pending:
         prefix = pending.pop()
         with os.scandir(os.path.join(folder, prefix)) as entries:
             for entry in entries:
-                if not visible(entry.name):
+                if not keep(entry.name):
                     continue
                 key = f"{prefix}/{entry.name}" if prefix else entry.name
                 if entry.is_dir():
                     pending.append(key)
                 elif entry.is_file():
                     keys.append(key)
-    return sorted(keys, key=lambda key: key.split("/"))
+    return keys
 
 
 def glob(pattern: str | os.PathLike) -> list[str]:
-    """Files and folders matching `pattern`, with wildcards in any of its components, sorted."""
+    """Files and folders matching `pattern`, with wildcards in any of its components, sorted (for
+    a reader; a caller that picks one by its place, the newest say, orders them itself)."""
     pattern = str(pattern)
     if not is_remote(pattern):
         return sorted(local_glob.glob(pattern))

@@ -1,6 +1,9 @@
 """Luigi tasks of the pipeline: `luigi --module tasks RunAll`, or `Sweep` for a grid of runs."""
 import luigi.interface
 
+# Sets up the console and gathers the tasks: nothing a stage computes (see pipeline.fingerprint).
+AFFECTS_RESULTS = False
+
 # This package is where every command starts (Luigi imports it for `--module tasks`, and each
 # `python -m tasks.<command>` imports it first): its console is set up here, before anything
 # loads TensorFlow.

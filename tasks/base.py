@@ -43,6 +43,9 @@ from tasks.config import (entry_patterns, index_path, isolate_remote_io, layout_
 from tasks.console import pipeline_error, say, task_name
 from tasks.parameters import UpstreamParameter
 
+# Whether, when and where a stage runs (scheduling, locks, folders), its identity and the index:
+# a stage's version is decided here, what its produce() computes is not (see pipeline.fingerprint).
+AFFECTS_RESULTS = False
 
 
 def _short_hash(text: str, length: int = 16) -> str:
@@ -269,9 +272,9 @@ class Stage(Step):
 
     @classmethod
     def code_entry_points(cls) -> tuple[str, ...]:
-        """`entry_points`, and this stage's own produce(): it decides what they are given."""
-        owner = next(base for base in cls.__mro__ if "produce" in vars(base))
-        return (*cls.entry_points, f"{owner.__module__}:{owner.__qualname__}.produce")
+        """`entry_points`, and this stage's own produce(): it decides what they are given. Named
+        on this class, so that `self.x` in it is followed to this class's x (see pipeline.fingerprint)."""
+        return (*cls.entry_points, f"{cls.__module__}:{cls.__qualname__}.produce")
 
     @functools.cached_property
     def version(self) -> str:

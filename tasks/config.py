@@ -15,6 +15,10 @@ import luigi.configuration
 from pipeline import index as version_index
 from pipeline import storage
 
+# Where outputs lie (the layout, each stage's folder, the index, the locks) and the TensorBoard
+# link a run shows, never what an output holds (see pipeline.fingerprint).
+AFFECTS_RESULTS = False
+
 
 class layout(luigi.Config):  # noqa: N801 - Luigi names a config section after its class
     data_root = luigi.Parameter(default="data", description="Folder, or s3://bucket/prefix, of downloaded and "

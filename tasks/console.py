@@ -36,6 +36,10 @@ from luigi.cmdline_parser import CmdlineParser
 
 from pipeline.errors import PipelineError
 
+# What the console prints is read by people, never by a task: it cannot change a result
+# (see pipeline.fingerprint).
+AFFECTS_RESULTS = False
+
 logger = logging.getLogger("luigi-interface")
 # The run's own lines, printed whatever Luigi's log level: they are what the console is for.
 story = logging.getLogger("tasks.console")

@@ -21,6 +21,9 @@ from pipeline.errors import PipelineError
 from tasks.runs import Gathering, whole_dag
 from tasks.base import Stage, load_index
 
+# Says what would run and why; it runs and writes nothing (see pipeline.fingerprint).
+AFFECTS_RESULTS = False
+
 # What a stage's `content` is, where it has one.
 _CONTENT = {"Train": "the model file", "Predict": "the input folder's images"}
 

@@ -28,6 +28,9 @@ from tasks.runs import RunAll, whole_dag
 from tasks.base import Stage, load_index, remove_versions
 from tasks.config import layout_roots, locks_folders
 
+# Lists and removes versions; it makes none (see pipeline.fingerprint).
+AFFECTS_RESULTS = False
+
 # Stages that only describe one evaluation: kept with it, though they are not upstream of it.
 _DESCRIBING = ("Report", "RunRecord")
 

@@ -10,6 +10,10 @@ from luigi.task_register import Register
 
 from pipeline.errors import ConfigError
 
+# Parses parameters: the parsed values are in each stage's identity, so how they are parsed
+# cannot change a result without changing the version (see pipeline.fingerprint).
+AFFECTS_RESULTS = False
+
 
 class ParamsParameter(luigi.DictParameter):
     """A JSON object on the command line; anything else is refused with the value and an example."""

@@ -7,6 +7,9 @@ import time
 import luigi
 from tqdm import tqdm
 
+# Progress is shown, never read back: it cannot change a result (see pipeline.fingerprint).
+AFFECTS_RESULTS = False
+
 
 class TaskProgress:
     """Relays progress to the scheduler, which the UI shows live, at most once a second (each

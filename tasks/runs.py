@@ -172,7 +172,10 @@ class Comparison(Stage):
     """sweep-<version>.csv and .html beside the leaderboard: the leaderboard rows of one sweep's
     runs, best first."""
 
-    entry_points = ("pipeline.leaderboard:write_table", "pipeline.leaderboard:rows_of")
+    # Its rows are the evaluations' leaderboard rows, with their reports' links, as their index
+    # entries hold them.
+    entry_points = ("pipeline.leaderboard:write_table", "pipeline.leaderboard:rows_of", "tasks.stages:Evaluate.entry",
+                    "tasks.stages:Report.entry")
     requires_whole_dag = True  # as RunRecord's
     sweep = UpstreamParameter(Sweep)
 

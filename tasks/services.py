@@ -17,6 +17,10 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError, PipelineError
 
+# Starts and stops the scheduler and TensorBoard, around runs, never inside one: it cannot
+# change a result (see pipeline.fingerprint).
+AFFECTS_RESULTS = False
+
 PIDFILE = "luigid.pid"
 STATE_FILE = "state.pickle"
 LOG_FILE = "luigi-server.log"

@@ -204,9 +204,10 @@ class Train(Stage):
     """Train an Estimator from a model file; results/<dataset>/<model>-<version>/ holds model_dir and export."""
 
     marker_name = "train.json"
-    # With the entry point of a cluster's other roles (`python -m pipeline.cluster`, and
-    # tasks.cluster_role's run_role): their code trains too.
-    entry_points = ("pipeline.training:train_model", "pipeline.cluster:__main__", "pipeline.cluster:run_role")
+    # With the entry points of a cluster's other roles (`python -m pipeline.cluster`, and
+    # `python -m tasks.cluster_role` with what role_arguments gives it): their code trains too.
+    entry_points = ("pipeline.training:train_model", "pipeline.cluster:__main__", "tasks.cluster_role:__main__",
+                    "tasks.stages:Train.role_arguments")
     uses_tensorflow = True
     # `[resources] train` in luigi.cfg caps the trainings run at once, whatever --workers says.
     resources = {"train": 1}

@@ -150,24 +150,240 @@ def test_a_model_file_counts_by_its_syntax_tree_and_other_files_by_their_bytes()
     assert fingerprint.normalised_source(b"not python (") == b"not python ("
 
 
-def test_the_stages_count_what_they_run_without_tensorflow():
-    probe = textwrap.dedent("""
+def test_self_methods_and_their_bases_are_followed_and_an_exempt_base_adds_nothing(package):
+    package.write(
+        base="""
+            # Scheduling only.
+            AFFECTS_RESULTS = False
+
+            class Scheduled:
+                def helper(self):
+                    return 'scheduled'
+            """,
+        mid=f"""
+            from {package.name}.base import Scheduled
+
+            class Mid(Scheduled):
+                SCALE = 2
+
+                def compute(self, x):
+                    return x * type(self).SCALE
+
+                def produce(self):
+                    return 0
+            """,
+        a=f"""
+            import luigi
+            from {package.name}.mid import Mid
+
+            class Stage(Mid):
+                size = luigi.IntParameter(description="help text")
+
+                def produce(self):
+                    return self.compute(self.size) + super().produce() + len(self.helper()) + self.input()
+
+                def unused(self):
+                    return 1
+            """)
+    first = package.identity("a:Stage.produce")
+    assert set(first) == {"a:Stage.produce", "a:Stage.compute", "a:Stage.SCALE", "mid:Mid.produce"}, \
+        "a parameter, a luigi.Task method and an exempt base's method count nothing"
+    package.write(mid=package.root.joinpath("mid.py").read_text().replace("x * type", "x + type"))
+    assert changed(first, package.identity("a:Stage.produce")) == {"a:Stage.compute"}
+    package.write(base=package.root.joinpath("base.py").read_text().replace("'scheduled'", "'elsewhere'"))
+    package.write(a=package.root.joinpath("a.py").read_text().replace('"help text"', '"other help"')
+                  .replace("return 1", "return 2"))
+    assert changed(first, package.identity("a:Stage.produce")) == {"a:Stage.compute"}
+
+
+def test_where_a_self_attribute_cannot_be_found_the_whole_class_counts(package):
+    package.write(
+        a="""
+            import luigi
+
+            def make_base():
+                return object
+
+            class Unknown(make_base()):
+                def produce(self):
+                    return self.anything()
+
+            class Stateful:
+                def __init__(self):
+                    self.factor = 3
+
+                def produce(self):
+                    return self.factor
+
+            class Computed:
+                SEED = 1
+                size = luigi.IntParameter(description="help text")
+
+                def produce(self, name):
+                    return getattr(self, name)
+            """)
+    assert {"a:Unknown", "a:make_base"} <= set(package.identity("a:Unknown.produce"))
+    assert "a:Stateful" in package.identity("a:Stateful.produce"), "set in __init__: the class counts whole"
+    computed = package.identity("a:Computed.produce")
+    assert "a:Computed" in computed
+    package.write(a=package.root.joinpath("a.py").read_text().replace('"help text"', '"other help"'))
+    assert package.identity("a:Computed.produce") == computed, "a parameter counts by its value, not its declaration"
+    package.write(a=package.root.joinpath("a.py").read_text().replace("SEED = 1", "SEED = 2"))
+    assert changed(computed, package.identity("a:Computed.produce")) == {"a:Computed"}
+
+
+def test_an_exempt_modules_classes_count_by_their_bases_alone(package):
+    package.write(
+        errors="""
+            # What goes wrong, and what it is called.
+            AFFECTS_RESULTS = False
+
+            class Failure(Exception):
+                pass
+
+            class Unusable(Failure):
+                def __init__(self, message):
+                    super().__init__(f"unusable: {message}")
+            """,
+        a=f"""
+            from {package.name} import errors
+
+            def f(x):
+                try:
+                    return int(x)
+                except errors.Unusable:
+                    return None
+            """)
+    first = package.identity("a:f")
+    assert set(first) == {"a:f", "errors:Unusable"}
+    package.write(errors=package.root.joinpath("errors.py").read_text().replace("unusable: ", "cannot use: "))
+    assert package.identity("a:f") == first, "a message does not count"
+    package.write(errors=package.root.joinpath("errors.py").read_text().replace("Unusable(Failure)", "Unusable(ValueError)"))
+    assert changed(first, package.identity("a:f")) == {"errors:Unusable"}, "the hierarchy decides what is caught"
+
+
+def test_a_raised_messages_wording_and_log_calls_do_not_count(package):
+    source = """
+        import logging
+        import warnings
+
+        log = logging.getLogger(__name__)
+
+        def f(x, limit):
+            if x > limit:
+                raise ValueError(f"x={x} is over {limit}; expected at most " + "that")
+            log.info("checked %s", x)
+            return x
+        """
+    package.write(a=source)
+    first = package.identity("a:f")
+    package.write(a=source.replace("is over", "exceeds").replace('"that"', '"the limit"')
+                  .replace('log.info("checked %s", x)', 'log.warning("saw %s", x)\n            warnings.warn("x")'))
+    assert package.identity("a:f") == first
+    package.write(a=source.replace("x={x}", "x={limit}"))
+    assert changed(first, package.identity("a:f")) == {"a:f"}, "what a message interpolates counts"
+    package.write(a=source.replace("raise ValueError", "raise KeyError"))
+    assert changed(first, package.identity("a:f")) == {"a:f"}, "the exception's type counts"
+
+
+def test_imports_under_a_module_level_if_or_try_are_followed(package):
+    package.write(
+        a=f"""
+            import sys
+            if sys.version_info >= (3, 8):
+                from {package.name}.b import g
+            try:
+                from {package.name}.b import h
+            except ImportError:
+                h = None
+
+            def f():
+                return g() + h()
+            """,
+        b="def g():\n    return 1\n\ndef h():\n    return 2\n")
+    assert {"a:f", "b:g", "b:h", "a:<import>"} <= set(package.identity("a:f"))
+
+
+def test_a_star_import_from_outside_counts_by_what_it_binds_not_by_its_source(package):
+    package.write(a="from json import *\n\ndef f(x):\n    return dumps(x)\n")
+    first = package.identity("a:f")
+    assert set(first) == {"a:f"}, "json's own source does not count"
+    package.write(a="from pickle import *\n\ndef f(x):\n    return dumps(x)\n")
+    assert changed(first, package.identity("a:f")) == {"a:f"}
+
+
+STAGES = ("Download", "Convert", "Train", "Evaluate", "Predict", "Report", "RunRecord", "Comparison")
+
+
+def stage_codes(source: Path) -> dict[str, dict[str, str]]:
+    """Every stage's code identity, computed from the code in `source` by the code there, without TensorFlow."""
+    probe = textwrap.dedent(f"""
         import json, sys
-        from tasks import Convert, Download, Report, RunRecord, Train
-        print(json.dumps({cls.__name__: sorted(__import__("pipeline.fingerprint").fingerprint.code_identity(
-            cls.code_entry_points())) for cls in (Download, Convert, Train, Report, RunRecord)}))
+        import tasks
+        from pipeline import fingerprint
+        print(json.dumps({{name: fingerprint.code_identity(getattr(tasks, name).code_entry_points())
+                          for name in {STAGES!r}}}))
         assert "tensorflow" not in sys.modules
         """)
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run([sys.executable, "-c", probe], cwd=source, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(source)})
     assert result.returncode == 0, result.stderr[-3000:]
-    parts = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def real_stages(tmp_path_factory) -> tuple[Path, dict[str, dict[str, str]]]:
+    folder = tmp_path_factory.mktemp("stages")
+    return folder, stage_codes(copy_code(folder / "unedited"))
+
+
+def stages_changed(real_stages, *edits: tuple[str, str, str]) -> set[str]:
+    """The stages whose code identity a copy of the code with `edits` ((file, old, new), each once) changes."""
+    folder, before = real_stages
+    source = edited_code(folder)
+    for path, old, new in edits:
+        edit(source / path, old, new)
+    after = stage_codes(source)
+    return {name for name in STAGES if after[name] != before[name]}
+
+
+def test_the_stages_count_what_they_run_and_no_module_that_cannot_change_a_result(real_stages):
+    _, parts = real_stages
     every = {part for found in parts.values() for part in found}
-    assert not any(part.startswith(("pipeline.storage:", "pipeline.errors:", "pipeline.progress:",
-                                    "pipeline.netns:")) for part in every)
+    assert not any(part.startswith(("pipeline.storage:", "pipeline.locks:", "pipeline.progress:", "pipeline.netns:",
+                                    "tasks.console:", "tasks.config:stage_folder", "tasks.base:Stage."))
+                   for part in every)
     assert {"pipeline.convert:load_image", "tasks.stages:ConvertShard.produce"} <= set(parts["Convert"])
     assert "pipeline.convert:load_image" not in parts["Report"] and "pipeline.report:render_report" in parts["Report"]
-    assert parts["RunRecord"] == ["tasks.runs:RunRecord.produce"]
+    assert {"tasks.stages:Train.run_config", "tasks.stages:Train.role_arguments"} <= set(parts["Train"])
+    assert {"tasks.runs:Comparison.rows", "tasks.stages:Evaluate.entry"} <= set(parts["Comparison"])
+
+
+def test_the_rule_for_which_files_are_data_changes_the_stages_that_list_them(real_stages):
+    assert stages_changed(real_stages, ("pipeline/datafiles.py", '_HIDDEN_PREFIXES = (".", "__MACOSX")',
+                                        '_HIDDEN_PREFIXES = (".", "__MACOSX", "Thumbs.db")')) == \
+        {"Download", "Convert", "Predict"}
+
+
+def test_what_a_stage_reaches_through_self_changes_its_version(real_stages):
+    assert stages_changed(real_stages, ("tasks/stages.py", "for key in RUN_CONFIG_KEYS}",
+                                        'for key in RUN_CONFIG_KEYS if key != "tf_random_seed"}')) == {"Train"}
+    assert stages_changed(real_stages, ("tasks/stages.py", '"strategy": self.strategy,', '"strategy": "mirrored",')) \
+        == {"Train"}
+    assert stages_changed(real_stages, ("tasks/runs.py", "for evaluate in self.evaluations()])",
+                                        "for evaluate in self.evaluations()][:1])")) == {"Comparison"}
+    assert stages_changed(real_stages, ("tasks/stages.py", '"global_step": metrics["global_step"]',
+                                        '"global_step": metrics["global_step"] + 1')) == {"Comparison"}
+
+
+def test_the_errors_hierarchy_counts_and_messages_and_logs_do_not(real_stages):
+    assert stages_changed(real_stages, ("pipeline/errors.py", "class UnusableImage(DatasetError):",
+                                        "class UnusableImage(PipelineError):")) == {"Convert", "Predict"}
+    assert stages_changed(
+        real_stages,
+        ("pipeline/errors.py", "super().__init__(message)", 'super().__init__(f"corrupt shard: {message}")'),
+        ("pipeline/convert.py", "expected a positive number of pixels", "expected a number of pixels above 0"),
+        ("pipeline/download.py", 'log.warning("fetching %s failed', 'log.info("the fetch of %s failed')) == set()
 
 
 # The rule, on a completed tree.

@@ -28,6 +28,7 @@ import pytest
 
 from pipeline import storage
 from pipeline.convert import SPLITS, shard_paths
+from pipeline.datafiles import visible_keys
 from pipeline.storage import TEMP_INFIX, join, read_json, sha256_file
 from tests.conftest import FileServer, luigi_argv, luigi_command, luigi_env, repo_config, tiny_config, write_config
 
@@ -91,7 +92,7 @@ def reference(tmp_path_factory, slow_source):
 
 def leftovers(root: str) -> list[str]:
     # Ours carry TEMP_INFIX; TensorFlow's are model.ckpt-N_temp and, for an export, temp-<timestamp>.
-    return [key for key in storage.visible_keys(root)
+    return [key for key in visible_keys(root)
             if any(TEMP_INFIX in part or re.search(r"_temp\b|^temp-\d+$", part) for part in key.split("/"))]
 
 
@@ -106,7 +107,7 @@ def check_nothing_partial_is_complete(root: str) -> None:
             shard_paths(storage.parent(metadata_path), metadata, split)
     for marker in storage.glob(join(root, "data", "raw", "*", "*", "download.json")):
         counts = read_json(marker)["images_per_class"]
-        assert {c: len(storage.visible_keys(join(storage.parent(marker), c))) for c in counts} == counts
+        assert {c: len(visible_keys(join(storage.parent(marker), c))) for c in counts} == counts
     for marker in storage.glob(join(root, "results", "*", "*", "train.json")):
         assert storage.exists(join(storage.parent(marker), read_json(marker)["export_dir"], "saved_model.pb"))
     for marker in storage.glob(join(root, "results", "*", "*", "evaluate-*", "metrics.json")):

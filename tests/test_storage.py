@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from pipeline import locks, storage
+from pipeline.datafiles import visible_keys
 from tests.conftest import REPO
 
 
@@ -26,7 +27,7 @@ def test_files_are_written_read_listed_and_removed_alike(root):
     assert storage.read_json(storage.join(root, "a.json")) == {"x": 1}
     assert storage.written_since(storage.join(root, "a.json"), before)
     assert not storage.written_since(storage.join(root, "a.json"), time.time_ns() + 5_000_000_000)
-    assert storage.visible_keys(root) == ["a.json", "cls/deep/b.png"]
+    assert visible_keys(root) == ["a.json", "cls/deep/b.png"]
     assert storage.is_dir(storage.join(root, "cls")) and not storage.is_dir(storage.join(root, "a.json"))
     assert storage.sha256_file(storage.join(root, "cls", "deep", "b.png")) == hashlib.sha256(b"png").hexdigest()
     assert storage.size_of(root) == len(storage.read_bytes(storage.join(root, "a.json"))) + 3 + 4 + 3
@@ -34,7 +35,7 @@ def test_files_are_written_read_listed_and_removed_alike(root):
         storage.read_bytes(storage.join(root, "missing.json"))
 
     storage.remove_tree(storage.join(root, "cls"))
-    assert storage.visible_keys(root) == ["a.json"] and not storage.is_dir(storage.join(root, "cls"))
+    assert visible_keys(root) == ["a.json"] and not storage.is_dir(storage.join(root, "cls"))
 
 
 def test_glob_matches_wildcards_in_any_component_and_temporaries_go(root):
@@ -50,7 +51,7 @@ def test_glob_matches_wildcards_in_any_component_and_temporaries_go(root):
     storage.remove_temporaries([storage.join(root, "run", "model.ckpt-*_temp*"),
                                 storage.join(root, "run", "export", "*", "temp-*"),
                                 storage.join(root, "run", f"*{storage.TEMP_INFIX}*")])
-    assert storage.visible_keys(root) == ["run/export/best/17/saved_model.pb"]
+    assert visible_keys(root) == ["run/export/best/17/saved_model.pb"]
 
 
 def test_an_atomic_write_that_fails_leaves_the_old_content(root):
@@ -61,7 +62,7 @@ def test_an_atomic_write_that_fails_leaves_the_old_content(root):
             temp.write_bytes(b"half of the new")
             raise RuntimeError("cut short")
     assert storage.read_bytes(target) == b"old"
-    assert storage.visible_keys(root) == ["leaderboard.csv"]
+    assert visible_keys(root) == ["leaderboard.csv"]
 
 
 def test_a_published_folder_replaces_the_old_one_with_its_marker(root, tmp_path):
@@ -73,7 +74,7 @@ def test_a_published_folder_replaces_the_old_one_with_its_marker(root, tmp_path)
 
     storage.publish_folder(folder, storage.join(root, "v1"), "download.json")
 
-    assert storage.visible_keys(storage.join(root, "v1")) == ["cat/1.png", "download.json"]
+    assert visible_keys(storage.join(root, "v1")) == ["cat/1.png", "download.json"]
 
 
 def hold_lock_in_subprocess(lock: str, seconds: float) -> subprocess.Popen:
