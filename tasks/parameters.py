@@ -48,12 +48,13 @@ class UpstreamParameter(luigi.Parameter):
     TaskInstanceParameter allows. Left out, it is the task its own section of luigi.cfg describes
     (`PipelineTask.default_upstream`).
 
-    It is written as one JSON object of the task's family and significant parameters, its own
-    upstream tasks nested in it as objects (never as JSON strings inside strings), so that a task
-    can be rebuilt from its parameters in another process (Luigi does that for dynamic
-    dependencies). That JSON holds hidden parameters too (a Download's source_url), so it is
-    hidden from the scheduler's task list itself, which shows the upstream as Family@version
-    instead (see `PipelineTask.to_str_params`).
+    It is written as one JSON object of the task's family and parameters, its own upstream tasks
+    nested in it as objects (never as JSON strings inside strings), so that a task can be rebuilt
+    from its parameters (Luigi does that for dynamic dependencies) as the same task: the
+    insignificant parameters too, which a version may still read (Train's checkpoint spacing,
+    under early stopping) and which say how it runs (`rerun`, batch sizes). That JSON holds hidden
+    parameters too (a Download's source_url), so it is hidden from the scheduler's task list
+    itself, which shows the upstream as Family@version instead (see `PipelineTask.to_str_params`).
     """
 
     def __init__(self, task_class: type | None = None, **kwargs):
@@ -85,10 +86,11 @@ _JSON_PARAMETERS = (UpstreamParameter, luigi.DictParameter, luigi.ListParameter,
 
 
 def described(task: luigi.Task) -> dict:
-    """A task's family and significant parameters as one JSON value, upstream tasks nested."""
+    """A task's family and parameters as one JSON value, upstream tasks nested: all that Luigi
+    sends of a task, as `Task.to_str_params` does (private parameters are never sent)."""
     params = {}
     for name, param in task.get_params():
-        if param.significant and param.visibility != ParameterVisibility.PRIVATE:
+        if param.visibility != ParameterVisibility.PRIVATE:
             value = param.serialize(getattr(task, name))
             params[name] = json.loads(value) if isinstance(param, _JSON_PARAMETERS) and value else value
     return {"family": task.get_task_family(), "params": params}

@@ -161,6 +161,47 @@ def test_a_task_rebuilt_from_what_luigi_sends_is_the_same_task(luigi_config, bas
     assert rebuilt == record and rebuilt.task_id == record.task_id
 
 
+def built_for_rebuild(family: str):
+    """A task of `family` whose DAG holds insignificant values other than luigi.cfg's, one of
+    them read by a version (checkpoint spacing under early stopping), and a --rerun."""
+    from tasks import Convert, Evaluate, Predict, Report, RunAll, Sweep, Train
+
+    train = Train(save_checkpoints_steps=50, early_stopping_steps=100, log_step_count_steps=3, rerun=True)
+    if family == "RunAll":
+        return RunAll(train=train)
+    if family == "Sweep":
+        return Sweep(grid={"dense_units": [16, 32]}, model_defs=["cnn"])
+    evaluate = Evaluate(train=train, batch_size=7)
+    return Report(evaluate=evaluate, predict=Predict(train=Train(convert=Convert(), max_steps=13), export="best",
+                                                     batch_size=5))
+
+
+@pytest.mark.parametrize("family", ["RunAll", "Sweep", "Report"])
+def test_a_task_rebuilt_from_its_str_params_in_another_process_is_the_same_task(luigi_config, base_sections,
+                                                                                family):
+    """As Luigi rebuilds a dynamic dependency (or a task for another worker), from the strings it
+    sends and with none of this process's instances to reuse: the same id, the same version at
+    every stage, and the same insignificant values, the upstream tasks' included."""
+    from luigi.task_register import Register, load_task
+
+    from tasks.base import Stage
+    from tasks.runs import whole_dag
+
+    luigi_config(base_sections)
+    original = built_for_rebuild(family)
+
+    def described(root) -> list[tuple]:
+        return [(task.task_id, task.version if isinstance(task, Stage) else None, task.to_str_params())
+                for task in whole_dag(root)]
+
+    for task in {original, *whole_dag(original)}:
+        sent = task.to_str_params()
+        Register.clear_instance_cache()
+        rebuilt = load_task("tasks", task.get_task_family(), sent)
+        assert rebuilt is not task and rebuilt.task_id == task.task_id, task
+        assert described(rebuilt) == described(task), task
+
+
 def test_stage_folder_places_each_stage_under_the_layout_roots(luigi_config, tmp_path):
     from tasks.config import stage_folder
 
