@@ -63,7 +63,8 @@ class _TensorFlowChatter(logging.Filter):
 
 
 class RunNotes:
-    """Lines for the end of the run, keyed so that a task said twice (a retry) is printed once."""
+    """Lines for the end of the run, keyed so that a task said twice (a retry) is printed once;
+    and the tasks done in this run, whichever process ran them."""
 
     def __init__(self):
         descriptor, path = tempfile.mkstemp(prefix="luigi-run-notes-")
@@ -73,17 +74,29 @@ class RunNotes:
         self._descriptor = descriptor
 
     def add(self, key: str, text: str) -> None:
-        os.write(self._descriptor, (json.dumps([key, text]) + "\n").encode("utf-8"))
+        self._append([key, text])
 
-    def take(self) -> dict[str, str]:
-        """Every note so far, the last one of each key, in the order the keys first came; then empty."""
+    def add_done(self, task_id: str) -> None:
+        self._append({"done": task_id})
+
+    def _append(self, record: list | dict) -> None:
+        os.write(self._descriptor, (json.dumps(record) + "\n").encode("utf-8"))
+
+    def take(self) -> tuple[dict[str, str], set[str]]:
+        """Every note so far, the last one of each key, in the order the keys first came, and the
+        ids of the tasks done; then empty."""
         data = os.pread(self._descriptor, os.fstat(self._descriptor).st_size, 0)
         os.ftruncate(self._descriptor, 0)
         notes: dict[str, str] = {}
+        done: set[str] = set()
         for line in data.decode("utf-8").splitlines():
-            key, text = json.loads(line)
-            notes[key] = text
-        return notes
+            record = json.loads(line)
+            if isinstance(record, dict):
+                done.add(record["done"])
+            else:
+                key, text = record
+                notes[key] = text
+        return notes, done
 
 
 _notes: RunNotes | None = None
@@ -142,6 +155,8 @@ def _on_start(task: luigi.Task) -> None:
 
 
 def _on_success(task: luigi.Task) -> None:
+    if _notes is not None:
+        _notes.add_done(task.task_id)
     started = _started_at.pop(task.task_id, None)
     say(f"done    {task_name(task)}" + (f" in {_duration(time.monotonic() - started)}" if started else ""))
 
@@ -152,6 +167,7 @@ def _on_failure(task: luigi.Task, error: BaseException) -> None:
 
 def _on_present(task: luigi.Task) -> None:
     _remember(task)
+    _found_done.add(task.task_id)
     # A task that `requires_whole_dag` has its requirements found done again once they have run,
     # and a gathering has what it made checked again (see tasks.runs): only what this run did not
     # have to make is reused.
@@ -173,6 +189,8 @@ def _remember(*tasks: luigi.Task) -> None:
         _scheduled.setdefault(task.task_id, task)
 
 
+# The tasks this process found complete as it scheduled them.
+_found_done: set[str] = set()
 # The task that required each task last, as Luigi scheduled them.
 _discovered_by: dict[str, luigi.Task] = {}
 
@@ -188,7 +206,7 @@ def _cause(scheduler: luigi.rpc.RemoteScheduler, task_id: str, task: dict) -> tu
     name = task_name(_scheduled[task_id])
     if task["status"] == luigi.scheduler.RUNNING:
         return f"{name} is being run by another process ({task['worker_running']})", None
-    reason = json.loads(scheduler.fetch_error(task_id)["error"] or "null") or "no reason reported"
+    reason = explanation(scheduler.fetch_error(task_id)["error"])
     if task["status"] == luigi.scheduler.FAILED:
         return f"{name} failed in another run:\n        {reason}", None
     if not task.get("re_enable_able"):
@@ -199,12 +217,23 @@ def _cause(scheduler: luigi.rpc.RemoteScheduler, task_id: str, task: dict) -> tu
             f"([scheduler] disable_persist = {persist} s):\n        {reason}"), until
 
 
-def _not_run(failed_here: set[str]) -> list[str]:
+def explanation(error: str | None) -> str:
+    """A failure's explanation as the central scheduler keeps it: what a task's run reported, as
+    JSON; the raw text where a worker stored another (Luigi's traceback of a task it could not load)."""
+    try:
+        reason = json.loads(error or "null")
+    except ValueError:
+        return error.strip()
+    return str(reason) if reason else "no reason reported"
+
+
+def _not_run(failed_here: set[str], done_here: set[str]) -> list[str]:
     """Why the central scheduler did not let this run do some of its tasks (Luigi's "not granted
     run permission", exit code 25), and what to do; empty when every task is done, when only this
-    process's own failures stopped it, or under --local-scheduler."""
+    process's own failures stopped it, or under --local-scheduler. The scheduler is asked only
+    when a task was left undone here: its whole task list, on a shared scheduler, is long."""
     url = _scheduler_url[0] if _scheduler_url else None
-    if url is None:
+    if url is None or not set(_scheduled) - _found_done - done_here:
         return []
     scheduler = luigi.rpc.RemoteScheduler(url)
     held_back = (luigi.scheduler.DISABLED, luigi.scheduler.FAILED, luigi.scheduler.RUNNING)
@@ -233,9 +262,9 @@ def _not_run(failed_here: set[str]) -> list[str]:
 
 def _epilogue() -> None:
     """At the end of the command: the run's notes, then why tasks were not run, if they were not."""
-    notes = _notes.take() if _notes is not None else {}
+    notes, done_here = _notes.take() if _notes is not None else ({}, set())
     failed_here = {key for key, text in notes.items() if text.startswith("FAILED ")}
-    lines = [*notes.values(), *_not_run(failed_here)]
+    lines = [*notes.values(), *_not_run(failed_here, done_here)]
     if lines:
         say("\n".join(lines))
 

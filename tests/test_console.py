@@ -70,6 +70,41 @@ def test_a_run_refused_by_the_central_scheduler_says_which_tasks_why_and_what_to
     assert epilogue[4].startswith(f"What to do: rerun this command after {until} to run the disabled task again"), \
         epilogue
     assert "Informed scheduler" not in refused.output and ":)" not in refused.output
+    assert "/api/task_list" in scheduler_log(tmp_path)
+
+
+def scheduler_log(tmp_path) -> str:
+    """What the `luigid` fixture's scheduler logged, each request it answered among it."""
+    return (tmp_path / "luigid" / "luigi-server.log").read_text()
+
+
+def test_a_run_that_left_nothing_undone_does_not_ask_the_central_scheduler_for_its_task_list(luigid, mnist_subset,
+                                                                                           tmp_path):
+    """Download and the plan made from it, run in worker processes: all done here, so the end of
+    the run has nothing to ask the scheduler about (a shared scheduler's task list is long)."""
+    sections = cli_sections(tmp_path, mnist_subset.as_uri(), luigid)
+    sections["PlanConversion"] = sections["Convert"]  # a part named alone reads its own section
+    config = write_config(tmp_path / "luigi.cfg", sections)
+
+    result = run_watched(tmp_path, config, "PlanConversion", "--workers", "2")
+
+    assert result.returncode == 0 and "NOT RUN" not in result.output, result.output[-3000:]
+    assert re.search(r"^done +PlanConversion\(", result.output, re.MULTILINE), result.output
+    log = scheduler_log(tmp_path)
+    assert "/api/add_task" in log and "/api/task_list" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("stored, shown", [
+    ('"http://x/gone.tar.gz: HTTP 404"', "http://x/gone.tar.gz: HTTP 404"),
+    ("", "no reason reported"),
+    # Luigi's worker stores a task it cannot load as a traceback, not as JSON.
+    ("Traceback (most recent call last):\n  ...\nTaskClassNotFoundException: No task Gone\n",
+     "Traceback (most recent call last):\n  ...\nTaskClassNotFoundException: No task Gone"),
+])
+def test_a_failures_explanation_from_the_scheduler_is_read_as_json_or_shown_as_stored(stored, shown):
+    from tasks.console import explanation
+
+    assert explanation(stored) == shown
 
 
 def test_the_console_is_set_up_by_one_call_not_by_importing_its_module():
