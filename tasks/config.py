@@ -14,6 +14,7 @@ import luigi.configuration
 
 from pipeline import index as version_index
 from pipeline import storage
+from pipeline.errors import ConfigError
 
 # Where outputs lie (the layout, each stage's folder, the index, the locks) and the TensorBoard
 # link a run shows, never what an output holds (see pipeline.fingerprint).
@@ -48,23 +49,27 @@ def stage_folder(stage: str, version: str, *, dataset: str = "", model: str = ""
     A folder per version: a version's output can never be found in another's folder.
     """
     roots = layout()
+    # Each stage's folder, and the values it needs besides the version.
     places = {
-        "Download": (roots.data_root, "raw", dataset, version),
-        "Convert": (roots.data_root, "tfrecords", dataset, version),
-        "Train": (roots.results_root, dataset, model and f"{model}-{version}"),
-        "Evaluate": (within, split and f"evaluate-{split}-{version}"),
-        "Predict": (within, f"predict-{version}"),
-        "RunRecord": (within, f"run-{version}"),
-        "Report": (within, f"report-{version}"),
-        "Comparison": (roots.results_root,),
+        "Download": (("dataset",), (roots.data_root, "raw", dataset, version)),
+        "Convert": (("dataset",), (roots.data_root, "tfrecords", dataset, version)),
+        "Train": (("dataset", "model"), (roots.results_root, dataset, f"{model}-{version}")),
+        "Evaluate": (("within", "split"), (within, f"evaluate-{split}-{version}")),
+        "Predict": (("within",), (within, f"predict-{version}")),
+        "RunRecord": (("within",), (within, f"run-{version}")),
+        "Report": (("within",), (within, f"report-{version}")),
+        "Comparison": ((), (roots.results_root,)),
     }
     if stage not in places:
-        raise KeyError(f"no folder is defined for stage {stage!r}; stages with a folder: {', '.join(places)}")
-    parts = places[stage]
-    if not all(parts):
-        raise TypeError(f"the folder of {stage} at {version!r} needs dataset, model, split or within as the "
-                        f"table in stage_folder's docstring shows; given dataset={dataset!r}, model={model!r}, "
-                        f"split={split!r}, within={within!r}")
+        raise ConfigError(f"stage_folder: no folder is defined for stage {stage!r}; expected one of "
+                          f"{', '.join(places)}")
+    needs, parts = places[stage]
+    given = {"version": version, "dataset": dataset, "model": model, "split": split, "within": within}
+    needed = ("version", *needs)
+    if not all(given[name] for name in needed):
+        raise ConfigError(f"stage_folder: the folder of {stage} needs {', '.join(needed)}; given "
+                          f"{', '.join(f'{name}={given[name]!r}' for name in needed)} "
+                          "(see the table in stage_folder's docstring)")
     return storage.join(*parts)
 
 

@@ -203,6 +203,7 @@ def test_a_task_rebuilt_from_its_str_params_in_another_process_is_the_same_task(
 
 
 def test_stage_folder_places_each_stage_under_the_layout_roots(luigi_config, tmp_path):
+    from pipeline.errors import ConfigError
     from tasks.config import stage_folder
 
     luigi_config({"layout": {"data_root": str(tmp_path / "data"), "results_root": "s3://bucket/results"}})
@@ -211,9 +212,13 @@ def test_stage_folder_places_each_stage_under_the_layout_roots(luigi_config, tmp
     assert stage_folder("Evaluate", "v3", within="s3://bucket/results/mnist/cnn-v2", split="test") == \
         "s3://bucket/results/mnist/cnn-v2/evaluate-test-v3"
     assert stage_folder("Comparison", "v4") == "s3://bucket/results"
-    with pytest.raises(TypeError, match="within=''"):
+    with pytest.raises(ConfigError, match=r"the folder of Report needs version, within; given version='v5', "
+                                          r"within=''"):
         stage_folder("Report", "v5")
-    with pytest.raises(KeyError, match="'Sweep'"):
+    with pytest.raises(ConfigError, match=r"the folder of Train needs version, dataset, model; given "
+                                          r"version='v7', dataset='mnist', model=''"):
+        stage_folder("Train", "v7", dataset="mnist")
+    with pytest.raises(ConfigError, match=r"no folder is defined for stage 'Sweep'; expected one of Download, "):
         stage_folder("Sweep", "v6")
 
 
