@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Mapping
 
 import luigi
@@ -52,9 +53,12 @@ class UpstreamParameter(luigi.Parameter):
     nested in it as objects (never as JSON strings inside strings), so that a task can be rebuilt
     from its parameters (Luigi does that for dynamic dependencies) as the same task: the
     insignificant parameters too, which a version may still read (Train's checkpoint spacing,
-    under early stopping) and which say how it runs (`rerun`, batch sizes). That JSON holds hidden
-    parameters too (a Download's source_url), so it is hidden from the scheduler's task list
-    itself, which shows the upstream as Family@version instead (see `PipelineTask.to_str_params`).
+    under early stopping) and which say how it runs (`rerun`, batch sizes). It is hidden from the
+    scheduler's task list, which shows the upstream as Family@version instead (see
+    `PipelineTask.to_str_params`).
+
+    Private parameters are left out of it, as Luigi leaves them out of what it sends, and stand
+    as a token instead (see `described`).
     """
 
     def __init__(self, task_class: type | None = None, **kwargs):
@@ -69,8 +73,9 @@ class UpstreamParameter(luigi.Parameter):
             described = json.loads(source)
             task_class = Register.get_task_cls(described["family"])
             # Nested objects (upstream tasks, dicts and lists) back to the strings Luigi parses.
-            return task_class.from_str_params({name: value if isinstance(value, str) else json.dumps(value)
-                                               for name, value in described["params"].items()})
+            params = {name: value if isinstance(value, str) else json.dumps(value)
+                      for name, value in described["params"].items()}
+            return task_class.from_str_params({**params, **_kept.get(params.get(PRIVATE_TOKEN), {})})
         except (ValueError, KeyError, TypeError, AttributeError, luigi.task_register.TaskClassException) as error:
             raise ConfigError(f"upstream task {source!r} is not a task's JSON ({error}); expected "
                               """'{"family": "Convert", "params": {...}}', or leave it out""") from None
@@ -85,12 +90,32 @@ class UpstreamParameter(luigi.Parameter):
 _JSON_PARAMETERS = (UpstreamParameter, luigi.DictParameter, luigi.ListParameter, luigi.TupleParameter)
 
 
+# What stands for a task's private parameters in its JSON as an upstream task.
+PRIVATE_TOKEN = "private_params"
+# Private parameters' values (serialized) by their token, and the token of each set of values.
+_kept: dict[str, dict[str, str]] = {}
+_tokens: dict[str, str] = {}
+
+
 def described(task: luigi.Task) -> dict:
-    """A task's family and parameters as one JSON value, upstream tasks nested: all that Luigi
-    sends of a task, as `Task.to_str_params` does (private parameters are never sent)."""
-    params = {}
+    """A task's family and parameters as one JSON value, upstream tasks nested, its private
+    parameters as a token.
+
+    A private parameter (a Download's source_url, which may hold a password or a presigned
+    query) is never sent to Luigi's scheduler, which keeps every parameter it is sent in its
+    state file and shows them all in a failed task's "Command to re-run". The token, random so
+    that it tells nothing of them, is turned back into their values by `UpstreamParameter.parse`
+    in this process and the workers it forks, where Luigi rebuilds the tasks a task yields;
+    elsewhere (a re-run command pasted) they come from luigi.cfg, as for a task named by itself."""
+    params, private = {}, {}
     for name, param in task.get_params():
-        if param.visibility != ParameterVisibility.PRIVATE:
-            value = param.serialize(getattr(task, name))
+        value = param.serialize(getattr(task, name))
+        if param.visibility == ParameterVisibility.PRIVATE:
+            private[name] = value
+        else:
             params[name] = json.loads(value) if isinstance(param, _JSON_PARAMETERS) and value else value
+    if private:
+        token = _tokens.setdefault(json.dumps(private, sort_keys=True), secrets.token_hex(8))
+        _kept[token] = private
+        params[PRIVATE_TOKEN] = token
     return {"family": task.get_task_family(), "params": params}

@@ -44,10 +44,11 @@ class Download(Stage):
     marker_name = "download.json"
     entry_points = ("pipeline.download:download_dataset",)
     dataset = luigi.Parameter(description="Dataset name; names its folders under data/")
-    # Hidden from the scheduler's task list: a presigned URL's query or a user:password is a
-    # secret. (PRIVATE would also drop it from to_str_params, which rebuilds tasks from their
-    # parameters.) Everything this pipeline shows or stores has it redacted.
-    source_url = luigi.Parameter(visibility=ParameterVisibility.HIDDEN,
+    # Private: a presigned URL's query or a user:password is a secret, and Luigi's scheduler keeps
+    # and shows whatever it is sent (its state file, a failed task's "Command to re-run"). So it is
+    # never sent; where Luigi rebuilds a task, see UpstreamParameter. What this pipeline itself
+    # shows or stores of it (task names, logs, errors, download.json, index.json) is redacted.
+    source_url = luigi.Parameter(visibility=ParameterVisibility.PRIVATE,
                                  description="http(s) or file URL of an archive (.tar.gz, .tgz, .tar, .zip) whose "
                                              "folders are the classes, or of a CSV manifest of url,label lines; "
                                              "end it in #sha256=<hex> to have the file checked")

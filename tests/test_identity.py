@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -200,6 +201,31 @@ def test_a_task_rebuilt_from_its_str_params_in_another_process_is_the_same_task(
         rebuilt = load_task("tasks", task.get_task_family(), sent)
         assert rebuilt is not task and rebuilt.task_id == task.task_id, task
         assert described(rebuilt) == described(task), task
+
+
+def test_nothing_luigi_sends_the_scheduler_holds_a_source_urls_secrets(luigi_config, base_sections):
+    """Luigi's scheduler keeps every parameter it is sent and shows them in a failed task's
+    "Command to re-run": a Download's source_url is never sent, not even inside an upstream's
+    JSON, yet a task rebuilt from what is sent, in this process tree, has it back."""
+    from luigi.task_register import Register, load_task
+
+    from tasks import Convert, Download, RunAll, Train
+    from tasks.runs import whole_dag
+
+    luigi_config(base_sections)
+    secret_url = "https://reader:s3cret-pass@127.0.0.1/tiny.tar.gz?X-Amz-Signature=deadbeef&X-Amz-Credential=AKIA1"
+    root = RunAll(train=Train(convert=Convert(download=Download(source_url=secret_url))))
+    for task in whole_dag(root):
+        sent = json.dumps([task.to_str_params(), task.to_str_params(only_significant=True),
+                           task._get_param_visibilities()])
+        assert not {"s3cret", "deadbeef", "AKIA1", "reader"} & set(re.findall(r"\w+", sent)), (task, sent)
+        if not isinstance(task, Download):  # named by itself, a Download reads luigi.cfg's source_url
+            Register.clear_instance_cache()
+            rebuilt = load_task("tasks", task.get_task_family(), task.to_str_params())
+            assert rebuilt.task_id == task.task_id, task
+    Register.clear_instance_cache()
+    rebuilt = load_task("tasks", "RunRecord", root.closing().to_str_params())
+    assert rebuilt.evaluate.train.convert.download.source_url == secret_url
 
 
 def test_stage_folder_places_each_stage_under_the_layout_roots(luigi_config, tmp_path):

@@ -272,3 +272,31 @@ def test_report_and_leaderboard_render_metrics_and_images(scheduled_run, browser
     row.find_element("link text", "report").click()
     wait_for(browser, lambda: browser.current_url == scheduled_run.report.as_uri() and page_ready(browser))
     assert all(images_rendered(browser))
+
+
+@pytest.mark.browser
+def test_a_failed_tasks_error_shows_no_secret_of_its_source_url(luigid, file_server, luigi_config, tmp_path,
+                                                                browser):
+    """Luigi's scheduler keeps what a worker sends it and shows it in a failed task's error
+    ("Command to re-run"): a Download's source_url, user:password and signature, is never sent."""
+    from tasks import Download
+
+    secrets = ("reader", "s3cret", "deadbeef")
+    url = file_server.url("/gone.tar.gz?X-Amz-Signature=deadbeef").replace("http://", "http://reader:s3cret@")
+    luigi_config(tiny_config(tmp_path, url))
+    download = Download()
+    assert not luigi.build([download], scheduler_host="127.0.0.1", scheduler_port=luigid, log_level="CRITICAL")
+    assert file_server.requests["/gone.tar.gz?X-Amz-Signature=deadbeef"] >= 1, "the Download never ran"
+    ui = f"http://127.0.0.1:{luigid}"
+    error = scheduler_api(ui, "fetch_error", task_id=download.task_id)
+    assert error["taskFamily"] == "Download" and error["taskParams"]["dataset"] == "tiny", error
+    assert not any(secret in json.dumps(error) for secret in secrets), error
+
+    # The task list's "Show error" button of the failed task, as a user opens it.
+    browser.get(f"{ui}/static/visualiser/index.html")
+    wait_for(browser, lambda: browser.find_elements("css selector", "#taskTable tbody .showError"))[0].click()
+    modal = wait_for(browser, lambda: (text := browser.find_element("css selector", "#errorModal").text)
+                     and "Command to re-run" in text and text)
+    screenshot(browser, "error-modal.png")
+    assert "luigi --module tasks.stages Download" in modal and "--dataset \"tiny\"" in modal, modal
+    assert "HTTP 404" in modal and not any(secret in modal for secret in secrets), modal
