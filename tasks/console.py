@@ -23,6 +23,7 @@ import inspect
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -246,7 +247,7 @@ def _not_run(failed_here: set[str], done_here: set[str]) -> list[str]:
     except luigi.rpc.RPCError:
         return []
     if not causes:
-        return []
+        return _done_elsewhere(url, known, undone, done_here)
     waiting = Counter(task.get_task_family() for task_id, task in _scheduled.items()
                       if task_id in undone and undone[task_id]["status"] == luigi.scheduler.PENDING)
     until = max((until for _, until in causes if until), default=None)
@@ -258,6 +259,21 @@ def _not_run(failed_here: set[str], done_here: set[str]) -> list[str]:
             *([f"    waiting for them: {', '.join(f'{count} {family}' for family, count in waiting.items())}"]
               if waiting else []),
             f"What to do: {todo}; the scheduler's UI ({url}) shows each task's failure."]
+
+
+def _done_elsewhere(url: str, known: dict, undone: dict, done_here: set[str]) -> list[str]:
+    """Why a run exits 25 though nothing is missing: Luigi gives that code to a command whose own
+    task (not a dependency) another process on the central scheduler ran, as a second machine's
+    RunAll may."""
+    roots = [task_id for task_id in _scheduled if task_id not in _discovered_by]
+    elsewhere = [task_name(_scheduled[task_id]) for task_id in roots
+                 if task_id not in done_here and task_id not in _found_done
+                 and known.get(task_id, {}).get("status") == luigi.scheduler.DONE]
+    if undone or not elsewhere:
+        return []
+    return [f"DONE ELSEWHERE: another process on the central scheduler at {url} finished {', '.join(elsewhere)}; "
+            "everything this run asked for exists. Luigi exits 25 when a command's own task ran in another "
+            "process: run the command again to see its result (it runs nothing and exits 0)."]
 
 
 def _epilogue() -> None:
@@ -322,6 +338,19 @@ def _keep_luigi_lines_single(task: luigi.Task) -> None:
         logger.propagate = False
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a line is said, not as it was at set-up: a test that
+    imported the tasks has its captured stream closed by the time the run's end is said."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def set_up() -> None:
     """Set up the console of this command; later calls do nothing. Call it before anything
     imports TensorFlow, which reads TF_CPP_MIN_LOG_LEVEL as it loads."""
@@ -343,7 +372,7 @@ def set_up() -> None:
     # The Estimator reports its evaluations, loss and steps/s at INFO, below TensorFlow's default level.
     logging.getLogger("tensorflow").setLevel(logging.INFO)
 
-    handler = logging.StreamHandler()
+    handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     story.addHandler(handler)
     story.setLevel(logging.INFO)

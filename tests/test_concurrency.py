@@ -59,6 +59,9 @@ def test_two_runs_on_one_central_scheduler_run_every_task_once(luigid, mnist_sub
     # The two ask for one RunAll, which one of them runs: the other exits 0 if it saw that, else 25
     # (its own root was "not granted": see luigi.cfg [retcode]); a failure would be 20, 30, 35 or 40.
     assert set(codes) <= {0, 25}, "\n".join(log[-2000:] for log in logs)
+    # A process that exits 25 says why: what it was not given, or that another process finished its task.
+    assert all("NOT RUN: " in log or "DONE ELSEWHERE: " in log for code, log in zip(codes, logs) if code == 25), \
+        "\n".join(log[-2000:] for log in logs)
     assert not any("FAILED " in log for log in logs)
     ran = produced(logs[0]) + produced(logs[1])
     assert all(count == 1 for count in ran.values()), ran

@@ -98,6 +98,9 @@ def test_two_workers_from_two_folders_split_a_run_on_s3(s3_server, luigid, tmp_p
     # A host that runs out of work while the other still runs the last stages stops there, and
     # says its RunAll was not run (25, see docs/several-machines.md); nothing may have failed (20, 30, 35, 40).
     assert 0 in codes and set(codes) <= {0, 25}, "\n".join(log[-3000:] for log in logs)
+    # A process that exits 25 says why: what it was not given, or that another process finished its task.
+    assert all("NOT RUN: " in log or "DONE ELSEWHERE: " in log for code, log in zip(codes, logs) if code == 25), \
+        "\n".join(log[-2000:] for log in logs)
     assert not any("FAILED " in log for log in logs)
     ran = [produced(log) for log in logs]
     both = ran[0] + ran[1]
