@@ -7,7 +7,8 @@ module, names imported from a followed package (`pipeline`, `tasks`), attributes
 imported module of theirs, and, in a class's code, `self.x`, `cls.x`, `type(self).x` and
 `super().x`: the attribute of that class or of its bases (in Python's order), recursively. Each
 part it reaches is hashed as its syntax tree without positions, docstrings (or any other bare
-string statement), statements that only log or warn (`log.info(...)`, `warnings.warn(...)`),
+string statement), statements that only log or warn (`log.info(...)`, `warnings.warn(...)`; of
+those, only the arguments that call something count),
 the words of a raised exception's message (its type and what it interpolates count), or the
 type annotations of functions, so that comments, docstrings, formatting, log lines and messages
 do not count. A module's code run at import (anything at module level but definitions, imports,
@@ -81,8 +82,8 @@ def _strip(tree: ast.AST) -> ast.AST:
         for name in ("body", "orelse", "finalbody"):
             statements = getattr(node, name, None)
             if isinstance(statements, list):
-                setattr(node, name, [statement for statement in statements
-                                     if not _is_bare_string(statement) and not _is_log_call(statement)])
+                kept = (_unlogged(statement) for statement in statements if not _is_bare_string(statement))
+                setattr(node, name, [statement for statement in kept if statement is not None])
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             node.returns = None
         elif isinstance(node, ast.arg):
@@ -93,22 +94,31 @@ def _strip(tree: ast.AST) -> ast.AST:
 
 
 def _unword(call: ast.Call) -> None:
-    """The exception built by `call`, in place, without the words of its message: every string
-    constant in its arguments, the literal parts of an f-string among them, becomes empty."""
-    for argument in [*call.args, *(keyword.value for keyword in call.keywords)]:
-        for node in ast.walk(argument):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                node.value = ""
+    """The exception built by `call`, in place, without the words of its message, its first
+    argument: every string constant in it, the literal parts of an f-string among them, becomes
+    empty. Other arguments (a shard's path, which a handler acts on) count whole."""
+    for node in ast.walk(call.args[0]) if call.args else ():
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            node.value = ""
 
 
-def _is_log_call(statement: ast.AST) -> bool:
-    """`log.info(...)`, `logger.warning(...)`, `logging.debug(...)`, `warnings.warn(...)` as a
-    statement of its own: what it says is read by people, never by the pipeline."""
+# Expressions that may act, not only say.
+_ACTING = (ast.Call, ast.NamedExpr, ast.Yield, ast.YieldFrom, ast.Await)
+
+
+def _unlogged(statement: ast.AST) -> ast.AST | None:
+    """`statement`, or what of it counts where it only logs or warns (`log.info(...)`,
+    `logger.warning(...)`, `logging.debug(...)`, `warnings.warn(...)`): what it says is read by
+    people, never by the pipeline, but an argument that calls something may act, and counts."""
     call = statement.value if isinstance(statement, ast.Expr) else None
     func = call.func if isinstance(call, ast.Call) else None
-    if not (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)):
-        return False
-    return (func.value.id in _LOGGERS and func.attr in _LOG_METHODS) or (func.value.id, func.attr) == ("warnings", "warn")
+    if not (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+            and ((func.value.id in _LOGGERS and func.attr in _LOG_METHODS)
+                 or (func.value.id, func.attr) == ("warnings", "warn"))):
+        return statement
+    acting = [argument for argument in [*call.args, *(keyword.value for keyword in call.keywords)]
+              if any(isinstance(node, _ACTING) for node in ast.walk(argument))]
+    return ast.Expr(ast.Tuple(acting, ast.Load())) if acting else None
 
 
 def _is_bare_string(statement: ast.AST) -> bool:
@@ -217,7 +227,7 @@ def _module(name: str) -> _Module | None:
     tree = ast.parse(path.read_bytes(), filename=str(path))
     module = _Module(name, path.name == "__init__.py", any(map(_is_exemption, tree.body)))
     for statement in tree.body:
-        if _is_bare_string(statement) or _is_log_call(statement):
+        if _is_bare_string(statement) or (statement := _unlogged(statement)) is None:
             continue
         if isinstance(statement, (ast.Import, ast.ImportFrom)):
             _record_import(module, statement)

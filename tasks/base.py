@@ -88,6 +88,12 @@ class PipelineTask(luigi.Task):
     parameters alone, which would leave out what it reads; its upstream tasks are parameters
     (`UpstreamParameter`), the ones luigi.cfg describes when left out."""
 
+    # Whether this process found it incomplete: then, found complete later, it was made in this
+    # run (here or by another process), not reused. Luigi keeps one instance per task and process.
+    found_incomplete = False
+    # Whether the console says "reused" of it when it is found complete.
+    said_reused = True
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         for name in self.upstream_names():
@@ -177,12 +183,6 @@ class Step(PipelineTask):
         """Whether the output is there (and, under --rerun, rewritten since scheduling); no side effects."""
         path = self.output().path
         return storage.written_since(path, self._scheduled_ns) if self.rerun else storage.exists(path)
-
-    # Whether this process found it incomplete: then, found complete later, it was made in this
-    # run (here or by another process), not reused. Luigi keeps one instance per task and process.
-    found_incomplete = False
-    # Whether the console says "reused" of it when it is found complete.
-    said_reused = True
 
     def complete(self) -> bool:
         done = self.done()

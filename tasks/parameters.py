@@ -70,15 +70,24 @@ class UpstreamParameter(luigi.Parameter):
         if not source:
             return None
         try:
-            described = json.loads(source)
-            task_class = Register.get_task_cls(described["family"])
+            data = json.loads(source)
+            task_class = Register.get_task_cls(data["family"])
             # Nested objects (upstream tasks, dicts and lists) back to the strings Luigi parses.
             params = {name: value if isinstance(value, str) else json.dumps(value)
-                      for name, value in described["params"].items()}
-            return task_class.from_str_params({**params, **_kept.get(params.get(PRIVATE_TOKEN), {})})
+                      for name, value in data["params"].items()}
+            task = task_class.from_str_params({**params, **_kept.get(params.get(PRIVATE_KEY), {})})
         except (ValueError, KeyError, TypeError, AttributeError, luigi.task_register.TaskClassException) as error:
             raise ConfigError(f"upstream task {source!r} is not a task's JSON ({error}); expected "
                               """'{"family": "Convert", "params": {...}}', or leave it out""") from None
+        # Rebuilt where its private parameters are not known (another process), a task takes
+        # them from luigi.cfg: a Download of another URL would make other data under this name.
+        if "version" in data and getattr(task, "version", data["version"]) != data["version"]:
+            raise ConfigError(
+                f"{data['family']}@{data['version']} was rebuilt here as {data['family']}@{task.version}: its "
+                f"private parameters ({', '.join(_private_names(task_class)) or 'none'}) are known only to "
+                "the process that scheduled it, and luigi.cfg or the command line here give other values; "
+                f"pass the same ones (e.g. --{data['family']}-source-url)")
+        return task
 
     def serialize(self, task):
         if task is None:
@@ -90,8 +99,8 @@ class UpstreamParameter(luigi.Parameter):
 _JSON_PARAMETERS = (UpstreamParameter, luigi.DictParameter, luigi.ListParameter, luigi.TupleParameter)
 
 
-# What stands for a task's private parameters in its JSON as an upstream task.
-PRIVATE_TOKEN = "private_params"
+# The key, in a task's JSON as an upstream task, of the token that stands for its private parameters.
+PRIVATE_KEY = "private_token"
 # Private parameters' values (serialized) by their token, and the token of each set of values.
 _kept: dict[str, dict[str, str]] = {}
 _tokens: dict[str, str] = {}
@@ -105,8 +114,10 @@ def described(task: luigi.Task) -> dict:
     query) is never sent to Luigi's scheduler, which keeps every parameter it is sent in its
     state file and shows them all in a failed task's "Command to re-run". The token, random so
     that it tells nothing of them, is turned back into their values by `UpstreamParameter.parse`
-    in this process and the workers it forks, where Luigi rebuilds the tasks a task yields;
-    elsewhere (a re-run command pasted) they come from luigi.cfg, as for a task named by itself."""
+    in this process, where Luigi rebuilds the tasks a task yields (a forked worker only sends
+    them back). Elsewhere (a re-run command pasted, `luigi --assistant`) they come from luigi.cfg
+    or the command line, as for a task named by itself; the task's version, which it carries,
+    makes a rebuild with other values fail, naming them, instead of making other data."""
     params, private = {}, {}
     for name, param in task.get_params():
         value = param.serialize(getattr(task, name))
@@ -117,5 +128,10 @@ def described(task: luigi.Task) -> dict:
     if private:
         token = _tokens.setdefault(json.dumps(private, sort_keys=True), secrets.token_hex(8))
         _kept[token] = private
-        params[PRIVATE_TOKEN] = token
-    return {"family": task.get_task_family(), "params": params}
+        params[PRIVATE_KEY] = token
+    version = getattr(task, "version", None)
+    return {"family": task.get_task_family(), "params": params, **({"version": version} if version else {})}
+
+
+def _private_names(task_class: type) -> list[str]:
+    return [name for name, param in task_class.get_params() if param.visibility == ParameterVisibility.PRIVATE]

@@ -43,6 +43,7 @@ class Gathering(PipelineTask):
 
     def complete(self):
         done = self.done()
+        self.found_incomplete |= not done
         if done:
             # Luigi looks no further than a task found complete: the stages the index lacks are indexed here.
             for task in whole_dag(self):

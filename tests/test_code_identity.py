@@ -284,6 +284,10 @@ def test_a_raised_messages_wording_and_log_calls_do_not_count(package):
     assert changed(first, package.identity("a:f")) == {"a:f"}, "what a message interpolates counts"
     package.write(a=source.replace("raise ValueError", "raise KeyError"))
     assert changed(first, package.identity("a:f")) == {"a:f"}, "the exception's type counts"
+    package.write(a=source.replace('+ "that")', '+ "that", "shard-1")'))
+    assert changed(first, package.identity("a:f")) == {"a:f"}, "an argument beside the message counts"
+    package.write(a=source.replace('log.info("checked %s", x)', 'log.info("checked %s", x.pop())'))
+    assert "a:f" in changed(first, package.identity("a:f")), "a log statement that acts counts"
 
 
 def test_imports_under_a_module_level_if_or_try_are_followed(package):
@@ -383,7 +387,8 @@ def test_the_errors_hierarchy_counts_and_messages_and_logs_do_not(real_stages):
         real_stages,
         ("pipeline/errors.py", "super().__init__(message)", 'super().__init__(f"corrupt shard: {message}")'),
         ("pipeline/convert.py", "expected a positive number of pixels", "expected a number of pixels above 0"),
-        ("pipeline/download.py", 'log.warning("fetching %s failed', 'log.info("the fetch of %s failed')) == set()
+        ("pipeline/download.py", 'log.warning("skipping %s (label %s)', 'log.info("left out: %s (label %s)'),
+        ("pipeline/estimator.py", 'log.warning("the validation split is empty', 'log.info("no validation split')) == set()
 
 
 # The rule, on a completed tree.

@@ -228,6 +228,27 @@ def test_nothing_luigi_sends_the_scheduler_holds_a_source_urls_secrets(luigi_con
     assert rebuilt.evaluate.train.convert.download.source_url == secret_url
 
 
+def test_a_task_rebuilt_where_its_source_url_is_not_known_fails_naming_it_instead_of_using_another(
+        luigi_config, base_sections):
+    """A process that did not schedule a task (`luigi --assistant`, a pasted re-run command) takes
+    its Download's private source_url from luigi.cfg: another URL would be other data under the
+    same name, so the rebuild fails, naming both versions and the parameter to pass."""
+    from luigi.task_register import Register, load_task
+
+    from pipeline.errors import ConfigError
+    from tasks import Convert, Download, RunAll, Train, parameters
+
+    luigi_config(base_sections)
+    root = RunAll(train=Train(convert=Convert(download=Download(source_url="https://127.0.0.1/other.tar.gz"))))
+    sent = root.closing().to_str_params()
+    parameters._kept.clear()  # as in a process that did not schedule it
+    Register.clear_instance_cache()
+    download = root.train.convert.download
+    with pytest.raises(ConfigError, match=rf"Download@{download.version} was rebuilt here as Download@\w+: its "
+                                          r"private parameters \(source_url\).*--Download-source-url"):
+        load_task("tasks", "RunRecord", sent)
+
+
 def test_stage_folder_places_each_stage_under_the_layout_roots(luigi_config, tmp_path):
     from pipeline.errors import ConfigError
     from tasks.config import stage_folder

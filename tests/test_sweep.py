@@ -24,6 +24,8 @@ def test_a_sweep_trains_every_variant_on_one_conversion_one_training_at_a_time(t
     # [resources] train = 1: a Train starts only after the one before it is done.
     events = re.findall(r"^(started|done) +Train@", log, re.MULTILINE)
     assert events == ["started", "done"] * 4, events
+    # What the sweep made is not said to be reused when it checks its runs again at the end.
+    assert "reused  RunAll(" not in log and "reused  Train@" not in log, log[-3000:]
     results = tmp_path / "results"
     assert len(list(results.glob("tiny/*/evaluate-test-*/report-*/report.html"))) == 4
     assert len(list(results.glob("tiny/*/predict-*/predictions.csv"))) == 4
