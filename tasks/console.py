@@ -163,7 +163,13 @@ def _on_success(task: luigi.Task) -> None:
 
 
 def _on_failure(task: luigi.Task, error: BaseException) -> None:
-    note(task.task_id, f"FAILED {task}\n    {failure_reason(error)}")
+    _note_failed(task, failure_reason(error))
+
+
+def _note_failed(task: luigi.Task, reason: str) -> None:
+    """Also what Luigi reports of a task whose forked process died (killed, out of memory, a
+    crash) or ran past `[worker] timeout`, which it logs only at INFO, hidden by default."""
+    note(task.task_id, f"FAILED {task}\n    {reason}")
 
 
 def _on_present(task: luigi.Task) -> None:
@@ -246,19 +252,39 @@ def _not_run(failed_here: set[str], done_here: set[str]) -> list[str]:
                   if task_id not in failed_here and task["status"] in held_back]
     except luigi.rpc.RPCError:
         return []
-    if not causes:
-        return _done_elsewhere(url, known, undone, done_here)
     waiting = Counter(task.get_task_family() for task_id, task in _scheduled.items()
                       if task_id in undone and undone[task_id]["status"] == luigi.scheduler.PENDING)
+    if causes:
+        return _refused(url, len(undone), causes, waiting)
+    if undone and failed_here.isdisjoint(undone) and sum(waiting.values()) == len(undone):
+        return _left_pending(url, waiting)
+    return _done_elsewhere(url, known, undone, done_here)
+
+
+def _refused(url: str, undone: int, causes: list[tuple[str, str | None]], waiting: Counter) -> list[str]:
+    """The tasks another process failed, holds or runs, and what to do."""
     until = max((until for _, until in causes if until), default=None)
     todo = (f"rerun this command after {until} to run the disabled task again, once its cause is fixed" if until
             else "rerun this command once the other process is done, or once the task is enabled again")
     return [f"NOT RUN: the central scheduler at {url} did not grant this run permission to run "
-            f"{len(undone)} of its tasks (exit code 25):",
+            f"{undone} of its tasks (exit code 25):",
             *(f"    {cause}" for cause, _ in causes),
-            *([f"    waiting for them: {', '.join(f'{count} {family}' for family, count in waiting.items())}"]
-              if waiting else []),
+            *([f"    waiting for them: {_counted(waiting)}"] if waiting else []),
             f"What to do: {todo}; the scheduler's UI ({url}) shows each task's failure."]
+
+
+def _left_pending(url: str, waiting: Counter) -> list[str]:
+    """Why a run exits 25 with nothing failed, disabled or running: every task it left is merely
+    pending on the scheduler, as when a worker process that was to run one of them died."""
+    return [f"NOT RUN: the central scheduler at {url} did not grant this run permission to run "
+            f"{sum(waiting.values())} of its tasks (exit code 25): they are pending, waiting for a worker: "
+            f"{_counted(waiting)}.",
+            "What to do: rerun this command; if it stops here again, the scheduler's UI "
+            f"({url}) shows which worker holds them (stop that worker, or wait for it)."]
+
+
+def _counted(families: Counter) -> str:
+    return ", ".join(f"{count} {family}" for family, count in families.items())
 
 
 def _done_elsewhere(url: str, known: dict, undone: dict, done_here: set[str]) -> list[str]:
@@ -280,7 +306,11 @@ def _epilogue() -> None:
     """At the end of the command: the run's notes, then why tasks were not run, if they were not."""
     notes, done_here = _notes.take() if _notes is not None else ({}, set())
     failed_here = {key for key, text in notes.items() if text.startswith("FAILED ")}
-    lines = [*notes.values(), *_not_run(failed_here, done_here)]
+    # A run stopped with Ctrl-C left its tasks undone on purpose, and a user who stops a run
+    # wants it gone now, not after the scheduler's RPC retries when it is unreachable. Python
+    # keeps the exception that ended the program in sys.last_value for the exit hooks.
+    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
+    lines = [*notes.values(), *([] if interrupted else _not_run(failed_here, done_here))]
     if lines:
         say("\n".join(lines))
 
@@ -381,6 +411,8 @@ def set_up() -> None:
 
     for event, handler_function in ((luigi.Event.START, _on_start), (luigi.Event.START, _keep_luigi_lines_single),
                                     (luigi.Event.SUCCESS, _on_success), (luigi.Event.FAILURE, _on_failure),
+                                    (luigi.Event.PROCESS_FAILURE, _note_failed),
+                                    (luigi.Event.TIMEOUT, _note_failed),
                                     (luigi.Event.DEPENDENCY_PRESENT, _on_present),
                                     (luigi.Event.DEPENDENCY_DISCOVERED, _on_discovered)):
         luigi.Task.event_handler(event)(handler_function)

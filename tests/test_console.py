@@ -107,6 +107,21 @@ def test_a_failures_explanation_from_the_scheduler_is_read_as_json_or_shown_as_s
     assert explanation(stored) == shown
 
 
+def test_a_run_whose_undone_tasks_are_all_merely_pending_says_so_and_what_to_do():
+    """Nothing failed, disabled or running elsewhere (a worker that was to run them died): the
+    end of the run still says why it exits 25."""
+    from collections import Counter
+
+    from tasks.console import _left_pending
+
+    lines = _left_pending("http://127.0.0.1:8082/", Counter({"Train": 1, "ConvertShard": 6}))
+
+    assert lines[0] == ("NOT RUN: the central scheduler at http://127.0.0.1:8082/ did not grant this run permission "
+                        "to run 7 of its tasks (exit code 25): they are pending, waiting for a worker: "
+                        "1 Train, 6 ConvertShard."), lines
+    assert lines[1].startswith("What to do: rerun this command") and "http://127.0.0.1:8082/" in lines[1], lines
+
+
 def test_the_console_is_set_up_by_one_call_not_by_importing_its_module():
     script = f"""
 import importlib.util, logging, os, sys

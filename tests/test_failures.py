@@ -7,6 +7,8 @@ in one workspace that already holds a completed run, as a user's would.
 from __future__ import annotations
 
 import hashlib
+import re
+import signal
 import subprocess
 import tarfile
 from pathlib import Path
@@ -34,6 +36,15 @@ PARAMS = {"n_classes": None}  # filled in from the dataset
 
 def model_fn(features, labels, mode, params):
     raise ValueError("the first layer expects 3 channels, got 1")
+'''
+KILLING_MODEL = '''import os
+import signal
+
+PARAMS = {"n_classes": None}  # filled in from the dataset
+
+
+def model_fn(features, labels, mode, params):
+    os.kill(os.getpid(), signal.SIGKILL)
 '''
 
 
@@ -164,6 +175,46 @@ def test_train_with_a_model_file_that_raises_fails(workspace, scheduler, workers
     # A bug in a user's model file is not one of the pipeline's own errors: its traceback is shown.
     check_failure(folder, configs[scheduler], ["RunAll", "--Train-model-def", str(model), "--Train-params", "{}"],
                   scheduler, workers, "Train", "ValueError: the first layer expects 3 channels, got 1", bug=True)
+
+
+def test_train_whose_process_is_killed_fails_naming_it(workspace):
+    """Under --workers 2 Luigi runs Train in a forked process; one killed (as the kernel's
+    out-of-memory killer would) is reported by Luigi only at INFO, which the console says anyway."""
+    folder, configs = workspace
+    model = folder / "killing_model.py"
+    model.write_text(KILLING_MODEL)
+    before, index_before = snapshot(folder), read_json(folder / "results" / "index.json")
+
+    result = run_watched(folder, configs["central"], "RunAll", "--Train-model-def", str(model),
+                         "--Train-params", "{}", "--workers", "2", limit_s=WHOLE_RUN_S)
+
+    assert result.returncode == 30, result.output[-3000:]
+    epilogue = result.output[result.output.index("FAILED "):]
+    assert re.match(r"FAILED Train\(.+\)\n    Task Train_\w+ died unexpectedly with exit code -9\n", epilogue), \
+        result.output[-3000:]
+    # Its own failure, not another run's: the scheduler's refusal is not what stopped this run.
+    assert epilogue.count("FAILED ") == 1 and "NOT RUN" not in epilogue, epilogue
+    assert_kept(folder, before, index_before)
+
+
+def test_a_run_stopped_with_ctrl_c_does_not_ask_the_central_scheduler_why_tasks_are_undone(workspace):
+    """Ctrl-C during Train (delivered here by the model itself, run in the command's own process
+    under one worker): the tasks after it are undone on purpose, and the command leaves without
+    asking the scheduler for its task list, which can take seconds when it is unreachable."""
+    folder, configs = workspace
+    model = folder / "interrupting_model.py"
+    model.write_text(KILLING_MODEL.replace("SIGKILL", "SIGINT"))
+    log = folder.parent / f"{folder.name}-luigid" / "luigi-server.log"
+    logged_before = log.stat().st_size
+
+    result = run_watched(folder, configs["central"], "RunAll", "--Train-model-def", str(model),
+                         "--Train-params", "{}", "--workers", "1", limit_s=WHOLE_RUN_S)
+
+    assert result.returncode == -signal.SIGINT and "KeyboardInterrupt" in result.output, result.output[-3000:]
+    with open(log, encoding="utf-8") as handle:
+        handle.seek(logged_before)
+        answered = handle.read()
+    assert "/api/add_task" in answered and "/api/task_list" not in answered, answered[-3000:]
 
 
 @pytest.mark.parametrize("scheduler, workers", SCHEDULERS)
