@@ -39,12 +39,16 @@ def model_fn(features, labels, mode, params):
 '''
 KILLING_MODEL = '''import os
 import signal
+import time
 
 PARAMS = {"n_classes": None}  # filled in from the dataset
 
 
 def model_fn(features, labels, mode, params):
     os.kill(os.getpid(), signal.SIGKILL)
+    # A signal Python handles (SIGINT) is acted on at its next check, which a busy machine can
+    # delay past this function's return: wait for it here.
+    time.sleep(120)
 '''
 
 
