@@ -4,14 +4,19 @@ It runs in three steps so that shards can be written by separate processes:
 `plan_conversion` fixes the split and the shard of every image, `write_shard` writes one
 shard and its report, and `finalize_conversion` checks every shard and writes metadata.json,
 the stage's marker, last.
+
+Images are stored as PNG or JPEG (`IMAGE_FORMATS`); `schema.decode_stored_pixels` reads either.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import random
 import warnings
-from collections import Counter
-from typing import Iterable, Sequence
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from PIL import ExifTags, Image, ImageOps
 
@@ -24,6 +29,14 @@ from pipeline.progress import Progress
 SPLITS = ("train", "validation", "test")
 PLAN_FILE = "plan.json"
 CHANNEL_MODES = {1: "L", 3: "RGB"}
+# How images are stored: `auto` keeps a JPEG source JPEG and stores anything else as PNG (lossless,
+# so PNG and GIF sources such as the embedded sample lose nothing); `png` and `jpeg` store all so.
+IMAGE_FORMATS = ("auto", "png", "jpeg")
+DEFAULT_JPEG_QUALITY = 90
+# Pillow's formats of a JPEG file; MPO is a camera's JPEG with further pictures after the first.
+_JPEG_SOURCES = ("JPEG", "MPO")
+# Decoding and resizing in Pillow, and an S3 read, release the GIL, so threads overlap them.
+DEFAULT_DECODE_THREADS = min(4, os.cpu_count() or 1)
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
@@ -35,7 +48,9 @@ def report_name(split: str, index: int, num_shards: int) -> str:
 
 
 def validate_conversion_params(image_size: int, channels: int, validation_fraction: float,
-                               test_fraction: float, num_shards: int, max_bad_fraction: float) -> None:
+                               test_fraction: float, num_shards: int, max_bad_fraction: float, *,
+                               image_format: str = "auto", jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+                               decode_threads: int = 1) -> None:
     if image_size <= 0:
         raise ConfigError(f"image_size={image_size}; expected a positive number of pixels")
     if channels not in CHANNEL_MODES:
@@ -50,6 +65,12 @@ def validate_conversion_params(image_size: int, channels: int, validation_fracti
         raise ConfigError(f"num_shards={num_shards}; expected a positive integer")
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise ConfigError(f"max_bad_fraction={max_bad_fraction}; expected a fraction in [0, 1]")
+    if image_format not in IMAGE_FORMATS:
+        raise ConfigError(f"image_format={image_format!r}; expected one of {', '.join(IMAGE_FORMATS)}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ConfigError(f"jpeg_quality={jpeg_quality}; expected an integer from 1 to 100")
+    if decode_threads <= 0:
+        raise ConfigError(f"decode_threads={decode_threads}; expected a positive integer")
 
 
 def list_visible_files(folder: str) -> list[str]:
@@ -116,38 +137,50 @@ _UNUSABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionB
                           Image.DecompressionBombError)
 
 
-def load_image(path: str, image_size: int, channels: int) -> bytes:
-    """Decode any image Pillow reads into `channels` at `image_size` square, as PNG bytes.
+def stored_format(metadata: dict) -> dict:
+    """How a conversion stored its images, from its metadata, as `load_image`'s keyword arguments;
+    conversions from before the choice existed stored PNG."""
+    return {"image_format": metadata.get("image_format", "png"),
+            "jpeg_quality": metadata.get("jpeg_quality", DEFAULT_JPEG_QUALITY)}
+
+
+def load_image(path: str, image_size: int, channels: int, *, image_format: str = "auto",
+               jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
+    """Decode any image Pillow reads into `channels` at `image_size` square, as PNG or JPEG bytes
+    (`image_format`, see IMAGE_FORMATS; JPEG at `jpeg_quality`).
 
     EXIF orientation is applied, transparency is flattened onto white, and Pillow's
-    decompression-bomb limit is an error rather than a warning. A PNG already in that form is
+    decompression-bomb limit is an error rather than a warning. A JPEG larger than needed is
+    decoded at 1/2, 1/4 or 1/8 scale by libjpeg (never below `image_size`) before the resize. A
+    file already in the stored form (a PNG or a JPEG at that size, in that mode, upright) is
     decoded and checked, so that a corrupt one fails here, and then kept byte for byte: encoding
     it again took about 40% of the time spent per image. Raises UnusableImage for a file that
     cannot be used, naming the underlying error.
     """
     try:
-        return _normalised_png(path, image_size, channels)
+        return _normalised(path, image_size, channels, image_format, jpeg_quality)
     except _UNUSABLE_IMAGE_ERRORS as error:
         raise UnusableImage(f"{type(error).__name__}: {error}") from error
 
 
-def _normalised_png(path: str, image_size: int, channels: int) -> bytes:
+def _normalised(path: str, image_size: int, channels: int, image_format: str, jpeg_quality: int) -> bytes:
+    mode = CHANNEL_MODES[channels]
     with warnings.catch_warnings(), storage.open_binary(path) as handle:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(handle) as opened:
+            jpeg_source = opened.format in _JPEG_SOURCES
+            stored = "PNG" if image_format == "png" or (image_format == "auto" and not jpeg_source) else "JPEG"
             # exif_transpose copies every image; most have no orientation to apply.
             rotated = opened.getexif().get(ExifTags.Base.Orientation, 1) not in (1, None)
-            if (opened.format == "PNG" and not rotated and opened.size == (image_size, image_size)
-                    and "transparency" not in opened.info):
-                handle.seek(0)
-                data = handle.read()
-                if (data[24], data[25]) == _STORABLE_PNG[channels]:
-                    # Pillow decodes some PNGs that TensorFlow refuses (one cut short of its
-                    # checksum); verify() checks every chunk's CRC up to IEND, as libpng does.
-                    opened.load()
-                    with Image.open(io.BytesIO(data), formats=["PNG"]) as again:
-                        again.verify()
-                    return data
+            if not rotated and opened.size == (image_size, image_size):
+                kept = _kept_bytes(opened, handle, stored, channels)
+                if kept is not None:
+                    return kept
+            if jpeg_source:
+                # libjpeg scales in the DCT, several times faster than decoding every pixel and
+                # resizing them. The square asked for is the same either way up, so it may
+                # come before the rotation.
+                opened.draft(mode, (image_size, image_size))
             image = ImageOps.exif_transpose(opened) if rotated else opened
             if image.mode in _WIDE_GREY_MODES:
                 # Converting to "L" clips these to 8 bits (most pixels turn white); scale the 16-bit range first.
@@ -155,17 +188,69 @@ def _normalised_png(path: str, image_size: int, channels: int) -> bytes:
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 rgba = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-            image = image.convert(CHANNEL_MODES[channels])
+            image = image.convert(mode)
             if image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
             buffer = io.BytesIO()
-            image.save(buffer, format="PNG", compress_level=1)
+            if stored == "PNG":
+                image.save(buffer, format="PNG", compress_level=1)
+            else:
+                image.save(buffer, format="JPEG", quality=jpeg_quality)
     return buffer.getvalue()
 
 
+def _kept_bytes(opened: Image.Image, handle, stored: str, channels: int) -> bytes | None:
+    """The file's own bytes, when they are already what would be stored and decode cleanly; else None."""
+    if opened.format != stored:
+        return None
+    handle.seek(0)
+    data = handle.read()
+    if stored == "PNG":
+        if "transparency" in opened.info or (data[24], data[25]) != _STORABLE_PNG[channels]:
+            return None
+        # Pillow decodes some PNGs that TensorFlow refuses (one cut short of its checksum);
+        # verify() checks every chunk's CRC up to IEND, as libpng does.
+        opened.load()
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as again:
+            again.verify()
+        return data
+    if opened.mode != CHANNEL_MODES[channels]:
+        return None
+    # A JPEG that Pillow decodes whole, TensorFlow decodes too (one cut short, both refuse).
+    opened.load()
+    return data
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _mapped_in_order(function: Callable[[_T], _R], items: Iterable[_T], threads: int) -> Iterator[_R]:
+    """`function` of each item, in the items' order, computed by `threads` threads. At most two
+    results per thread are pending at once, so memory does not grow with the number of items."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="convert") as pool:
+        window = deque()
+        try:
+            for item in items:
+                window.append(pool.submit(function, item))
+                if len(window) >= 2 * threads:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        finally:
+            # Stopped early (a write failed): do not wait for images no one will write.
+            for future in window:
+                future.cancel()
+
+
 def write_shard(raw_dir: str, plan_path: str, split: str, index: int, shard_path: str, report_path: str,
-                *, image_size: int, channels: int, progress: Progress | None = None) -> dict:
-    """Write one shard of the plan and then its report (the shard's marker). Returns the report."""
+                *, image_size: int, channels: int, image_format: str = "auto",
+                jpeg_quality: int = DEFAULT_JPEG_QUALITY, decode_threads: int = 1,
+                progress: Progress | None = None) -> dict:
+    """Write one shard of the plan and then its report (the shard's marker). Returns the report.
+
+    `decode_threads` threads read, decode and encode the images; records are written in the
+    plan's order, so the shard's bytes do not depend on their number."""
     from pipeline import schema  # TensorFlow loads only in the processes that write records.
     import tensorflow as tf
 
@@ -174,18 +259,25 @@ def write_shard(raw_dir: str, plan_path: str, split: str, index: int, shard_path
     class_names = plan["class_names"]
     per_class: Counter[str] = Counter()
     bad = []
+
+    def load(key: str) -> bytes | UnusableImage:
+        try:
+            return load_image(storage.join(raw_dir, key), image_size, channels, image_format=image_format,
+                              jpeg_quality=jpeg_quality)
+        except UnusableImage as error:
+            return error
+
     with atomic_path(shard_path) as temp:
         with tf.io.TFRecordWriter(str(temp)) as writer:
-            for done, (key, label) in enumerate(items, start=1):
-                try:
-                    encoded = load_image(storage.join(raw_dir, key), image_size, channels)
-                except UnusableImage as error:
-                    bad.append({"key": key, "reason": str(error)})
-                else:
-                    writer.write(schema.serialize_example(encoded, label, key))
-                    per_class[class_names[label]] += 1
-                if progress:
-                    progress(done, len(items), "images", f"{split} shard {index}")
+            with contextlib.closing(_mapped_in_order(load, (key for key, _ in items), decode_threads)) as loaded:
+                for done, ((key, label), encoded) in enumerate(zip(items, loaded), start=1):
+                    if isinstance(encoded, UnusableImage):
+                        bad.append({"key": key, "reason": str(encoded)})
+                    else:
+                        writer.write(schema.serialize_example(encoded, label, key))
+                        per_class[class_names[label]] += 1
+                    if progress:
+                        progress(done, len(items), "images", f"{split} shard {index}")
         # Hashed before it is published: on S3, reading it back would fetch it again.
         digest = sha256_file(temp)
     report = {"file": storage.name(shard_path), "split": split, "records": sum(per_class.values()),
@@ -194,22 +286,24 @@ def write_shard(raw_dir: str, plan_path: str, split: str, index: int, shard_path
     return report
 
 
-def write_all_shards(raw_dir: str, out_dir: str, *, num_shards: int, image_size: int,
-                     channels: int) -> list[str]:
+def write_all_shards(raw_dir: str, out_dir: str, *, num_shards: int, image_size: int, channels: int,
+                     **options) -> list[str]:
     """Every shard of the plan in `out_dir`, one after another in this process (the ConvertShard
-    tasks write them in parallel); returns the reports, for `finalize_conversion`."""
+    tasks write them in parallel), `options` passed to `write_shard`; returns the reports, for
+    `finalize_conversion`."""
     reports = []
     for split in SPLITS:
         for index in range(num_shards):
             reports.append(storage.join(out_dir, report_name(split, index, num_shards)))
             write_shard(raw_dir, storage.join(out_dir, PLAN_FILE), split, index,
                         storage.join(out_dir, shard_name(split, index, num_shards)), reports[-1],
-                        image_size=image_size, channels=channels)
+                        image_size=image_size, channels=channels, **options)
     return reports
 
 
 def finalize_conversion(out_dir: str, reports: Iterable[str], metadata_path: str, *, image_size: int,
-                        channels: int, max_bad_fraction: float, source: dict) -> dict:
+                        channels: int, max_bad_fraction: float, source: dict, image_format: str = "auto",
+                        jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> dict:
     """Check every shard against its report and the bad fraction, then write metadata.json last."""
     plan = read_json(storage.join(out_dir, PLAN_FILE))
     splits = {split: {"count": 0, "per_class": Counter(), "shards": []} for split in SPLITS}
@@ -242,6 +336,9 @@ def finalize_conversion(out_dir: str, reports: Iterable[str], metadata_path: str
         "class_names": class_names,
         "label_map": {name: label for label, name in enumerate(class_names)},
         "image_shape": [image_size, image_size, channels],
+        # How folders given to Predict are stored before the model sees them (`stored_format`).
+        "image_format": image_format,
+        "jpeg_quality": jpeg_quality,
         "splits": {name: {"count": s["count"], "per_class": {c: s["per_class"].get(c, 0) for c in class_names},
                           "shards": sorted(s["shards"], key=lambda shard: shard["file"])}
                    for name, s in splits.items()},

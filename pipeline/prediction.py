@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import outputs, schema
-from pipeline.convert import list_visible_files, load_image, shard_paths
+from pipeline.convert import list_visible_files, load_image, shard_paths, stored_format
 from pipeline.csvcells import safe_row
 from pipeline.errors import DatasetError, UnusableImage
 from pipeline import storage
@@ -42,12 +42,12 @@ def _record_batches(files: Sequence[str], image_shape: Sequence[int], batch_size
         yield [k.decode("utf-8") for k in keys], labels.tolist(), inputs
 
 
-def _folder_batches(files: Sequence[str], input_dir: str, image_size: int, channels: int,
-                    batch_size: int) -> Iterator[tuple[list[str], list[None], dict[str, list[bytes]]]]:
+def _folder_batches(files: Sequence[str], input_dir: str, image_size: int, channels: int, batch_size: int,
+                    stored: dict) -> Iterator[tuple[list[str], list[None], dict[str, list[bytes]]]]:
     paths, encoded = [], []
     for path in files:
         try:
-            encoded.append(load_image(path, image_size, channels))
+            encoded.append(load_image(path, image_size, channels, **stored))
         except UnusableImage as error:
             log.warning("skipping %s: %s", path, error)
             continue
@@ -87,7 +87,8 @@ def predict_to_csv(export_dir: str, metadata: dict, output_csv: str, *, convert_
             raise DatasetError(f"input_dir={str(input_dir)!r} is not a folder; expected a folder of images")
         files, key_column = list_visible_files(input_dir), "path"
         images = len(files)
-        batches = _folder_batches(files, input_dir, image_shape[0], image_shape[-1], batch_size)
+        batches = _folder_batches(files, input_dir, image_shape[0], image_shape[-1], batch_size,
+                                  stored_format(metadata))
         signature = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
     else:
         files, key_column = shard_paths(convert_dir, metadata, split), "key"

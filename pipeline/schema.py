@@ -1,7 +1,7 @@
 """The TFRecord feature schema, shared by conversion, `input_fn`, the serving receiver and prediction.
 
 A record holds one image already normalised by conversion (size and channels of the dataset)
-as PNG bytes, its integer label and its key (`<class>/<file>` inside the raw folder). A
+as PNG or JPEG bytes, its integer label and its key (`<class>/<file>` inside the raw folder). A
 model's `features` are `{IMAGE: float32 [batch, height, width, channels] in [0, 1]}`.
 """
 from __future__ import annotations
@@ -29,9 +29,9 @@ SERVING_INPUT = "image_bytes"
 PIXELS_SIGNATURE = "pixels:serving_default"
 
 
-def serialize_example(encoded_png: bytes, label: int, key: str) -> bytes:
+def serialize_example(encoded: bytes, label: int, key: str) -> bytes:
     feature = {
-        ENCODED: tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded_png])),
+        ENCODED: tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
         LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
         KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode("utf-8")])),
     }
@@ -43,8 +43,16 @@ def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
 
 
 def decode_stored_pixels(encoded: tf.Tensor, image_shape: Sequence[int]) -> tf.Tensor:
-    """Decode a stored image, which conversion already brought to `image_shape`, as uint8 pixels."""
-    return tf.ensure_shape(tf.io.decode_png(encoded, channels=image_shape[-1]), image_shape)
+    """Decode a stored image (PNG or JPEG, see `pipeline.convert.IMAGE_FORMATS`), which conversion
+    already brought to `image_shape`, as uint8 pixels.
+
+    One op reads both: the format is told by the bytes, so records need not say it, and a
+    conversion may mix the two. It decodes PNG pixel for pixel as decode_png did, and JPEG as
+    decode_jpeg does by default, deterministically (asking decode_jpeg for INTEGER_FAST gave the
+    same pixels and no gain on 128-px photos: it is already what the default means).
+    """
+    decoded = tf.io.decode_image(encoded, channels=image_shape[-1], expand_animations=False)
+    return tf.ensure_shape(decoded, image_shape)
 
 
 def scale_pixels(pixels: tf.Tensor) -> tf.Tensor:

@@ -27,6 +27,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
@@ -92,23 +93,27 @@ def tf_path(location: str | os.PathLike) -> str:
 
 # S3, through boto3: clients per process, since a client made before a fork is not the child's.
 _clients: dict[tuple[int, Any], Any] = {}
+# boto3's default session, which makes them, is not thread-safe: Convert reads a shard's images
+# from a pool of threads, whose first reads would otherwise race to make the client.
+_clients_lock = threading.Lock()
 
 
 def s3_client(kind: Any, **config: Any):
     """This process's client of `kind`, made with botocore `config` the first time."""
     pid = os.getpid()
-    if (pid, kind) not in _clients:
-        import boto3
-        from botocore.config import Config
+    with _clients_lock:
+        if (pid, kind) not in _clients:
+            import boto3
+            from botocore.config import Config
 
-        for key in [key for key in _clients if key[0] != pid]:
-            del _clients[key]
-        _clients[pid, kind] = boto3.client(
-            "s3", endpoint_url=os.environ.get("S3_ENDPOINT") or None,
-            region_name=os.environ.get("AWS_REGION") or None,
-            verify=os.environ.get("S3_VERIFY_SSL", "1") not in ("0", "false"), config=Config(**config))
-        _clients[pid, kind].meta.events.register("after-call.s3", _refuse_missing_bucket)
-    return _clients[pid, kind]
+            for key in [key for key in _clients if key[0] != pid]:
+                del _clients[key]
+            _clients[pid, kind] = boto3.client(
+                "s3", endpoint_url=os.environ.get("S3_ENDPOINT") or None,
+                region_name=os.environ.get("AWS_REGION") or None,
+                verify=os.environ.get("S3_VERIFY_SSL", "1") not in ("0", "false"), config=Config(**config))
+            _clients[pid, kind].meta.events.register("after-call.s3", _refuse_missing_bucket)
+        return _clients[pid, kind]
 
 
 def _refuse_missing_bucket(parsed: dict, context: dict, **_: Any) -> None:

@@ -21,8 +21,9 @@ from luigi.util import inherits
 
 from pipeline import download, storage
 from pipeline.cluster import NETWORKS, PARAMETER_SERVER, PRIVATE, STRATEGIES, check_network
-from pipeline.convert import (PLAN_FILE, SPLITS, finalize_conversion, plan_conversion, report_name, shard_name,
-                              shard_paths, validate_conversion_params, write_shard)
+from pipeline.convert import (DEFAULT_DECODE_THREADS, DEFAULT_JPEG_QUALITY, IMAGE_FORMATS, PLAN_FILE, SPLITS,
+                              finalize_conversion, plan_conversion, report_name, shard_name, shard_paths,
+                              validate_conversion_params, write_shard)
 from pipeline.errors import ConfigError, StageOutputError
 from pipeline.fingerprint import normalised_source
 from pipeline.storage import TEMP_INFIX, read_json
@@ -114,10 +115,26 @@ class Convert(Stage):
     split_seed = luigi.IntParameter(description="Seed of the deterministic split")
     num_shards = luigi.IntParameter(description="Shards per split; each is written by its own task")
     max_bad_fraction = luigi.FloatParameter(description="Largest share of undecodable images tolerated")
+    image_format = luigi.ChoiceParameter(
+        choices=IMAGE_FORMATS, default="auto",
+        description="How images are stored: auto (JPEG sources as JPEG, all others as lossless PNG), png or jpeg")
+    jpeg_quality = luigi.IntParameter(default=DEFAULT_JPEG_QUALITY,
+                                      description="Quality (1-100) of the JPEGs Convert encodes")
+    decode_threads = luigi.IntParameter(default=DEFAULT_DECODE_THREADS, significant=False,
+                                        description="Threads reading, decoding and resizing the images of one "
+                                                    "shard; the records are the same whatever their number")
 
     def validate(self):
         validate_conversion_params(self.image_size, self.channels, self.validation_fraction, self.test_fraction,
-                                   self.num_shards, self.max_bad_fraction)
+                                   self.num_shards, self.max_bad_fraction, image_format=self.image_format,
+                                   jpeg_quality=self.jpeg_quality, decode_threads=self.decode_threads)
+
+    def significant_values(self):
+        values = super().significant_values()
+        if self.image_format == "png":
+            # Nothing is encoded as JPEG: the quality cannot change a record.
+            del values["jpeg_quality"]
+        return values
 
     def shards(self) -> list[ConvertShard]:
         return [self.clone(ConvertShard, split=split, index=index)
@@ -136,7 +153,8 @@ class Convert(Stage):
         finalize_conversion(self.directory, [target.path for target in self.input()], self.marker,
                             image_size=self.image_size, channels=self.channels,
                             max_bad_fraction=self.max_bad_fraction,
-                            source={"download_version": raw.version, **read_json(raw.marker)})
+                            source={"download_version": raw.version, **read_json(raw.marker)},
+                            image_format=self.image_format, jpeg_quality=self.jpeg_quality)
 
 
 @inherits(Convert)
@@ -198,7 +216,8 @@ class ConvertShard(ConvertPart):
         with TaskProgress(self) as progress:
             write_shard(self.download.directory, self.input()["plan"].path, self.split, self.index,
                         self.shard_path(), self.output().path, image_size=self.image_size,
-                        channels=self.channels, progress=progress)
+                        channels=self.channels, image_format=self.image_format, jpeg_quality=self.jpeg_quality,
+                        decode_threads=self.decode_threads, progress=progress)
 
 
 class Train(Stage):

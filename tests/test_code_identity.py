@@ -509,7 +509,7 @@ def test_a_change_to_how_images_are_decoded_reruns_convert_and_what_follows(comp
                                                                    if line.startswith("done    Download(")]
     assert to_run(lines) == {"PlanConversion", "ConvertShard", "Convert", "Train", "Evaluate", "Predict", "Report",
                              "RunRecord", "RunAll"}
-    assert_named(lines, "Convert", "pipeline.convert._normalised_png")
+    assert_named(lines, "Convert", "pipeline.convert._normalised")
 
 
 @pytest.mark.slow

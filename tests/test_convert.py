@@ -1,11 +1,13 @@
+import hashlib
 import io
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageOps
 
 from pipeline import convert
 from pipeline.errors import ConfigError, CorruptShard, DatasetError, UnusableImage
@@ -74,6 +76,7 @@ def test_shards_hold_every_good_image_and_metadata_lists_the_bad_one(tmp_path):
                                            max_bad_fraction=0.1, source={})
 
     assert metadata["image_shape"] == [5, 5, 3]
+    assert (metadata["image_format"], metadata["jpeg_quality"]) == ("auto", 90)
     assert metadata["label_map"] == {"a": 0, "b": 1}
     counts = {split: metadata["splits"][split]["count"] for split in convert.SPLITS}
     assert sum(counts.values()) == 12 and counts["validation"] == 0
@@ -134,6 +137,10 @@ def test_a_png_already_in_the_dataset_form_is_kept_but_still_checked(tmp_path):
     ({"channels": 2}, "channels=2"),
     ({"validation_fraction": 0.5, "test_fraction": 0.5}, "expected less than 1"),
     ({"num_shards": 0}, "num_shards=0"),
+    ({"image_format": "webp"}, "image_format='webp'; expected one of auto, png, jpeg"),
+    ({"jpeg_quality": 0}, "jpeg_quality=0; expected an integer from 1 to 100"),
+    ({"jpeg_quality": 101}, "jpeg_quality=101; expected an integer from 1 to 100"),
+    ({"decode_threads": 0}, "decode_threads=0"),
 ])
 def test_bad_conversion_params_are_named(kwargs, message):
     params = {"image_size": 28, "channels": 1, "validation_fraction": 0.1, "test_fraction": 0.1,
@@ -267,3 +274,122 @@ def test_a_corrupt_shard_is_named_with_its_report(tmp_path):
     shard.unlink()
     with pytest.raises(DatasetError, match="train-00001-of-00002.tfrecord: it is missing"):
         convert.shard_paths(out, metadata, "train")
+
+
+def _photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A photo-like RGB image: smooth gradients under a few filled ellipses."""
+    rng = random.Random(seed)
+    bands = [Image.linear_gradient("L"), Image.radial_gradient("L"), Image.linear_gradient("L").rotate(90)]
+    image = Image.merge("RGB", [band.resize(size) for band in bands])
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        xs, ys = sorted(rng.sample(range(size[0]), 2)), sorted(rng.sample(range(size[1]), 2))
+        draw.ellipse((xs[0], ys[0], xs[1], ys[1]), fill=tuple(rng.randrange(256) for _ in range(3)))
+    return image
+
+
+def _stored(data: bytes) -> tuple[str, str, tuple[int, int]]:
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.format, image.mode, image.size
+
+
+def test_each_image_format_stores_what_it_says_at_the_size_and_mode_asked(tmp_path):
+    (tmp_path / "photo.jpg").write_bytes(_jpeg(_photo((300, 200))))
+    (tmp_path / "drawing.png").write_bytes(_png(_photo((300, 200), seed=1)))
+
+    for channels, mode in ((3, "RGB"), (1, "L")):
+        for name, image_format, stored in (("photo.jpg", "auto", "JPEG"), ("drawing.png", "auto", "PNG"),
+                                           ("drawing.png", "jpeg", "JPEG"), ("photo.jpg", "png", "PNG")):
+            data = convert.load_image(tmp_path / name, 32, channels, image_format=image_format)
+            assert _stored(data) == (stored, mode, (32, 32)), (name, image_format, channels)
+    low, high = (convert.load_image(tmp_path / "photo.jpg", 32, 3, image_format="jpeg", jpeg_quality=quality)
+                 for quality in (20, 95))
+    assert len(low) < len(high)
+
+
+def test_a_jpeg_already_in_the_dataset_form_is_kept_but_still_checked(tmp_path):
+    upright, grey = _jpeg(_photo((16, 16))), _jpeg(_photo((16, 16)).convert("L"))
+    exif = Image.Exif()
+    exif[0x0112] = 3  # shown upside down
+    files = {"upright.jpg": upright, "grey.jpg": grey, "rotated.jpg": _jpeg(_photo((16, 16)), exif=exif),
+             "truncated.jpg": upright[:len(upright) // 2]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+
+    assert convert.load_image(tmp_path / "upright.jpg", 16, 3) == upright
+    assert convert.load_image(tmp_path / "upright.jpg", 16, 3, image_format="jpeg", jpeg_quality=50) == upright
+    assert convert.load_image(tmp_path / "grey.jpg", 16, 1, image_format="jpeg") == grey
+    again = convert.load_image(tmp_path / "upright.jpg", 16, 1)
+    assert again != upright and _stored(again) == ("JPEG", "L", (16, 16)), "colour is encoded again as grey"
+    assert convert.load_image(tmp_path / "rotated.jpg", 16, 3) != files["rotated.jpg"], "rotated, then encoded"
+    assert _stored(convert.load_image(tmp_path / "upright.jpg", 16, 3, image_format="png"))[0] == "PNG"
+    with pytest.raises(UnusableImage, match="(?i)truncated"):
+        convert.load_image(tmp_path / "truncated.jpg", 16, 3)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_a_large_jpeg_scaled_by_libjpeg_is_close_to_a_full_decode(tmp_path, channels, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    (tmp_path / "large.jpg").write_bytes(_jpeg(_photo((640, 512)), exif=exif))
+    with Image.open(tmp_path / "large.jpg") as image:
+        upright = ImageOps.exif_transpose(image).convert(convert.CHANNEL_MODES[channels])
+        full = np.asarray(upright.resize((64, 64), Image.Resampling.BILINEAR), dtype=float)
+
+    scaled = np.asarray(Image.open(io.BytesIO(convert.load_image(tmp_path / "large.jpg", 64, channels,
+                                                                  image_format="png"))), dtype=float)
+
+    assert scaled.shape == full.shape
+    assert not np.array_equal(scaled, full), "decoded at 1/8 scale, not in full"
+    assert np.abs(scaled - full).mean() < 2
+
+
+def _photo_source(raw, per_class=12):
+    rng = random.Random(3)
+    for label in ("a", "b"):
+        (raw / label).mkdir(parents=True)
+        for index in range(per_class):
+            size = (rng.randint(40, 140), rng.randint(40, 140))
+            (raw / label / f"{index:02d}.jpg").write_bytes(_jpeg(_photo(size, seed=index)))
+    (raw / "a" / "broken.jpg").write_bytes(b"not a picture")
+    return raw
+
+
+def test_a_shards_bytes_are_the_same_whatever_the_number_of_decode_threads(tmp_path):
+    raw = _photo_source(tmp_path / "raw")
+    plan = tmp_path / "plan.json"
+    convert.plan_conversion(raw, plan, validation_fraction=0.0, test_fraction=0.0, split_seed=1, num_shards=1)
+
+    reports = {}
+    for run, threads in enumerate((1, 4, 4, 3)):
+        shard = tmp_path / f"run{run}" / "train.tfrecord"
+        reports[run] = convert.write_shard(raw, plan, "train", 0, shard, tmp_path / f"run{run}" / "report.json",
+                                           image_size=32, channels=3, image_format="jpeg", decode_threads=threads)
+        assert reports[run]["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+
+    assert reports[0]["records"] == 24 and [bad["key"] for bad in reports[0]["bad"]] == ["a/broken.jpg"]
+    assert all(report == reports[0] for report in reports.values()), "same bytes with 1, 3 and 4 threads, twice"
+
+
+def test_images_are_decoded_in_a_window_that_does_not_grow_with_their_number():
+    pulled = 0
+
+    def items():
+        nonlocal pulled
+        for item in range(200):
+            pulled += 1
+            yield item
+
+    results = []
+    for result in convert._mapped_in_order(lambda item: item * 2, items(), 3):
+        assert pulled - len(results) <= 6, "at most two images per thread are pending"
+        results.append(result)
+    assert results == [item * 2 for item in range(200)]
+
+
+def test_a_conversion_from_before_the_choice_of_format_stored_png():
+    assert convert.stored_format({"image_shape": [28, 28, 1]}) == {"image_format": "png", "jpeg_quality": 90}
+    assert convert.stored_format({"image_format": "jpeg", "jpeg_quality": 70}) == {"image_format": "jpeg",
+                                                                                   "jpeg_quality": 70}

@@ -22,14 +22,15 @@ DOWNSTREAM = {"Download": set(FAMILIES), "Convert": set(FAMILIES) - {"Download"}
 CHANGES = {
     "Download": {"dataset": "other", "source_url": "file:other.tar.gz", "skip_failed_images": "true"},
     "Convert": {"image_size": "32", "channels": "3", "validation_fraction": "0.3", "test_fraction": "0.1",
-                "split_seed": "8", "num_shards": "3", "max_bad_fraction": "0.5"},
+                "split_seed": "8", "num_shards": "3", "max_bad_fraction": "0.5", "image_format": "jpeg",
+                "jpeg_quality": "80"},
     "Train": {"model_def": "dnn", "params": "{}", "max_steps": "13", "batch_size": "9", "tf_random_seed": "2",
               "early_stopping_steps": "50", "distribute": "local"},
     "Evaluate": {"split": "validation"},
     "Predict": {"split": "validation", "export": "best"},
 }
 # Settings that change how, not what: neither ids nor folders may move.
-INSIGNIFICANT = {"Download": {"parallel_fetches": "2", "timeout_s": "5"},
+INSIGNIFICANT = {"Download": {"parallel_fetches": "2", "timeout_s": "5"}, "Convert": {"decode_threads": "3"},
                  "Train": {"save_checkpoints_steps": "3", "eval_throttle_secs": "60", "keep_checkpoint_max": "9",
                            "log_step_count_steps": "3", "save_summary_steps": "3",
                            # The shape of a cluster, when training runs in one process (distribute=none).
@@ -93,6 +94,14 @@ def test_checkpoint_spacing_is_significant_only_with_early_stopping(luigi_config
     stopping = graph(luigi_config, sections)
     sections["Train"]["save_checkpoints_steps"] = "3"
     assert changed(stopping, graph(luigi_config, sections)) == DOWNSTREAM["Train"]
+
+
+def test_the_jpeg_quality_moves_nothing_where_nothing_is_stored_as_jpeg(luigi_config, base_sections):
+    sections = copy.deepcopy(base_sections)
+    sections["Convert"]["image_format"] = "png"
+    png = graph(luigi_config, sections)
+    sections["Convert"]["jpeg_quality"] = "80"
+    assert changed(png, graph(luigi_config, sections)) == set()
 
 
 def test_the_split_of_a_prediction_on_a_folder_moves_nothing(luigi_config, base_sections, tmp_path):

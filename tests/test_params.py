@@ -16,6 +16,8 @@ CASES = {
                                        "validation_fraction + test_fraction = 1.0", "expected less than 1"),
     "negative fraction": (["--Convert-test-fraction", "-0.1"], "test_fraction=-0.1", "in [0, 1)"),
     "zero image size": (["--Convert-image-size", "0"], "image_size=0", "positive number of pixels"),
+    "JPEG quality above 100": (["--Convert-jpeg-quality", "101"], "jpeg_quality=101", "from 1 to 100"),
+    "unknown image format": (["--Convert-image-format", "webp"], "webp is not a valid choice", "'jpeg'"),
     "unsupported scheme": (["--Download-source-url", "ftp://example.org/images.tar.gz"], "scheme 'ftp'",
                            "expected one of http, https, file"),
     "unknown split": (["--Evaluate-split", "holdout"], "holdout is not a valid choice", "'validation'"),

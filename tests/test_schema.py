@@ -42,3 +42,21 @@ def test_serving_receiver_decodes_png_and_jpeg_of_any_size():
     assert images.shape == (2, 8, 8, 1)
     np.testing.assert_allclose(images[0], 0.0)
     np.testing.assert_allclose(images[1], 1.0, atol=0.02)
+
+
+def test_stored_pixels_decode_from_png_and_jpeg_alike_as_pillow_reads_them():
+    rng = np.random.default_rng(4)
+    for shape, mode in (((8, 8, 3), "RGB"), ((8, 8, 1), "L")):
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        image = Image.fromarray(pixels[..., 0] if mode == "L" else pixels)
+        jpeg = io.BytesIO()
+        image.save(jpeg, format="JPEG", quality=90)
+
+        from_png = schema.decode_stored_pixels(png_bytes(np.asarray(image)), shape).numpy()
+        from_jpeg = schema.decode_stored_pixels(jpeg.getvalue(), shape).numpy()
+
+        np.testing.assert_array_equal(from_png, pixels)
+        assert from_jpeg.shape == shape and from_jpeg.dtype == np.uint8
+        # Pillow's and TensorFlow's libjpeg differ in their integer DCT by a unit or two at most.
+        pillow = np.asarray(Image.open(jpeg)).reshape(shape).astype(int)
+        assert np.abs(from_jpeg.astype(int) - pillow).max() <= 8 and not np.array_equal(from_jpeg, pixels)
