@@ -35,7 +35,8 @@ IMAGE_FORMATS = ("auto", "png", "jpeg")
 DEFAULT_JPEG_QUALITY = 90
 # Pillow's formats of a JPEG file; MPO is a camera's JPEG with further pictures after the first.
 _JPEG_SOURCES = ("JPEG", "MPO")
-# Decoding and resizing in Pillow, and an S3 read, release the GIL, so threads overlap them.
+# Decoding and resizing in Pillow, and an S3 read, release the GIL, so threads overlap them. One
+# per core: on 2 cores with --workers 2, 2 threads a shard converted photos faster than 1, 4 or 8.
 DEFAULT_DECODE_THREADS = min(4, os.cpu_count() or 1)
 
 

@@ -393,3 +393,27 @@ def test_a_conversion_from_before_the_choice_of_format_stored_png():
     assert convert.stored_format({"image_shape": [28, 28, 1]}) == {"image_format": "png", "jpeg_quality": 90}
     assert convert.stored_format({"image_format": "jpeg", "jpeg_quality": 70}) == {"image_format": "jpeg",
                                                                                    "jpeg_quality": 70}
+
+
+def test_an_image_normalised_as_its_metadata_says_is_its_stored_record(tmp_path):
+    """What Predict does with a folder: each image comes out as conversion stored it."""
+    import tensorflow as tf
+
+    from pipeline import schema
+
+    raw = _photo_source(tmp_path / "raw", per_class=3)
+    (raw / "b" / "drawing.png").write_bytes(_png(_photo((50, 40), seed=9)))
+    out = tmp_path / "tfrecords"
+    convert.plan_conversion(raw, out / convert.PLAN_FILE, validation_fraction=0.0, test_fraction=0.0,
+                            split_seed=1, num_shards=1)
+    reports = convert.write_all_shards(raw, out, num_shards=1, image_size=24, channels=1, image_format="jpeg",
+                                       jpeg_quality=70, decode_threads=2)
+    metadata = convert.finalize_conversion(out, reports, out / "metadata.json", image_size=24, channels=1,
+                                           max_bad_fraction=0.5, source={}, image_format="jpeg", jpeg_quality=70)
+
+    records = {record[schema.KEY].decode(): record[schema.ENCODED]
+               for record in tf.data.TFRecordDataset(convert.shard_paths(out, metadata, "train"))
+               .map(schema.parse_example).as_numpy_iterator()}
+    assert len(records) == 7 and {_stored(data)[:2] for data in records.values()} == {("JPEG", "L")}
+    for key, data in records.items():
+        assert convert.load_image(raw / key, 24, 1, **convert.stored_format(metadata)) == data, key
