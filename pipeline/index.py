@@ -1,47 +1,90 @@
 """The index of every completed version.
 
-`results/index.json` maps each completed version to its identity and folder; callers add what
-views of it need (the leaderboard's rows), so that a view is rebuilt from the index alone. The
-index is a cache: each completed version also keeps its entry in a file of its own beside its
-output (`ENTRY_FILE`), from which a missing or damaged index is rebuilt. This module knows no
+`results/.index/<stage>/<version>.json` holds each completed version's entry: its identity and
+folder, and what views of it need (the leaderboard's rows), so that a view is rebuilt from the
+index alone. One small file per version, written whole, so that recording a stage costs the same
+whatever the number of runs, and finding whether a version is indexed, or reading its entry, is
+one read. Hidden, as the lock folders are: a dataset's folder, beside it, cannot be named so.
+
+The index is a cache: each completed version also keeps its entry in a file of its own beside its
+output (`ENTRY_FILE`), from which a missing or damaged index is rebuilt. `COMPLETE`, written once
+the index holds every version, tells a missing index from an empty one. This module knows no
 stage: the patterns of the entry files, and the roots they must lie within, are the caller's.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import posixpath
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from pipeline import storage
+from pipeline.errors import StageOutputError
 from pipeline.locks import file_lock
-from pipeline.storage import is_inside, read_json, write_json
+from pipeline.storage import TEMP_INFIX, is_inside, read_json, write_json
 from pipeline.versioning import canonical_json
 
-INDEX_FILE = "index.json"
+INDEX_FOLDER = ".index"
+COMPLETE = "COMPLETE"
+# The whole index in one file, as pipelines before the one-file-per-version layout kept it: its
+# entries are taken over once, when the index folder is first made, and the file removed.
+LEGACY_INDEX_FILE = "index.json"
 # A version's own copy of its index entry, beside its output. Hidden, so that no stage reads it as
 # data (a Download's folders are its classes); where a stage's output is a file among others,
 # `.<its name>` + ENTRY_FILE. ENTRY_GLOB finds both.
 ENTRY_FILE = ".stage.json"
 ENTRY_GLOB = f".*{ENTRY_FILE[1:]}"
 _ENTRY_FIELDS = ("stage", "version", "path")
+# A stage's and a version's names become the index's folder and file names: plain names only.
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Entries read at once from S3, where each is a request.
+_S3_READERS = 16
+_held = threading.local()
 
 
-def index_lock(index_path: str):
-    """Held while the index, or a view rebuilt from it, is read and rewritten, across processes
-    (and machines, for an index on S3)."""
-    return file_lock(f"{index_path}.lock")
+@contextlib.contextmanager
+def index_lock(folder: str) -> Iterator[None]:
+    """Held while the index is repaired or versions are forgotten, and while a view made from it is
+    read and rewritten, across processes (and machines, for an index on S3). Reentrant: a view
+    rewritten under it may repair the index it is made from."""
+    held = _held.__dict__.setdefault("folders", set())
+    key = storage.absolute(folder)
+    if key in held:
+        yield
+        return
+    with file_lock(f"{folder}.lock"):
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
 
 
 @dataclass(frozen=True)
 class IndexRepair:
     """How to rebuild a missing or damaged index: the glob patterns of the entry files, the roots
-    every indexed version must lie within, and what to call with the rebuilt index (to rewrite
-    the views made from it)."""
+    every indexed version must lie within, what to call on the rebuilt index before it is written
+    (`amend`: to complete entries an older pipeline wrote) and what to call with it once written
+    (`rebuilt`: to rewrite the views made from it)."""
     entry_patterns: Sequence[str] = ()
     roots: Sequence[str] = ()
     rebuilt: Callable[[dict], None] | None = None
+    amend: Callable[[dict], None] | None = None
+
+
+def key_of(entry: Mapping[str, Any]) -> str:
+    return f"{entry['stage']}/{entry['version']}"
+
+
+def entry_location(folder: str, key: str) -> str:
+    """Where the index at `folder` keeps the entry of `key` (`<stage>/<version>`)."""
+    stage, version = key.split("/", 1)
+    return storage.join(folder, stage, f"{version}.json")
 
 
 def entry_file(path: str, marker: str) -> str:
@@ -54,25 +97,70 @@ def entry_file(path: str, marker: str) -> str:
 
 def _is_entry(key: str, value: Any) -> bool:
     return (isinstance(value, dict) and all(isinstance(value.get(field), str) for field in _ENTRY_FIELDS)
-            and key == f"{value['stage']}/{value['version']}")
+            and bool(_PLAIN_NAME.match(value["stage"])) and bool(_PLAIN_NAME.match(value["version"]))
+            and key == key_of(value))
 
 
-def _salvaged(index_path: str) -> tuple[dict, bool]:
-    """The index's valid entries, and whether it is intact: there, JSON, a mapping of entries only."""
+_DAMAGED = object()
+
+
+def _entry_at(location: str, key: str) -> Any:
+    """The entry of `key` at `location`; None when there is none, _DAMAGED when the file there is
+    not that entry (not UTF-8, not JSON, cut short, malformed, another version's)."""
     try:
-        index = read_json(index_path)
-    except (FileNotFoundError, ValueError):  # ValueError: not UTF-8, or not JSON
-        return {}, False
-    if not isinstance(index, dict):
-        return {}, False
-    valid = {key: entry for key, entry in index.items() if _is_entry(key, entry)}
-    return valid, len(valid) == len(index)
+        value = read_json(location)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return _DAMAGED
+    return value if _is_entry(key, value) else _DAMAGED
 
 
-def read_index(index_path: str) -> dict | None:
-    """The index, or None when it is missing or damaged (not JSON, cut short, not a mapping, or
-    holding a malformed entry): then it is to be repaired (see `load_index`)."""
-    index, intact = _salvaged(index_path)
+def read_entry(folder: str, key: str) -> dict | None:
+    """The indexed entry of `key`, or None when the index lacks it or holds it damaged: one read."""
+    found = _entry_at(entry_location(folder, key), key)
+    return found if isinstance(found, dict) else None
+
+
+def _listed(folder: str) -> dict[str, str]:
+    """key -> location of every file in the index's stage folders (temporaries left out)."""
+    try:
+        names = storage.keys_below(folder, lambda name: TEMP_INFIX not in name)
+    except FileNotFoundError:
+        return {}
+    listed = {}
+    for name in names:
+        parts = name.split("/")
+        if len(parts) == 2 and parts[1].endswith(".json"):
+            listed[f"{parts[0]}/{parts[1].removesuffix('.json')}"] = storage.join(folder, name)
+    return listed
+
+
+def _read_all(listed: Mapping[str, str]) -> dict[str, Any]:
+    """key -> what `_entry_at` finds, for every listed file; read in parallel from S3."""
+    def read(item: tuple[str, str]) -> Any:
+        return _entry_at(item[1], item[0])
+
+    if not any(map(storage.is_remote, listed.values())):
+        return dict(zip(listed, map(read, listed.items())))
+    with ThreadPoolExecutor(_S3_READERS) as pool:
+        return dict(zip(listed, pool.map(read, listed.items())))
+
+
+def _salvaged(folder: str) -> tuple[dict, list[str], bool]:
+    """The index's valid entries, the locations of its damaged files, and whether it is intact:
+    complete and without a damaged file. A file gone between listing and reading was forgotten."""
+    listed = _listed(folder)
+    found = _read_all(listed)
+    index = {key: entry for key, entry in found.items() if isinstance(entry, dict)}
+    damaged = [listed[key] for key, entry in found.items() if entry is _DAMAGED]
+    return index, damaged, not damaged and storage.exists(storage.join(folder, COMPLETE))
+
+
+def read_index(folder: str) -> dict | None:
+    """The whole index, or None when it is missing or damaged (one of its files is not its
+    version's entry): then it is to be repaired (see `load_index`)."""
+    index, _, intact = _salvaged(folder)
     return index if intact else None
 
 
@@ -109,51 +197,100 @@ def rebuilt_index(entry_patterns: Sequence[str], roots: Sequence[str]) -> dict:
     return index
 
 
-def _read_or_rebuild(index_path: str, repair: IndexRepair) -> dict:
-    """Under the index's lock: the index, repaired and written back first if it is missing or
-    damaged. The valid entries of a damaged index are kept, over those of the entry files: the
-    index is the pipeline's own file, where entry files lie among downloaded data, and the two
-    hold the same entry unless one was damaged or planted. The entry files add what it lacks."""
-    index, intact = _salvaged(index_path)
-    if not intact:
-        index = {**rebuilt_index(repair.entry_patterns, repair.roots), **index}
-        write_json(index_path, index)
-        if repair.rebuilt is not None:
-            repair.rebuilt(index)
+def _legacy_entries(folder: str) -> tuple[dict, str | None]:
+    """The valid entries of an older pipeline's whole-index file beside `folder`, and that file."""
+    legacy = storage.join(storage.parent(folder), LEGACY_INDEX_FILE)
+    try:
+        index = read_json(legacy)
+    except FileNotFoundError:
+        return {}, None
+    except ValueError:  # not UTF-8, or not JSON
+        return {}, legacy
+    valid = {key: entry for key, entry in index.items() if _is_entry(key, entry)} if isinstance(index, dict) else {}
+    return valid, legacy
+
+
+def read_or_rebuild(folder: str, repair: IndexRepair) -> dict:
+    """Under the index's lock: the whole index, repaired first if it is missing or damaged. Its
+    valid entries are kept, over those of an older pipeline's index.json and of the entry files:
+    the index is the pipeline's own, where entry files lie among downloaded data, and they hold
+    the same entry unless one was damaged or planted. The others add what it lacks; damaged files
+    are replaced or removed."""
+    index, damaged, intact = _salvaged(folder)
+    if intact:
+        return index
+    written = {key: canonical_json(entry) for key, entry in index.items()}
+    legacy, legacy_file = _legacy_entries(folder)
+    index = {**rebuilt_index(repair.entry_patterns, repair.roots), **legacy, **index}
+    if repair.amend is not None:
+        repair.amend(index)
+    for location in damaged:
+        storage.remove_tree(location)
+    for key, entry in index.items():
+        if written.get(key) != canonical_json(entry):
+            write_json(entry_location(folder, key), entry)
+    storage.write_bytes(storage.join(folder, COMPLETE), b"")
+    if legacy_file is not None:
+        storage.remove_tree(legacy_file)
+    if repair.rebuilt is not None:
+        repair.rebuilt(index)
     return index
 
 
-def load_index(index_path: str, repair: IndexRepair = IndexRepair()) -> dict:
-    """The index, for reading; rebuilt (under its lock) when it is missing or damaged."""
-    index = read_index(index_path)
+def load_index(folder: str, repair: IndexRepair = IndexRepair()) -> dict:
+    """The whole index, for reading; rebuilt (under its lock) when it is missing or damaged."""
+    index = read_index(folder)
     if index is not None:
         return index
-    with index_lock(index_path):
-        return _read_or_rebuild(index_path, repair)
+    with index_lock(folder):
+        return read_or_rebuild(folder, repair)
 
 
-def update_index(index_path: str, change: Callable[[dict], None],
-                 then: Callable[[dict], None] | None = None, repair: IndexRepair = IndexRepair()) -> dict:
-    """Apply `change` to the index in place and write it back, then call `then` with it (to rebuild
-    a view), all under the index's lock, so that concurrent updates never leave a stale view. A
-    missing or damaged index is rebuilt first."""
-    with index_lock(index_path):
-        index = _read_or_rebuild(index_path, repair)
-        change(index)
-        write_json(index_path, index)
-        if then is not None:
-            then(index)
-    return index
+def indexed(folder: str, key: str, repair: IndexRepair = IndexRepair()) -> bool:
+    """Whether the index holds `key`: one read, unless the index is missing or that file damaged,
+    when it is repaired first."""
+    found = _entry_at(entry_location(folder, key), key)
+    if isinstance(found, dict):
+        return True
+    if found is None and storage.exists(storage.join(folder, COMPLETE)):
+        return False
+    return key in load_index(folder, repair)
 
 
-def forget_folders(index_path: str, folders: list[str], then: Callable[[dict], None] | None = None,
-                   repair: IndexRepair = IndexRepair()) -> dict:
-    """Drop from the index every version whose path lies within one of `folders` (removed ones)."""
-    def forget(index: dict) -> None:
-        for key in [key for key, entry in index.items() if any(is_inside(entry["path"], folder) for folder in folders)]:
-            del index[key]
+def record(folder: str, entry: dict, repair: IndexRepair = IndexRepair(), only_if_missing: bool = False,
+           view: Callable[[], None] | None = None) -> bool:
+    """Put `entry` in the index, unless `only_if_missing` and the index holds its version; returns
+    whether it was written. No lock is needed: each version has a file of its own, written whole
+    (one PUT on S3), and two processes recording one version record the same stage. A missing
+    index is rebuilt first, so that no other version is left out of it.
 
-    return update_index(index_path, forget, then, repair)
+    `view`, when given, puts the entry on a view made from the index; it is called first, both
+    under the index's lock: a run cut off between the two finds its stage unindexed and records
+    it again, where the other order would leave the entry off the view for good."""
+    key = key_of(entry)
+    if not _is_entry(key, entry):
+        raise StageOutputError(f"index entry {key!r}: expected plain stage and version names and string "
+                               f"{', '.join(_ENTRY_FIELDS)}")
+    if not storage.exists(storage.join(folder, COMPLETE)):
+        load_index(folder, repair)
+    with index_lock(folder) if view is not None else contextlib.nullcontext():
+        if only_if_missing and read_entry(folder, key) is not None:
+            return False
+        if view is not None:
+            view()
+        write_json(entry_location(folder, key), entry)
+    return True
+
+
+def forget_folders(folder: str, folders: list[str], repair: IndexRepair = IndexRepair()) -> list[str]:
+    """Drop from the index every version whose path lies within one of `folders` (removed ones),
+    under the index's lock; returns their keys."""
+    with index_lock(folder):
+        index = read_or_rebuild(folder, repair)
+        gone = [key for key, entry in index.items() if any(is_inside(entry["path"], removed) for removed in folders)]
+        for key in gone:
+            storage.remove_tree(entry_location(folder, key))
+    return gone
 
 
 def index_entry(stage: str, version: str, path: str, identity: Mapping[str, Any], **extra: Any) -> dict:

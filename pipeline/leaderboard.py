@@ -1,9 +1,11 @@
 """The leaderboard: every evaluation in the index, best first, as HTML and CSV.
 
-It is a view of `results/index.json` built from the rows the index holds (an evaluation's entry's
-`leaderboard` value, and a report's `reports` value: which evaluation it reports, and its link),
-without reading any run's files: rebuilding it costs the same whatever the
-runs' sizes, and grows with their number only as the index does.
+Its rows are kept in `results/leaderboard.json` (the board): each indexed evaluation's row (its
+entry's `leaderboard` value) and each indexed report's link (its entry's `reports` value: which
+evaluation it reports, and its link), by index key. Recording an evaluation or a report replaces
+one of them, and the two pages are rendered from the board alone, without reading the index or
+any run's files; the board is rebuilt from the index when the index is, or when it is missing or
+damaged. The caller holds the index's lock while the board is read and rewritten.
 """
 from __future__ import annotations
 
@@ -12,32 +14,20 @@ import datetime
 import html
 import io
 import urllib.parse
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from pipeline import storage
-from pipeline.csvcells import safe_record
-from pipeline.storage import write_bytes
+from pipeline.csvcells import safe_row
+from pipeline.storage import read_json, write_bytes
+from pipeline.versioning import canonical_json
 
 LEADERBOARD_HTML = "leaderboard.html"
 LEADERBOARD_CSV = "leaderboard.csv"
+BOARD_FILE = "leaderboard.json"
 ROW_KEY = "leaderboard"
 REPORT_KEY = "reports"
 COLUMNS = ("rank", "run", "model", "dataset", "split", "accuracy", "loss", "global_step", "params", "max_steps",
            "batch_size", "tf_random_seed", "train_version", "data_version", "evaluated_at", "report")
-
-
-def leaderboard_rows(index: Mapping[str, dict]) -> list[dict]:
-    """The row of each indexed evaluation, best accuracy first, then lowest loss, ranked."""
-    return rows_of(index, [key for key, entry in index.items() if ROW_KEY in entry])
-
-
-def rows_of(index: Mapping[str, dict], keys: Iterable[str]) -> list[dict]:
-    """The rows of the evaluations `keys`, each linking the newest indexed report of it, ranked.
-    Joined here rather than stored in the row, so that a row never links a report that is gone."""
-    reports = sorted((entry for entry in index.values() if REPORT_KEY in entry),
-                     key=lambda entry: entry["completed_at"])
-    links = {entry[REPORT_KEY]["evaluation"]: entry[REPORT_KEY]["link"] for entry in reports}
-    return ranked({**index[key][ROW_KEY], **({"report": links[key]} if key in links else {})} for key in keys)
 
 
 def shown(entry: Mapping) -> bool:
@@ -45,9 +35,95 @@ def shown(entry: Mapping) -> bool:
     return ROW_KEY in entry or REPORT_KEY in entry
 
 
+def empty_board() -> dict:
+    return {"rows": {}, "cells": {}, "reports": {}}
+
+
+def with_entry(board: dict, entry: Mapping) -> dict:
+    """`board` with the row or the report link of the index entry `entry` added or replaced, each
+    with its cells rendered once here, so that the pages are joined from them (see `write_board`)."""
+    key = f"{entry['stage']}/{entry['version']}"
+    if ROW_KEY in entry:
+        board["rows"][key] = entry[ROW_KEY]
+        # With the cells of the row's own report link, which an older pipeline wrote into it.
+        board["cells"][key] = [*_cells(entry[ROW_KEY]), *_report_cells(entry[ROW_KEY].get("report", ""))]
+    if REPORT_KEY in entry:
+        board["reports"][key] = {**entry[REPORT_KEY], "completed_at": entry["completed_at"],
+                                 "cells": _report_cells(entry[REPORT_KEY]["link"])}
+    return board
+
+
+def without(board: dict, keys: Iterable[str]) -> bool:
+    """Drop the rows and report links of `keys` (forgotten versions); whether any was there."""
+    dropped = [part.pop(key) for key in keys for part in board.values() if key in part]
+    return bool(dropped)
+
+
+def board_of(entries: Iterable[Mapping]) -> dict:
+    """The board of the index entries `entries` (the whole index's)."""
+    board = empty_board()
+    for entry in entries:
+        if shown(entry):
+            with_entry(board, entry)
+    return board
+
+
+def _order(row: Mapping) -> tuple:
+    """Best accuracy first, then lowest loss."""
+    return -row["accuracy"], row["loss"], row.get("run", ""), row.get("split", "")
+
+
+def _reports(board: Mapping[str, dict]) -> dict[str, dict]:
+    """The newest report of each evaluation on the board. Joined rather than stored in the row, so
+    that a row never links a report that is gone."""
+    reports = sorted(board["reports"].values(), key=lambda report: report["completed_at"])
+    return {report["evaluation"]: report for report in reports}
+
+
+def leaderboard_rows(board: Mapping[str, dict]) -> list[dict]:
+    """The row of each evaluation on the board, best accuracy first, then lowest loss, ranked."""
+    return rows_of(board, list(board["rows"]))
+
+
+def rows_of(board: Mapping[str, dict], keys: Iterable[str]) -> list[dict]:
+    """The rows of the evaluations `keys`, each linking the newest report of it, ranked."""
+    links = {evaluation: report["link"] for evaluation, report in _reports(board).items()}
+    return ranked({**board["rows"][key], **({"report": links[key]} if key in links else {})} for key in keys)
+
+
+def _is_board(value: Any) -> bool:
+    """Whether `value` is a board, each part of the shape `write_board` needs. A loop rather than
+    nested generators: the board is read with every evaluation recorded."""
+    if not (isinstance(value, dict) and set(value) == {"rows", "cells", "reports"}
+            and all(isinstance(part, dict) for part in value.values()) and value["rows"].keys() == value["cells"].keys()):
+        return False
+    for key, row in value["rows"].items():
+        cells = value["cells"][key]
+        if not (isinstance(row, dict) and isinstance(row.get("accuracy"), (int, float))
+                and isinstance(row.get("loss"), (int, float)) and isinstance(row.get("run", ""), str)
+                and isinstance(row.get("split", ""), str) and isinstance(cells, list) and len(cells) == 4
+                and all(isinstance(cell, str) for cell in cells)):
+            return False
+    for report in value["reports"].values():
+        if not (isinstance(report, dict) and isinstance(report.get("evaluation"), str)
+                and isinstance(report.get("link"), str) and isinstance(report.get("completed_at"), str)
+                and isinstance(report.get("cells"), list) and len(report["cells"]) == 2
+                and all(isinstance(cell, str) for cell in report["cells"])):
+            return False
+    return True
+
+
+def read_board(results_root: str) -> dict | None:
+    """The board, or None when it is missing or damaged: then it is to be rebuilt from the index."""
+    try:
+        board = read_json(storage.join(results_root, BOARD_FILE))
+    except (FileNotFoundError, ValueError):  # ValueError: not UTF-8, or not JSON
+        return None
+    return board if _is_board(board) else None
+
+
 def ranked(rows: Iterable[Mapping]) -> list[dict]:
-    rows = [{column: row.get(column, "") for column in COLUMNS} for row in rows]
-    rows.sort(key=lambda row: (-row["accuracy"], row["loss"], row["run"], row["split"]))
+    rows = sorted(({column: row.get(column, "") for column in COLUMNS} for row in rows), key=_order)
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
     return rows
@@ -62,30 +138,41 @@ def is_relative_link(link: str) -> bool:
             and ".." not in parts.path.replace("\\", "/").split("/"))
 
 
-def render_csv(rows: list[dict]) -> str:
+def _csv_line(values: Iterable[Any]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(map(safe_record, rows))
+    csv.writer(buffer, lineterminator="").writerow(safe_row(values))
     return buffer.getvalue()
 
 
-def render_html(rows: list[dict], title: str = "Leaderboard", csv_name: str = LEADERBOARD_CSV) -> str:
-    def cell(column: str, row: dict) -> str:
-        value = row[column]
-        if column == "report":
-            link = str(value)
-            return (f'<td><a href="{html.escape(link)}">report</a></td>' if link and is_relative_link(link)
-                    else f"<td>{html.escape(link)}</td>")
-        if column in ("accuracy", "loss"):
-            return f'<td class="num">{value:.4f}</td>'
-        css = ' class="num"' if isinstance(value, (int, float)) else ""
-        return f"<td{css}>{html.escape(str(value))}</td>"
+def _html_cell(value: Any) -> str:
+    css = ' class="num"' if isinstance(value, (int, float)) else ""
+    return f"<td{css}>{html.escape(str(value))}</td>"
 
+
+def _cells(row: Mapping) -> list[str]:
+    """A row's cells between its rank and its report link, as HTML and as CSV."""
+    values = [row.get(column, "") for column in COLUMNS[1:-1]]
+    shown_html = "".join(f'<td class="num">{value:.4f}</td>' if column in ("accuracy", "loss") else _html_cell(value)
+                         for column, value in zip(COLUMNS[1:-1], values))
+    return [shown_html, _csv_line(values)]
+
+
+def _report_cells(link: str) -> list[str]:
+    """A report link's cell as HTML (a link only if it is a relative one) and as CSV."""
+    link = str(link)
+    shown_html = (f'<td><a href="{html.escape(link)}">report</a></td>' if link and is_relative_link(link)
+                  else f"<td>{html.escape(link)}</td>")
+    return [shown_html, _csv_line([link])]
+
+
+def _pages(lines: list[tuple[list[str], list[str]]], title: str, csv_name: str) -> tuple[str, str]:
+    """The HTML page and the CSV of rows given, best first, as (their cells, their report's cells)."""
+    body = "".join(f'<tr><td class="num">{rank}</td>{cells[0]}{report[0]}</tr>'
+                   for rank, (cells, report) in enumerate(lines, start=1))
+    table = "".join(f"{rank},{cells[1]},{report[1]}\n" for rank, (cells, report) in enumerate(lines, start=1))
     head = "".join(f"<th>{html.escape(column)}</th>" for column in COLUMNS)
-    body = "".join("<tr>" + "".join(cell(column, row) for column in COLUMNS) + "</tr>" for row in rows)
     generated = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return f"""<!DOCTYPE html>
+    page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; font-size: .9em; }}
@@ -94,22 +181,44 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 tbody tr:first-child {{ background: #eef6ee; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>{len(rows)} evaluation(s), best accuracy first. Also as <a href="{html.escape(csv_name)}">{html.escape(csv_name)}</a>.</p>
+<p>{len(lines)} evaluation(s), best accuracy first. Also as <a href="{html.escape(csv_name)}">{html.escape(csv_name)}</a>.</p>
 <table id="leaderboard"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<p><small>Generated {generated} from index.json.</small></p>
+<p><small>Generated {generated} from the index.</small></p>
 </body></html>
 """
+    return page, f"{_csv_line(COLUMNS)}\n{table}"
+
+
+def _write_pages(lines: list[tuple[list[str], list[str]]], csv_path: str, html_path: str, title: str) -> None:
+    """The HTML page, then the CSV it links, each written atomically: the CSV last."""
+    page, table = _pages(lines, title, storage.name(csv_path))
+    write_bytes(html_path, page.encode("utf-8"))
+    write_bytes(csv_path, table.encode("utf-8"))
+
+
+def render_html(rows: list[dict], title: str = "Leaderboard", csv_name: str = LEADERBOARD_CSV) -> str:
+    return _pages([(_cells(row), _report_cells(row["report"])) for row in rows], title, csv_name)[0]
 
 
 def write_table(rows: list[dict], csv_path: str, html_path: str, title: str) -> None:
-    """The rows as an HTML page, then as the CSV it links, each written atomically: the CSV last."""
-    write_bytes(html_path, render_html(rows, title, storage.name(csv_path)).encode("utf-8"))
-    write_bytes(csv_path, render_csv(rows).encode("utf-8"))
+    """Ranked rows (see `rows_of`) as an HTML page and the CSV it links."""
+    _write_pages([(_cells(row), _report_cells(row["report"])) for row in rows], csv_path, html_path, title)
+
+
+def write_board(results_root: str, board: dict) -> None:
+    """Rewrite results/leaderboard.html and .csv from `board`'s cells alone, then the board itself.
+    The board last: a run cut off before it has not indexed its stage, and records it again."""
+    rows, reports = board["rows"], _reports(board)
+    lines = [(board["cells"][key], reports[key]["cells"] if key in reports else board["cells"][key][2:])
+             for key in sorted(rows, key=lambda key: _order(rows[key]))]
+    _write_pages(lines, storage.join(results_root, LEADERBOARD_CSV), storage.join(results_root, LEADERBOARD_HTML),
+                 "Leaderboard")
+    # Compact: it is the pipeline's to read, and rewritten with every evaluation.
+    write_bytes(storage.join(results_root, BOARD_FILE), canonical_json(board).encode())
 
 
 def rebuild_leaderboard(results_root: str, index: Mapping[str, dict]) -> list[dict]:
-    """Rewrite results/leaderboard.html and .csv from the index; returns the rows."""
-    rows = leaderboard_rows(index)
-    write_table(rows, storage.join(results_root, LEADERBOARD_CSV), storage.join(results_root, LEADERBOARD_HTML),
-                "Leaderboard")
-    return rows
+    """Rewrite the board and the leaderboard from the whole index; returns the rows."""
+    board = board_of(index.values())
+    write_board(results_root, board)
+    return leaderboard_rows(board)

@@ -36,9 +36,9 @@ from pipeline import fingerprint, storage, versioning
 from pipeline.errors import CorruptShard
 from pipeline.locks import file_lock
 from pipeline.storage import TEMP_INFIX, remove_temporaries
-from pipeline.leaderboard import rebuild_leaderboard, shown
+from pipeline.leaderboard import board_of, read_board, rebuild_leaderboard, shown, with_entry, without, write_board
 from pipeline.convert import report_of
-from tasks.config import (entry_patterns, index_path, isolate_remote_io, layout_roots, locks_folder, results_root,
+from tasks.config import (entry_patterns, index_folder, isolate_remote_io, layout_roots, locks_folder, results_root,
                           stage_folder)
 from tasks.console import pipeline_error, say, task_name
 from tasks.parameters import UpstreamParameter
@@ -355,9 +355,10 @@ class Stage(Step):
     def index_if_missing(self) -> None:
         """Index this complete stage if the index lacks it (a run was cut off between its marker and
         its index update), from its entry file or, failing that, anew. Cheap when it is indexed:
-        the index is read once per process."""
-        # Read again on a miss: another process (a forked worker) may have indexed it since.
-        if self.index_key in indexed_keys() or self.index_key in load_index():
+        one read of its own index file, once per process."""
+        folder = index_folder()
+        if (folder, self.index_key) in _indexed or version_index.indexed(folder, self.index_key, index_repair()):
+            _indexed.add((folder, self.index_key))
             return
         try:
             entry = storage.read_json(self.entry_path)
@@ -371,20 +372,17 @@ class Stage(Step):
         self._index(entry, only_if_missing=True)
 
     def _index(self, entry: dict, only_if_missing: bool = False) -> None:
-        """Put `entry` in the index; the leaderboard is rebuilt, from the index alone, only when
-        what it shows changed."""
-        added = []
-
-        def change(index: dict) -> None:
-            if not (only_if_missing and self.index_key in index):
-                index[self.index_key] = entry
-                added.append(entry)
-
-        update_index(change, then=lambda index: any(map(shown, added)) and show_leaderboard(index))
+        """Put `entry` in the index, and on the leaderboard if it shows there."""
+        folder = index_folder()
+        version_index.record(folder, entry, index_repair(), only_if_missing,
+                             view=(lambda: write_board(results_root(), with_entry(load_board(), entry)))
+                             if shown(entry) else None)
+        _indexed.add((folder, self.index_key))
 
 
-# The keys this process last saw in each index (by path): completeness checks read the index once.
-_indexed: dict[str, set[str]] = {}
+# (index folder, key) of the versions this process found indexed: a completeness check reads a
+# stage's index file once.
+_indexed: set[tuple[str, str]] = set()
 
 
 def show_leaderboard(index: dict) -> None:
@@ -392,32 +390,37 @@ def show_leaderboard(index: dict) -> None:
 
 
 def index_repair() -> version_index.IndexRepair:
-    return version_index.IndexRepair(entry_patterns(), layout_roots(), rebuilt=show_leaderboard)
-
-
-def _seen(index: dict) -> dict:
-    _indexed[index_path()] = set(index)
-    return index
+    return version_index.IndexRepair(entry_patterns(), layout_roots(), rebuilt=show_leaderboard,
+                                     amend=add_entry_files)
 
 
 def load_index() -> dict:
-    """The index, rebuilt from the entry files when it is missing or damaged."""
-    return _seen(version_index.load_index(index_path(), index_repair()))
+    """The whole index, rebuilt from the entry files when it is missing or damaged."""
+    folder = index_folder()
+    index = version_index.load_index(folder, index_repair())
+    _indexed.update((folder, key) for key in index)
+    return index
 
 
-def update_index(change, then=None) -> dict:
-    def changed(index: dict) -> None:
-        change(index)
-        add_entry_files(index)
-
-    return _seen(version_index.update_index(index_path(), changed, then, index_repair()))
+def load_board() -> dict:
+    """The leaderboard's board (see pipeline.leaderboard), rebuilt from the index when it is missing
+    or damaged."""
+    board = read_board(results_root())
+    if board is not None:
+        return board
+    with version_index.index_lock(index_folder()):
+        board = read_board(results_root())
+        if board is None:
+            board = board_of(version_index.read_or_rebuild(index_folder(), index_repair()).values())
+            write_board(results_root(), board)
+    return board
 
 
 def add_entry_files(index: dict) -> None:
     """Write the entry file of each version indexed before versions had one (its entry has no
     marker), so that a rebuild of the index does not drop it; its entry gains its marker, so this
-    is done once. Called in an index update, which holds the lock and rewrites the index anyway,
-    rather than in completeness checks: a no-op rerun, which updates nothing, pays nothing."""
+    is done once. Called when the index is repaired, which an older pipeline's index.json is
+    taken over by, rather than in completeness checks: a no-op rerun pays nothing."""
     for entry in (entry for entry in index.values() if "marker" not in entry):
         try:
             marker_name = Register.get_task_cls(entry["stage"]).marker_name
@@ -439,14 +442,14 @@ def remove_versions(paths: Iterable[str]) -> list[str]:
             storage.remove_tree(path)
             removed.append(path)
     finally:
-        _seen(version_index.forget_folders(index_path(), removed, then=show_leaderboard, repair=index_repair()))
+        folder = index_folder()
+        with version_index.index_lock(folder):
+            gone = version_index.forget_folders(folder, removed, index_repair())
+            board = load_board()
+            if without(board, gone):
+                write_board(results_root(), board)
+        _indexed.difference_update((folder, key) for key in gone)
     return removed
-
-
-def indexed_keys() -> set[str]:
-    if index_path() not in _indexed:
-        load_index()
-    return _indexed[index_path()]
 
 
 def _thawed(value: Any) -> Any:

@@ -25,7 +25,7 @@ class layout(luigi.Config):  # noqa: N801 - Luigi names a config section after i
     data_root = luigi.Parameter(default="data", description="Folder, or s3://bucket/prefix, of downloaded and "
                                                             "converted datasets")
     results_root = luigi.Parameter(default="results", description="Folder, or s3://bucket/prefix, of training "
-                                                                  "runs and index.json")
+                                                                  "runs, their index and the leaderboard")
 
 
 def stage_folder(stage: str, version: str, *, dataset: str = "", model: str = "", split: str = "",
@@ -83,8 +83,8 @@ def layout_roots() -> list[str]:
     return [storage.absolute(roots.data_root), storage.absolute(roots.results_root)]
 
 
-def index_path() -> str:
-    return storage.join(results_root(), version_index.INDEX_FILE)
+def index_folder() -> str:
+    return storage.join(results_root(), version_index.INDEX_FOLDER)
 
 
 def entry_patterns() -> list[str]:

@@ -2,7 +2,7 @@
 
 Prints every task of that task's DAG as done or to run, and for each one to run, why: no output
 yet; which significant parameter differs from the closest completed version of that stage in
-results/index.json (old and new value); the model file (or input folder) changed; which parts
+the index (old and new value); the model file (or input folder) changed; which parts
 of the code it runs changed, were added or removed (`module.function`, see pipeline.fingerprint);
 an upstream stage will run. Nothing is run and TensorFlow is not imported; a damaged
 index is rebuilt, and a done stage the index lacks is indexed, as a run would.

@@ -1,6 +1,6 @@
 """Cleaning up: `python -m tasks.gc [--keep-top N] [--yes]`
 
-Lists the versions in results/index.json that nothing needs: not in the DAG that `RunAll` would
+Lists the versions in the index (results/.index) that nothing needs: not in the DAG that `RunAll` would
 run now (luigi.cfg's configuration, the current code and model files), not the newest of their
 configuration (the same stage with the same parameters all the way upstream, differing only in
 code or model file), not among the top N evaluations of the leaderboard, not a report or run
@@ -22,7 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.index import within
 from pipeline.locks import held_locks
 from pipeline.storage import absolute, is_inside, size_of
-from pipeline.leaderboard import ROW_KEY, leaderboard_rows
+from pipeline.leaderboard import ROW_KEY, board_of, leaderboard_rows
 from pipeline.versioning import canonical_json
 from tasks.runs import RunAll, whole_dag
 from tasks.base import Stage, load_index, remove_versions
@@ -64,7 +64,7 @@ def kept(index: dict, keep_top: int, current: set[str]) -> set[str]:
         configuration = _configuration(key, index, memo)
         if configuration not in newest or entry["completed_at"] > index[newest[configuration]]["completed_at"]:
             newest[configuration] = key
-    best = {(row["train_version"], row["split"]) for row in leaderboard_rows(index)[:keep_top]}
+    best = {(row["train_version"], row["split"]) for row in leaderboard_rows(board_of(index.values()))[:keep_top]}
     top = {key for key, entry in index.items() if "leaderboard" in entry
            and (entry["leaderboard"]["train_version"], entry["leaderboard"]["split"]) in best}
     keep, pending = set(), [*current, *newest.values(), *top]

@@ -27,7 +27,7 @@ from pipeline.leaderboard import rows_of, write_table
 from pipeline.models import DATASET_PARAMS, declared_param_keys, resolve_model_file
 from tasks.console import note
 from tasks.parameters import GridParameter, UpstreamParameter
-from tasks.base import PipelineTask, Stage, dag, load_index
+from tasks.base import PipelineTask, Stage, dag, load_board
 from tasks.stages import Convert, Evaluate, Predict, Report, Train
 
 
@@ -217,7 +217,7 @@ class Comparison(Stage):
         return sorted(evaluate.index_key for evaluate in self.evaluations())
 
     def rows(self) -> list[dict]:
-        return rows_of(load_index(), [evaluate.index_key for evaluate in self.evaluations()])
+        return rows_of(load_board(), [evaluate.index_key for evaluate in self.evaluations()])
 
     def produce(self):
         # The page is written first: the CSV, written last, is the marker.

@@ -48,7 +48,7 @@ class Download(Stage):
     # Private: a presigned URL's query or a user:password is a secret, and Luigi's scheduler keeps
     # and shows whatever it is sent (its state file, a failed task's "Command to re-run"). So it is
     # never sent; where Luigi rebuilds a task, see UpstreamParameter. What this pipeline itself
-    # shows or stores of it (task names, logs, errors, download.json, index.json) is redacted.
+    # shows or stores of it (task names, logs, errors, download.json, the index) is redacted.
     source_url = luigi.Parameter(visibility=ParameterVisibility.PRIVATE,
                                  description="http(s) or file URL of an archive (.tar.gz, .tgz, .tar, .zip) whose "
                                              "folders are the classes, or of a CSV manifest of url,label lines; "
@@ -80,7 +80,7 @@ class Download(Stage):
 
     def significant_values(self):
         # A checksum checks the files; it does not change them. Pinning one keeps the version.
-        # Redacted, as index.json stores it: a query still counts, by its hash, less a presigned
+        # Redacted, as the index stores it: a query still counts, by its hash, less a presigned
         # URL's signing parameters (re-signing keeps the version); user information does not.
         return {**super().significant_values(),
                 "source_url": download.redact_url(download.split_checksum(self.source_url)[0])}

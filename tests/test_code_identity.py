@@ -17,6 +17,7 @@ import pytest
 
 from pipeline import fingerprint
 from pipeline.errors import ConfigError
+from pipeline.index import INDEX_FOLDER, read_index
 from tests.conftest import REPO, cli_sections, run_watched, write_config
 from tests.test_explain_gc import explain, reasons_of
 
@@ -449,7 +450,7 @@ def snapshot(folder: Path) -> dict[str, int]:
 
 
 def index_keys(folder: Path) -> set[str]:
-    return set(json.loads((folder / "results" / "index.json").read_text()))
+    return set(read_index(str(folder / "results" / INDEX_FOLDER)))
 
 
 def assert_nothing_runs(folder: Path, config: Path, source: Path) -> None:

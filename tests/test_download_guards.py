@@ -145,7 +145,7 @@ def test_a_presigned_url_with_a_password_is_redacted_everywhere(scheduler, reque
     shown = {"output": result.output}
     shown.update({str(path): path.read_bytes().decode("latin-1") for root in ("data", "results")
                   for path in (tmp_path / root).rglob("*") if path.is_file()})
-    assert any(path.endswith("index.json") for path in shown) and any(path.endswith("download.json") for path in shown)
+    assert any("/.index/" in path for path in shown) and any(path.endswith("download.json") for path in shown)
     if port is not None:
         query = urllib.parse.quote(json.dumps({"status": "", "upstream_status": "", "search": ""}))
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/task_list?data={query}", timeout=10) as response:

@@ -3,7 +3,6 @@ completed tree and on ones made here."""
 from __future__ import annotations
 
 import configparser
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import fingerprint
-from pipeline.index import index_entry, update_index
+from pipeline.index import INDEX_FOLDER, index_entry, read_index, record
 from pipeline.locks import file_lock
-from pipeline.storage import read_json
 from tests.conftest import REPO, cli_sections, luigi_env, read_csv, run_watched, tiny_config, write_config
 
 
@@ -142,6 +140,11 @@ def fabricated(results: Path, runs: dict[str, tuple[str, float, str]]) -> dict:
     return index
 
 
+def put_in_index(results: Path, index: dict) -> None:
+    for entry in index.values():
+        record(str(results / INDEX_FOLDER), entry)
+
+
 def gc(folder: Path, config: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tasks.gc", *args], cwd=folder,
                           env={**luigi_env(config), "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
@@ -157,7 +160,7 @@ def test_gc_lists_superseded_runs_outside_the_top_and_removes_them_only_when_ask
             "v2": ('{"lr": 1}', 0.80, "2026-01-02T00:00:01+00:00"),
             "v3": ('{"lr": 2}', 0.60, "2026-01-03T00:00:01+00:00"),
             "v4": ('{"lr": 2}', 0.90, "2026-01-01T00:00:01+00:00")}
-    update_index(results / "index.json", lambda index: index.update(fabricated(results, runs)))
+    put_in_index(results, fabricated(results, runs))
 
     listed = gc(tmp_path, config, "--keep-top", "1")
     assert listed.returncode == 0, listed.stderr
@@ -176,7 +179,7 @@ def test_gc_lists_superseded_runs_outside_the_top_and_removes_them_only_when_ask
     assert removed.returncode == 0 and "removed 1 version(s)" in removed.stdout, removed.stdout + removed.stderr
     assert not (results / "ds" / "cnn-v1").exists()
     assert all((results / "ds" / f"cnn-{version}").is_dir() for version in ("v2", "v3", "v4"))
-    index = read_json(results / "index.json")
+    index = read_index(str(results / INDEX_FOLDER))
     assert "Train/v1" not in index and "Evaluate/ev1" not in index and "Train/v2" in index
     assert [row["run"] for row in read_csv(results / "leaderboard.csv")] == ["cnn-v4", "cnn-v2", "cnn-v3"]
 
@@ -194,7 +197,7 @@ def test_gc_never_removes_what_lies_outside_the_roots_whatever_the_index_says(tm
     (precious / "notes.txt").write_text("keep me")
     index["Train/v0"] = {**index["Train/v1"], "version": "v0", "path": str(precious),
                          "completed_at": "2025-12-31T00:00:01+00:00"}
-    (results / "index.json").write_text(json.dumps(index))
+    put_in_index(results, index)
 
     removed = gc(tmp_path, config, "--keep-top", "0", "--yes")
 
@@ -202,7 +205,7 @@ def test_gc_never_removes_what_lies_outside_the_roots_whatever_the_index_says(tm
     assert (precious / "notes.txt").read_text() == "keep me" and (results / "ds" / "cnn-v2").is_dir()
     assert f"refused Train/v0 {precious}: outside data_root and results_root" in removed.stdout
     assert "removed 1 version(s)" in removed.stdout and not (results / "ds" / "cnn-v1").exists()
-    assert "Train/v0" in read_json(results / "index.json")
+    assert "Train/v0" in read_index(str(results / INDEX_FOLDER))
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +221,7 @@ def edited_model_runs(tmp_path_factory, mnist_subset):
     config = write_config(folder / "luigi.cfg", sections)
     first = run_watched(folder, config, "RunAll", "--local-scheduler")
     assert first.returncode == 0, first.output[-3000:]
-    older = read_json(folder / "results" / "index.json")
+    older = read_index(str(folder / "results" / INDEX_FOLDER))
     model.write_text(original + "\n\ndef a_users_edit():\n    return 1\n")
     second = run_watched(folder, config, "RunAll", "--local-scheduler")
     assert second.returncode == 0, second.output[-3000:]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.convert import shard_name
-from pipeline.storage import read_json
+from pipeline.index import INDEX_FOLDER, read_index
 from tasks.services import start_scheduler, stop_scheduler
 from tests.conftest import (REPO, FileServer, cli_sections, free_port, png_claiming, read_csv, run_watched, tar_bytes,
                             write_config)
@@ -86,7 +86,7 @@ def snapshot(folder: Path) -> dict[str, str]:
     stage, are compared apart."""
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
             for root in ("data", "results") for path in sorted((folder / root).rglob("*"))
-            if path.is_file() and ".locks" not in path.parts and path.parent.name != "results"}
+            if path.is_file() and ".locks" not in path.parts and INDEX_FOLDER not in path.parts and path.parent.name != "results"}
 
 
 def assert_kept(folder: Path, before: dict[str, str], index_before: dict, allowed_to_go: set[str] = frozenset()):
@@ -94,7 +94,7 @@ def assert_kept(folder: Path, before: dict[str, str], index_before: dict, allowe
     lost = {path for path in before if path not in after} - allowed_to_go
     changed = {path for path in before if path in after and after[path] != before[path]}
     assert not lost and not changed, f"removed: {sorted(lost)}; altered: {sorted(changed)}"
-    index_after = read_json(folder / "results" / "index.json")
+    index_after = read_index(str(folder / "results" / INDEX_FOLDER))
     assert {key: index_after.get(key) for key in index_before} == index_before, "index entries were altered"
 
 
@@ -102,7 +102,7 @@ def check_failure(folder: Path, config: Path, args: list[str], scheduler: str, w
                   reason: str, allowed_to_go: set[str] = frozenset(), bug: bool = False) -> None:
     """Run a command that must fail in `task` with `reason` (a `bug`, not one of the pipeline's own
     errors, shows its traceback too), and check how it ends and that nothing complete was touched."""
-    before, index_before = snapshot(folder), read_json(folder / "results" / "index.json")
+    before, index_before = snapshot(folder), read_index(str(folder / "results" / INDEX_FOLDER))
     extra = ["--local-scheduler"] if scheduler == "local" else []
     result = run_watched(folder, config, *args, "--workers", str(workers), *extra, limit_s=WHOLE_RUN_S)
 
@@ -183,7 +183,7 @@ def test_train_whose_process_is_killed_fails_naming_it(workspace):
     folder, configs = workspace
     model = folder / "killing_model.py"
     model.write_text(KILLING_MODEL)
-    before, index_before = snapshot(folder), read_json(folder / "results" / "index.json")
+    before, index_before = snapshot(folder), read_index(str(folder / "results" / INDEX_FOLDER))
 
     result = run_watched(folder, configs["central"], "RunAll", "--Train-model-def", str(model),
                          "--Train-params", "{}", "--workers", "2", limit_s=WHOLE_RUN_S)

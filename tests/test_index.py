@@ -1,23 +1,36 @@
-"""The index of completed versions: updated under its lock, rebuilt from the entry files when
-missing or damaged, and blind to entry files that lie anywhere but where their entries say."""
-import json
+"""The index of completed versions: a file per version, rebuilt from the entry files when missing
+or damaged, an older pipeline's index.json taken over once, and blind to entry files that lie
+anywhere but where their entries say."""
+import pytest
 
 from pipeline import storage
-from pipeline.index import (ENTRY_FILE, ENTRY_GLOB, INDEX_FILE, IndexRepair, entry_file, index_entry, load_index,
-                            read_index, rebuilt_index, update_index)
+from pipeline.errors import StageOutputError
+from pipeline.index import (COMPLETE, ENTRY_FILE, ENTRY_GLOB, INDEX_FOLDER, LEGACY_INDEX_FILE, IndexRepair,
+                            entry_file, forget_folders, index_entry, indexed, load_index, read_entry, read_index,
+                            rebuilt_index, record)
 
 
-def test_the_index_is_updated_under_its_lock_and_views_see_the_update(tmp_path):
-    index_path = tmp_path / "results" / "index.json"
-    seen = []
-    update_index(index_path, lambda index: index.update(
-        {"A/1": index_entry("A", "1", tmp_path / "a", {"params": {"x": 1}})}), then=seen.append)
-    update_index(index_path, lambda index: index.update(
-        {"B/2": index_entry("B", "2", tmp_path / "b", {"upstream": {"a": "1"}}, note="view")}))
-    index = json.loads(index_path.read_text())
-    assert set(index) == {"A/1", "B/2"} and index["B/2"]["note"] == "view"
-    assert index["A/1"]["identity"] == {"params": {"x": 1}} and index["A/1"]["path"] == str(tmp_path / "a")
-    assert seen == [{"A/1": index["A/1"]}]
+def test_each_version_is_recorded_in_a_file_of_its_own_and_read_back_by_key(root):
+    folder = storage.join(root, "results", INDEX_FOLDER)
+    first = index_entry("A", "1", storage.join(root, "a"), {"params": {"x": 1}})
+    assert record(folder, first) and read_entry(folder, "A/1") == first
+    assert storage.read_json(storage.join(folder, "A", "1.json")) == first
+    assert not record(folder, {**first, "note": "later"}, only_if_missing=True)
+    assert record(folder, index_entry("B", "2", storage.join(root, "a", "b"), {"upstream": {"a": "1"}}, note="view"))
+    index = load_index(folder)
+    assert set(index) == {"A/1", "B/2"} and index["B/2"]["note"] == "view" and index["A/1"] == first
+    assert indexed(folder, "B/2") and not indexed(folder, "C/3") and read_entry(folder, "C/3") is None
+
+    assert forget_folders(folder, [storage.join(root, "a", "b")]) == ["B/2"]
+    assert set(read_index(folder)) == {"A/1"}
+
+
+def test_an_entry_that_would_not_be_a_plain_file_of_the_index_is_refused(root):
+    folder = storage.join(root, INDEX_FOLDER)
+    for stage, version in (("..", "1"), ("A", "../../x"), ("A/B", "1"), ("A", "")):
+        with pytest.raises(StageOutputError, match="plain stage and version names"):
+            record(folder, index_entry(stage, version, storage.join(root, "a"), {}))
+    assert load_index(folder) == {}
 
 
 def complete_version(root: str, stage: str, folder: str, marker: str | None, file_output: bool = False) -> dict:
@@ -44,41 +57,76 @@ def test_a_damaged_or_missing_index_is_rebuilt_from_the_entry_files_of_complete_
     assert storage.name(entry_file(beside["path"], beside["marker"])) == ".sweep-c" + ENTRY_FILE
     complete_version(root, "D", "x/d1", None)
     storage.write_bytes(storage.join(root, "x", "e1", ENTRY_FILE), b'{"stage": "E", "vers')
-    index_path = storage.join(root, INDEX_FILE)
+    folder = storage.join(root, INDEX_FOLDER)
     rebuilt = []
     repair = repair_of(root, rebuilt)
     expected = {f"{entry['stage']}/{entry['version']}": entry for entry in (shallow, deep, beside)}
+    a1 = storage.join(folder, "A", "a1.json")
 
-    for damage in (None, b"", b'{"A/a1": {"stage": "A", "vers', b"[]", b'{"A/a1": 1}', b"\xff\xfe"):
+    for damage in (None, COMPLETE, b"", b'{"stage": "A", "vers', b"[]", b'{"stage": "A", "version": "a2"}',
+                   b"\xff\xfe"):
         if damage is None:
-            storage.remove_tree(index_path)
+            storage.remove_tree(folder)
+        elif damage == COMPLETE:
+            storage.remove_tree(storage.join(folder, COMPLETE))
         else:
-            storage.write_bytes(index_path, damage)
-        assert read_index(index_path) is None
-        assert load_index(index_path, repair) == expected
-        assert storage.read_json(index_path) == expected and rebuilt.pop() == expected
+            storage.write_bytes(a1, damage)
+        assert read_index(folder) is None
+        assert load_index(folder, repair) == expected
+        assert read_index(folder) == expected and rebuilt.pop() == expected
 
     # A valid index is read as it is, without a rebuild.
-    assert load_index(index_path, repair) == expected and rebuilt == []
-    storage.write_bytes(index_path, b"{")
-    update_index(index_path, lambda index: index.pop("A/a1"), repair=repair)
-    assert set(storage.read_json(index_path)) == {"B/b1", "C/c1"} and len(rebuilt) == 1
+    assert load_index(folder, repair) == expected and rebuilt == []
+    # A damaged file is found by the one read that asks for its version, and repaired then.
+    storage.write_bytes(a1, b"{")
+    assert indexed(folder, "A/a1", repair) and read_entry(folder, "A/a1") == shallow and len(rebuilt) == 1
+    # So is a missing index, by the first version recorded in it.
+    storage.remove_tree(folder)
+    record(folder, index_entry("F", "f1", storage.join(root, "f1"), {}), repair)
+    assert set(read_index(folder)) == {*expected, "F/f1"} and len(rebuilt) == 2
+    # And damaged files that no entry file replaces are removed.
+    storage.write_bytes(storage.join(folder, "G", "g1.json"), b"[]")
+    assert set(load_index(folder, repair)) == {*expected, "F/f1"}
+    assert not storage.exists(storage.join(folder, "G", "g1.json"))
 
 
 def test_the_valid_entries_of_a_damaged_index_are_kept_and_win_over_the_entry_files(root):
     on_file = complete_version(root, "A", "a1", "a.json")
     complete_version(root, "B", "b1", "b.json")
-    index_path = storage.join(root, INDEX_FILE)
+    folder = storage.join(root, INDEX_FOLDER)
     # A/a1 as the index holds it; Old/o1, indexed before entry files existed, is in the index alone.
     own = {**on_file, "note": "the index's own"}
     old = {"stage": "Old", "version": "o1", "path": storage.join(root, "o1")}
-    storage.write_json(index_path, {"A/a1": own, "Old/o1": old, "B/b1": {"stage": "B"}, "X/1": 3,
-                                    "Z/wrong-key": {**old, "stage": "Z"}})
+    for entry in (own, old):
+        record(folder, entry)
+    storage.write_bytes(storage.join(folder, "B", "b1.json"), b'{"stage": "B"}')
+    storage.write_json(storage.join(folder, "Z", "wrong-key.json"), {**old, "stage": "Z"})
     rebuilt = []
-    assert read_index(index_path) is None
-    index = load_index(index_path, repair_of(root, rebuilt))
+    assert read_index(folder) is None
+    index = load_index(folder, repair_of(root, rebuilt))
     assert index == {"A/a1": own, "Old/o1": old, "B/b1": storage.read_json(storage.join(root, "b1", ENTRY_FILE))}
-    assert storage.read_json(index_path) == index and rebuilt == [index]
+    assert read_index(folder) == index and rebuilt == [index]
+
+
+def test_an_older_pipelines_index_json_is_taken_over_once_below_the_index_and_the_entry_files(root):
+    on_file = complete_version(root, "A", "a1", "a.json")
+    b_file = complete_version(root, "B", "b1", "b.json")
+    folder = storage.join(root, INDEX_FOLDER)
+    legacy = storage.join(root, LEGACY_INDEX_FILE)
+    old = {"stage": "Old", "version": "o1", "path": storage.join(root, "o1")}
+    recorded = {**on_file, "note": "recorded since"}
+    record(folder, recorded)  # by a new pipeline, before the index was repaired: the index wins
+    storage.remove_tree(storage.join(folder, COMPLETE))
+    storage.write_json(legacy, {"A/a1": {**on_file, "note": "legacy"}, "B/b1": {**b_file, "note": "legacy"},
+                                "Old/o1": old, "X/1": 3, "Y/../y": {**old, "stage": "Y", "version": "../y"}})
+    amended = []
+    repair = IndexRepair(repair_of(root, []).entry_patterns, [root], amend=lambda index: amended.append(set(index)))
+
+    index = load_index(folder, repair)
+
+    assert index["A/a1"] == recorded and index["B/b1"]["note"] == "legacy" and index["Old/o1"] == old
+    assert set(index) == {"A/a1", "B/b1", "Old/o1"} and amended == [set(index)]
+    assert not storage.exists(legacy) and read_index(folder) == index
 
 
 def test_an_entry_file_is_ignored_unless_it_lies_where_its_entry_says_within_the_roots(root, tmp_path):

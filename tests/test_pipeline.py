@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from pipeline.storage import read_json
+from pipeline.index import INDEX_FOLDER, read_index
 from tasks import Convert, Evaluate, Predict, Report, RunAll, Train
 from tests.conftest import REPO, luigi_command, read_csv, repo_config, run_tasks, tiny_config, write_config
 
@@ -48,7 +49,7 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
     accuracy_from_csv = sum(r["true_label"] == r["predicted_label"] for r in rows) / len(rows)
     assert accuracy_from_csv == pytest.approx(metrics["accuracy"], abs=1e-6)
 
-    index = read_json(tmp_path / "results" / "index.json")
+    index = read_index(str(tmp_path / "results" / INDEX_FOLDER))
     assert sorted(entry["stage"] for entry in index.values()) == sorted(
         ["Download", "Convert", "Train", "Evaluate", "Predict", "Report", "RunRecord"])
     assert index[f"Train/{train.version}"]["upstream"] == [f"Convert/{Train().convert.version}"]

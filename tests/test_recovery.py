@@ -1,6 +1,7 @@
 """What a rerun repairs: a corrupt shard, rebuilt alone, the temporary files a crash left, and a
 damaged index or one that missed a stage."""
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import pytest
 from pipeline.convert import report_name, shard_name
 from pipeline.leaderboard import rebuild_leaderboard
 from pipeline.storage import TEMP_INFIX, read_json
-from pipeline.index import ENTRY_FILE
+from pipeline.index import ENTRY_FILE, INDEX_FOLDER, read_index
 from tasks import Convert, Download, Evaluate, RunAll, Train, base
 from tests.conftest import (REPO, cli_sections, luigi_env, read_csv, run_tasks, run_watched, start_watched,
                             tiny_config, write_config)
@@ -80,16 +81,8 @@ def command(folder: Path, config: Path, module: str, *args: str) -> subprocess.C
                           env={**luigi_env(config), "PYTHONPATH": str(REPO)}, timeout=120)
 
 
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
-
-
-def spoil(path: Path, damage: str | None) -> None:
-    """Overwrite `path` with `damage`, or remove it (None)."""
-    if damage is None:
-        path.unlink()
-    else:
-        path.write_text(damage)
+def index_of(results: Path) -> dict | None:
+    return read_index(str(results / INDEX_FOLDER))
 
 
 def assert_linked_leaderboard(results: Path, rows: int) -> None:
@@ -104,40 +97,53 @@ def completed_run(folder: Path, source_url: str) -> tuple[Path, Path, dict]:
     config = write_config(folder / "luigi.cfg", cli_sections(folder, source_url))
     first = run_watched(folder, config, "RunAll", "--local-scheduler")
     assert first.returncode == 0, first.output[-3000:]
-    return config, folder / "results", read_json(folder / "results" / "index.json")
+    return config, folder / "results", index_of(folder / "results")
 
 
 def test_a_damaged_or_missing_index_is_rebuilt_by_runs_explain_and_gc(mnist_subset, tmp_path):
     config, results, clean = completed_run(tmp_path, mnist_subset.as_uri())
-    index_file = results / "index.json"
+    folder = results / INDEX_FOLDER
+    [train] = [key for key in clean if key.startswith("Train/")]
+    train_file = folder / f"{train}.json"
     assert len(clean) == 7
 
-    truncate(index_file)
+    shutil.rmtree(folder)
+    (results / "leaderboard.json").unlink()
     again = run_watched(tmp_path, config, "RunAll", "--local-scheduler")
     assert again.returncode == 0, again.output[-3000:]
-    assert read_json(index_file) == clean, "the rebuilt index differs from the one the runs wrote"
+    assert index_of(results) == clean, "the rebuilt index differs from the one the runs wrote"
     assert_linked_leaderboard(results, 1)
 
+    def spoil_index(damage: str | None) -> None:
+        """A file of the index damaged, or the whole index missing (None)."""
+        if damage is None:
+            shutil.rmtree(folder)
+        else:
+            train_file.write_text(damage)
+
     for damage in ("[1, 2", '{"Train/x": 3}', None):  # not JSON, the wrong shape, missing
-        spoil(index_file, damage)
+        spoil_index(damage)
         explained = command(tmp_path, config, "tasks.explain", "RunAll")
         assert explained.returncode == 0 and explained.stdout.endswith("0 of 15 tasks will run.\n"), \
             explained.stdout + explained.stderr
-        assert read_json(index_file) == clean
-        spoil(index_file, damage)
+        assert index_of(results) == clean
+        spoil_index(damage)
         listed = command(tmp_path, config, "tasks.gc")
         assert listed.returncode == 0 and "0 version(s)" in listed.stdout, listed.stdout + listed.stderr
-        assert read_json(index_file) == clean
+        assert index_of(results) == clean
+    (results / "leaderboard.json").write_text("[]")
+    assert command(tmp_path, config, "tasks.gc", "--yes").returncode == 0
+    assert_linked_leaderboard(results, 1)
 
-    # Damaged while a run records its stages: once its Evaluate is done, the others follow.
+    # Removed while a run records its stages: once its Evaluate is done, the others follow.
     finish = start_watched(tmp_path, config, "RunAll", "--local-scheduler", "--Evaluate-split", "validation")
     deadline = time.monotonic() + 240
     while not list(results.glob("tiny/*/evaluate-validation-*/metrics.json")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    truncate(index_file)
+    shutil.rmtree(folder)
     ended = finish()
     assert ended.returncode == 0, ended.output[-3000:]
-    index = read_json(index_file)
+    index = index_of(results)
     added = sorted(index[key]["stage"] for key in set(index) - set(clean))
     assert added == ["Evaluate", "Predict", "Report", "RunRecord"] and set(clean) <= set(index)
     assert_linked_leaderboard(results, 2)
@@ -146,14 +152,15 @@ def test_a_damaged_or_missing_index_is_rebuilt_by_runs_explain_and_gc(mnist_subs
 def test_a_stage_completed_but_not_indexed_is_indexed_when_found(mnist_subset, tmp_path):
     """As after a kill between a stage's marker and its index update (or its entry file)."""
     config, results, clean = completed_run(tmp_path, mnist_subset.as_uri())
-    index_file = results / "index.json"
+    folder = results / INDEX_FOLDER
     [report] = [key for key in clean if key.startswith("Report/")]
 
     def cut_off() -> None:
         """The index and leaderboard as if the Evaluate (killed after its entry file) and the Report
         (killed before its entry file) had never been indexed."""
         index = {key: entry for key, entry in clean.items() if not key.startswith(("Evaluate/", "Report/"))}
-        index_file.write_text(json.dumps(index))
+        for key in set(clean) - set(index):
+            (folder / f"{key}.json").unlink()
         rebuild_leaderboard(str(results), index)
         Path(clean[report]["path"], ENTRY_FILE).unlink()
         assert read_csv(results / "leaderboard.csv") == []
@@ -161,22 +168,22 @@ def test_a_stage_completed_but_not_indexed_is_indexed_when_found(mnist_subset, t
     cut_off()
     explained = command(tmp_path, config, "tasks.explain", "RunAll")
     assert explained.returncode == 0 and explained.stdout.endswith("0 of 15 tasks will run.\n"), explained.stderr
-    index = read_json(index_file)
+    index = index_of(results)
     assert set(index) == set(clean) and index[report]["completed_at"] >= clean[report]["completed_at"]
     assert_linked_leaderboard(results, 1)
 
     cut_off()
-    truncate(index_file)  # and then damaged: the rebuild finds no Report entry file; the run indexes it
+    shutil.rmtree(folder)  # and then removed: the rebuild finds no Report entry file; the run indexes it
     again = run_watched(tmp_path, config, "RunAll", "--local-scheduler")
     assert again.returncode == 0, again.output[-3000:]
-    index = read_json(index_file)
+    index = index_of(results)
     assert set(index) == set(clean)
     assert {key: entry for key, entry in index.items() if key != report} == \
         {key: entry for key, entry in clean.items() if key != report}
     assert_linked_leaderboard(results, 1)
 
 
-def test_versions_indexed_before_entry_files_get_theirs_at_an_index_update_and_survive_a_rebuild(luigi_config,
+def test_versions_indexed_before_entry_files_get_theirs_when_taken_over_and_survive_a_rebuild(luigi_config,
                                                                                                   tmp_path):
     luigi_config(tiny_config(tmp_path, (tmp_path / "none.tar.gz").as_uri()))
     results, data = tmp_path / "results", tmp_path / "data"
@@ -192,11 +199,11 @@ def test_versions_indexed_before_entry_files_get_theirs_at_an_index_update_and_s
               "Renamed/r1": {"stage": "Renamed", "version": "r1", "path": str(results / "r1")}}
     (results / "index.json").write_text(json.dumps(legacy))
 
-    base.update_index(lambda index: None)
+    assert set(base.load_index()) == set(legacy), "an older pipeline's index.json is taken over"
 
     assert read_json(download / ENTRY_FILE)["marker"] == str(download / "download.json")
     assert read_json(results / f".sweep-oldc{ENTRY_FILE}")["marker"] == str(results / "sweep-oldc.csv")
     assert not (results / "tiny").exists(), "no entry file is written for an output that is gone"
-    assert "marker" not in read_json(results / "index.json")["Renamed/r1"]
-    (results / "index.json").write_text('{"Download/old1": ')
+    assert "marker" not in index_of(results)["Renamed/r1"] and not (results / "index.json").exists()
+    shutil.rmtree(results / INDEX_FOLDER)
     assert set(base.load_index()) == {"Download/old1", "Comparison/oldc"}

@@ -2,14 +2,17 @@
 import csv
 import io
 import json
+import multiprocessing
 import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.index import INDEX_FILE, read_index, update_index
-from pipeline.leaderboard import COLUMNS, ROW_KEY, leaderboard_rows, rebuild_leaderboard, render_html
+from pipeline import storage
+from pipeline.index import INDEX_FOLDER, read_index, record
+from pipeline.leaderboard import (COLUMNS, ROW_KEY, board_of, empty_board, leaderboard_rows, read_board,
+                                  rebuild_leaderboard, render_html, with_entry, write_board, write_table)
 from pipeline.plots import confusion_matrix_png, curves_png
 from pipeline.report import misclassified, render_report
 from tests.conftest import read_csv
@@ -87,7 +90,7 @@ def test_leaderboard_ranks_evaluations_best_first_from_the_index_alone(tmp_path)
     evaluation(index, "r2", 0.95, 0.20, report="ds/cnn-r2/evaluate-test-er2/report.html")
     evaluation(index, "r3", 0.95, 0.10)
 
-    rows = leaderboard_rows(index)
+    rows = leaderboard_rows(board_of(index.values()))
 
     assert [(row["rank"], row["run"]) for row in rows] == [(1, "cnn-r3"), (2, "cnn-r2"), (3, "cnn-r1")]
     assert rows[1]["report"] == "ds/cnn-r2/evaluate-test-er2/report.html" and rows[0]["report"] == ""
@@ -117,26 +120,62 @@ def test_leaderboard_links_a_report_only_by_a_relative_path(tmp_path):
     for number, (run, link) in enumerate(links.items()):
         evaluation(index, run, 0.9 - number / 100, 0.1, report=link)
 
-    page = render_html(leaderboard_rows(index))
+    page = render_html(leaderboard_rows(board_of(index.values())))
 
     assert sorted(re.findall(r'href="([^"]*)"', page)) == ["ds/cnn-r1/report.html", "leaderboard.csv"]
     assert "<td>javascript:alert(1)</td>" in page and "<td>../../elsewhere.html</td>" in page
 
 
 def test_leaderboard_stays_right_with_200_runs_recorded_one_by_one(tmp_path):
-    """As 200 runs' evaluations complete, each recorded through the index: every row, in order."""
+    """As 200 runs' evaluations complete, each recorded in the index and put on the board as a
+    stage does: every row, in order, and the board as a rebuild from the whole index makes it."""
     results, rng = tmp_path / "results", np.random.default_rng(4)
+    folder = str(results / INDEX_FOLDER)
     scores = {f"r{number:03d}": (float(rng.integers(0, 1000)) / 1000, float(rng.random())) for number in range(200)}
     for run, (accuracy, loss) in scores.items():
-        update_index(results / INDEX_FILE,
-                     lambda index: evaluation(index, run, accuracy, loss),  # noqa: B023 - called at once
-                     then=lambda index: rebuild_leaderboard(results, index))
+        entries = {}
+        evaluation(entries, run, accuracy, loss)
+        for entry in entries.values():
+            record(folder, entry, view=lambda: write_board(  # noqa: B023 - called at once
+                str(results), with_entry(read_board(str(results)) or empty_board(), entry)))
 
     table = read_csv(results / "leaderboard.csv")
     expected = sorted(scores, key=lambda run: (-scores[run][0], scores[run][1], f"cnn-{run}"))
     assert [row["run"] for row in table] == [f"cnn-{run}" for run in expected]
     assert [int(row["rank"]) for row in table] == list(range(1, 201))
-    assert len(read_index(results / INDEX_FILE)) == 400
+    index = read_index(folder)
+    assert len(index) == 400 and read_board(str(results)) == board_of(index.values())
+    # The pages joined from the board's cells are those rendered from its rows.
+    write_table(leaderboard_rows(read_board(str(results))), str(tmp_path / "rows.csv"), str(tmp_path / "rows.html"),
+                "Leaderboard")
+    assert (tmp_path / "rows.csv").read_text() == (results / "leaderboard.csv").read_text()
+
+
+def record_runs(results: str, runs: list[str]) -> None:
+    """Each run's evaluation recorded, and put on the board, as a stage does."""
+    folder = storage.join(results, INDEX_FOLDER)
+    for run in runs:
+        entries = {}
+        evaluation(entries, run, 0.5, 0.5)
+        for entry in entries.values():
+            record(folder, entry, view=lambda: write_board(  # noqa: B023 - called at once
+                results, with_entry(read_board(results) or empty_board(), entry)))
+
+
+def test_processes_recording_at_once_lose_no_entry_and_no_row(root):
+    processes = [multiprocessing.get_context("spawn").Process(target=record_runs, args=(
+        root, [f"p{process}r{run}" for run in range(12)])) for process in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert [process.exitcode for process in processes] == [0] * 4
+
+    index = read_index(storage.join(root, INDEX_FOLDER))
+    assert len(index) == 96 and read_board(root) == board_of(index.values())
+    table = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(root, "leaderboard.csv")))))
+    assert sorted(row["run"] for row in table) == sorted(f"cnn-p{process}r{run}" for process in range(4)
+                                                         for run in range(12))
 
 
 def test_leaderboard_of_an_empty_index_has_no_rows(tmp_path):

@@ -60,8 +60,9 @@ def test_every_stage_runs_on_s3_roots_and_writes_no_credential(s3_server, mnist_
                     r"results/tiny/cnn-\w+/model_dir/model_def\.py", r"results/tiny/cnn-\w+/export/\d+/saved_model\.pb",
                     r"results/tiny/cnn-\w+/train\.json", r"results/tiny/cnn-\w+/evaluate-test-\w+/metrics\.json",
                     r"results/tiny/cnn-\w+/predict-\w+/predictions\.csv",
-                    r"results/tiny/cnn-\w+/evaluate-test-\w+/report-\w+/report\.html", r"results/index\.json",
-                    r"results/leaderboard\.csv", r"results/leaderboard\.html"):
+                    r"results/tiny/cnn-\w+/evaluate-test-\w+/report-\w+/report\.html", r"results/\.index/Train/\w+\.json",
+                    r"results/\.index/COMPLETE", r"results/leaderboard\.json", r"results/leaderboard\.csv",
+                    r"results/leaderboard\.html"):
         assert any(re.fullmatch(f"{prefix}/{pattern}", key) for key in keys), f"no object matches {pattern}"
     assert not any(storage_leftover in key for key in keys for storage_leftover in (".tmp-", "_temp", "/temp-"))
     leaderboard = s3_server.read(f"{prefix}/results/leaderboard.csv").decode()

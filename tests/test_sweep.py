@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from pipeline.index import INDEX_FOLDER, read_index
 from tests.conftest import cli_sections, read_csv, run_watched, write_config
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,7 @@ def test_a_sweep_trains_every_variant_on_one_conversion_one_training_at_a_time(t
     assert len(comparison_lines) == 5 and all(" accuracy  " in line for line in comparison_lines[1:])
 
     # In the index, made from the four evaluations, so that gc sees what it needs.
-    index = json.loads((results / "index.json").read_text())
+    index = read_index(str(results / INDEX_FOLDER))
     [entry] = [entry for entry in index.values() if entry["stage"] == "Comparison"]
     assert entry["path"] == str(comparison) and len(entry["upstream"]) == 4
     assert all(index[key]["stage"] == "Evaluate" for key in entry["upstream"])

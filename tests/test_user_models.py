@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.storage import read_json
+from pipeline.index import INDEX_FOLDER, read_index
 from tests.conftest import REPO, cli_sections, read_csv, run_watched, write_config
 
 pytestmark = pytest.mark.slow
@@ -76,7 +77,7 @@ def test_a_layer_list_model_with_tensorflow_functions_in_params_runs_end_to_end(
     _, tanh_run = run_all(tmp_path, config, model_file, json.dumps({"layers": tanh}))
     assert tanh_run != run
     assert read_json(tanh_run / "model_dir" / "params.json")["layers"] == tanh
-    [entry] = [entry for entry in read_json(tmp_path / "results" / "index.json").values()
+    [entry] = [entry for entry in read_index(str(tmp_path / "results" / INDEX_FOLDER)).values()
                if entry["stage"] == "Train" and entry["path"] == str(tanh_run)]
     assert entry["identity"]["params"]["params"] == {"layers": tanh}
     check_outputs(tanh_run)
