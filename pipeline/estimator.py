@@ -27,31 +27,48 @@ from pipeline.storage import read_json, write_json
 log = logging.getLogger(__name__)
 
 _SHUFFLE_BUFFER = 10_000
-# Training sets whose decoded pixels fit in this many bytes are cached in memory.
-CACHE_LIMIT_BYTES = 1 << 30
 _PACKAGES = ("tensorflow", "tensorflow-estimator", "keras", "numpy", "pillow", "luigi")
+
+def cache_limit_bytes() -> int:
+    """How much of a training set may be cached in memory: a quarter of the machine's physical
+    memory, leaving the rest to the model, the shuffle buffer and other processes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
 def input_fn(files: Sequence[str], image_shape: Sequence[int], batch_size: int, *, training: bool,
-             seed: int | None = None, images: int | None = None) -> tf.data.Dataset:
+             seed: int | None = None, images: int | None = None,
+             cache_limit: int | None = None) -> tf.data.Dataset:
     """Batches of ({image}, label) from TFRecord shards; shuffled and repeated when training.
 
-    When training on `images` records whose pixels fit in CACHE_LIMIT_BYTES, the decoded pixels
-    are cached in memory after the first epoch, so later epochs skip reading and PNG decoding.
+    When training, later epochs read from memory rather than the shards: the decoded pixels of
+    `images` records when they fit in `cache_limit` bytes (default `cache_limit_bytes()`), else
+    the stored records when their files fit, decoded again each epoch (JPEG records are a tenth
+    of their pixels). Records are shuffled before they are decoded unless their pixels are
+    cached, so the shuffle buffer holds stored bytes, not pixels. Either way the order is the
+    shuffle's alone: what is cached, and so the machine's memory, never changes the weights.
     Pixels are scaled to floats per batch, one vectorised op instead of one per image.
     """
     image_shape = list(image_shape)
+    decode = lambda serialized: schema.parse_training_example(serialized, image_shape)  # noqa: E731
     dataset = tf.data.Dataset.from_tensor_slices([storage.tf_path(file) for file in files])
     if training:
-        dataset = dataset.shuffle(len(files), seed=seed)
+        # Once: every epoch then reads the records in the order of the first, which is what a cache
+        # replays; the shuffle below reorders them each epoch.
+        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=False)
     dataset = dataset.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 4),
                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    dataset = dataset.map(lambda serialized: schema.parse_training_example(serialized, image_shape),
-                          num_parallel_calls=tf.data.AUTOTUNE)
-    if training:
-        if images is not None and images * math.prod(image_shape) <= CACHE_LIMIT_BYTES:
+    if not training:
+        dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        limit = cache_limit_bytes() if cache_limit is None else cache_limit
+        cache_pixels = images is not None and images * math.prod(image_shape) <= limit
+        if cache_pixels:
+            dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
+        elif sum(storage.size_of(file) for file in files) <= limit:
             dataset = dataset.cache()
         dataset = dataset.shuffle(_SHUFFLE_BUFFER, seed=seed).repeat()
+        if not cache_pixels:
+            dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size).map(lambda pixels, labels: ({schema.IMAGE: schema.scale_pixels(pixels)},
                                                                     labels))
     return dataset.prefetch(tf.data.AUTOTUNE)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -27,19 +28,22 @@ log = logging.getLogger(__name__)
 
 def _record_batches(files: Sequence[str], image_shape: Sequence[int], batch_size: int, *,
                     pixels: bool) -> Iterator[tuple[list[str], list[int], dict[str, np.ndarray]]]:
-    """Batches of a split's records as (keys, labels, inputs of the serving signature): decoded
-    images for `schema.PIXELS_SIGNATURE` when `pixels`, else the stored PNG bytes. Records are
-    parsed and decoded in parallel, ahead of the model."""
+    """Batches of a split's records as (keys, labels, inputs of the serving signature): the
+    model's features for `schema.PIXELS_SIGNATURE` when `pixels`, else the stored image bytes.
+    Records are parsed, decoded and scaled in tf.data's threads, ahead of the model, so that this
+    thread only hands batches over."""
     def parse(serialized):
         parsed = schema.parse_example(serialized)
         image = schema.decode_stored_pixels(parsed[schema.ENCODED], image_shape) if pixels else parsed[schema.ENCODED]
         return parsed[schema.KEY], parsed[schema.LABEL], image
 
     records = tf.data.TFRecordDataset([storage.tf_path(file) for file in files])
-    dataset = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    for keys, labels, images in dataset.as_numpy_iterator():
-        inputs = {schema.IMAGE: schema.scale_pixels(images).numpy()} if pixels else {schema.SERVING_INPUT: images}
-        yield [k.decode("utf-8") for k in keys], labels.tolist(), inputs
+    dataset = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    if pixels:
+        dataset = dataset.map(lambda keys, labels, images: (keys, labels, schema.scale_pixels(images)))
+    for keys, labels, images in dataset.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+        name = schema.IMAGE if pixels else schema.SERVING_INPUT
+        yield [k.decode("utf-8") for k in keys], labels.tolist(), {name: images}
 
 
 def _folder_batches(files: Sequence[str], input_dir: str, image_size: int, channels: int, batch_size: int,
@@ -120,9 +124,11 @@ def _write_rows(session: tf.compat.v1.Session, feeds: Mapping[str, str], fetches
         writer = csv.writer(handle)
         writer.writerow(safe_row([key_column, "true_label", "predicted_label", "predicted_id",
                                   *(f"p_{name}" for name in class_names)]))
-        for batch_number, (batch_keys, labels, inputs) in enumerate(batches, start=1):
-            probabilities, predicted = outputs.read_outputs(
-                session.run(dict(fetches), {feeds[name]: value for name, value in inputs.items()}), keys)
+        def run(inputs):
+            return session.run(dict(fetches), {feeds[name]: value for name, value in inputs.items()})
+
+        for batch_number, (batch_keys, labels, results) in enumerate(_run_ahead(run, batches), start=1):
+            probabilities, predicted = outputs.read_outputs(results, keys)
             for key, label, class_id, probs in zip(batch_keys, labels, predicted, probabilities):
                 writer.writerow(safe_row([key, "" if label is None else class_names[label], class_names[class_id],
                                           int(class_id), *(f"{p:.6f}" for p in probs)]))
@@ -132,3 +138,18 @@ def _write_rows(session: tf.compat.v1.Session, feeds: Mapping[str, str], fetches
         if rows == 0:
             raise DatasetError(f"found no images to predict in {source}")
     return rows
+
+
+def _run_ahead(run: Callable[[Any], Any], batches: Iterator[tuple]) -> Iterator[tuple]:
+    """(keys, labels, run(inputs)) for each (keys, labels, inputs) of `batches`, in order, with
+    the model already running on the next batch in a thread of its own (a session run releases
+    the GIL) while the caller writes this one's rows."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for batch_keys, labels, inputs in batches:
+            running = (batch_keys, labels, pool.submit(run, inputs))
+            if pending:
+                yield pending[0], pending[1], pending[2].result()
+            pending = running
+        if pending:
+            yield pending[0], pending[1], pending[2].result()

@@ -60,3 +60,31 @@ def test_stored_pixels_decode_from_png_and_jpeg_alike_as_pillow_reads_them():
         # Pillow's and TensorFlow's libjpeg differ in their integer DCT by a unit or two at most.
         pillow = np.asarray(Image.open(jpeg)).reshape(shape).astype(int)
         assert np.abs(from_jpeg.astype(int) - pillow).max() <= 8 and not np.array_equal(from_jpeg, pixels)
+
+
+def test_training_batches_are_the_same_whatever_is_cached(tmp_path):
+    # What input_fn caches depends on the machine's memory; the order it trains in must not, or
+    # one version would train to other weights on another machine.
+    rng = np.random.default_rng(2)
+    files = [str(tmp_path / f"train-{shard}.tfrecord") for shard in range(3)]
+    for shard, path in enumerate(files):
+        with tf.io.TFRecordWriter(path) as writer:
+            for index in range(7):
+                image = rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)
+                writer.write(schema.serialize_example(png_bytes(image), index % 3, f"c/{shard}-{index}.png"))
+    record_bytes = sum((tmp_path / f"train-{shard}.tfrecord").stat().st_size for shard in range(3))
+    pixel_bytes = 21 * 5 * 5 * 3
+    assert record_bytes != pixel_bytes
+
+    def batches(cache_limit: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        dataset = input_fn(files, (5, 5, 3), 4, training=True, seed=7, images=21, cache_limit=cache_limit)
+        # 40 batches of 4 span more than seven epochs of 21 records, reshuffled each epoch.
+        return [(features[schema.IMAGE].numpy(), labels.numpy()) for features, labels in dataset.take(40)]
+
+    pixels_cached = batches(max(record_bytes, pixel_bytes))
+    for limit in (min(record_bytes, pixel_bytes), 0):  # one of the two caches, then none
+        for (images, labels), (expected_images, expected_labels) in zip(batches(limit), pixels_cached, strict=True):
+            np.testing.assert_array_equal(labels, expected_labels)
+            np.testing.assert_array_equal(images, expected_images)
+    epochs = np.concatenate([labels for _, labels in pixels_cached])
+    assert not np.array_equal(epochs[:21], epochs[21:42]), "every epoch should be shuffled anew"
