@@ -8,7 +8,8 @@ one read. Hidden, as the lock folders are: a dataset's folder, beside it, cannot
 
 The index is a cache: each completed version also keeps its entry in a file of its own beside its
 output (`ENTRY_FILE`), from which a missing or damaged index is rebuilt. `COMPLETE`, written once
-the index holds every version, tells a missing index from an empty one. This module knows no
+the index holds every version, tells a missing index from an empty one; a repair removes it before
+it changes a file. This module knows no
 stage: the patterns of the entry files, and the roots they must lie within, are the caller's.
 """
 from __future__ import annotations
@@ -147,19 +148,24 @@ def _read_all(listed: Mapping[str, str]) -> dict[str, Any]:
         return dict(zip(listed, pool.map(read, listed.items())))
 
 
-def _salvaged(folder: str) -> tuple[dict, list[str], bool]:
-    """The index's valid entries, the locations of its damaged files, and whether it is intact:
-    complete and without a damaged file. A file gone between listing and reading was forgotten."""
+def _salvaged(folder: str) -> tuple[dict, dict[str, str], bool]:
+    """The index's valid entries, the locations of its damaged files by key, and whether it is
+    intact: complete and without a damaged file. A file gone between listing and reading was
+    forgotten. COMPLETE is looked for first: a repair removes it before changing any file, replaces
+    a damaged file in place (never removing a valid one) and writes COMPLETE last, so the files
+    listed once it was found hold the whole index. Looked for last, it could be one that a repair
+    wrote after the listing: part of the index would be taken for the whole."""
+    complete = storage.exists(storage.join(folder, COMPLETE))
     listed = _listed(folder)
     found = _read_all(listed)
     index = {key: entry for key, entry in found.items() if isinstance(entry, dict)}
-    damaged = [listed[key] for key, entry in found.items() if entry is _DAMAGED]
-    return index, damaged, not damaged and storage.exists(storage.join(folder, COMPLETE))
+    damaged = {key: listed[key] for key, entry in found.items() if entry is _DAMAGED}
+    return index, damaged, complete and not damaged
 
 
 def read_index(folder: str) -> dict | None:
-    """The whole index, or None when it is missing or damaged (one of its files is not its
-    version's entry): then it is to be repaired (see `load_index`)."""
+    """The whole index, or None when it is missing, damaged (one of its files is not its version's
+    entry) or being repaired: then it is to be repaired (see `load_index`)."""
     index, _, intact = _salvaged(folder)
     return index if intact else None
 
@@ -219,16 +225,26 @@ def read_or_rebuild(folder: str, repair: IndexRepair) -> dict:
     index, damaged, intact = _salvaged(folder)
     if intact:
         return index
+    # First, so that no reader takes the index for whole while files change (see `_salvaged`).
+    storage.remove_tree(storage.join(folder, COMPLETE))
     written = {key: canonical_json(entry) for key, entry in index.items()}
     legacy, legacy_file = _legacy_entries(folder)
     index = {**rebuilt_index(repair.entry_patterns, repair.roots), **legacy, **index}
     if repair.amend is not None:
         repair.amend(index)
-    for location in damaged:
-        storage.remove_tree(location)
+    # A damaged file is overwritten where it lies, never removed first.
     for key, entry in index.items():
         if written.get(key) != canonical_json(entry):
             write_json(entry_location(folder, key), entry)
+    for key, location in damaged.items():
+        if key in index:
+            continue
+        # Read again: a process recording that version (without the lock) may have replaced it.
+        found = _entry_at(location, key)
+        if isinstance(found, dict):
+            index[key] = found
+        else:
+            storage.remove_tree(location)
     storage.write_bytes(storage.join(folder, COMPLETE), b"")
     if legacy_file is not None:
         storage.remove_tree(legacy_file)

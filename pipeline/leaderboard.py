@@ -5,7 +5,9 @@ entry's `leaderboard` value) and each indexed report's link (its entry's `report
 evaluation it reports, and its link), by index key. Recording an evaluation or a report replaces
 one of them, and the two pages are rendered from the board alone, without reading the index or
 any run's files; the board is rebuilt from the index when the index is, or when it is missing or
-damaged. The caller holds the index's lock while the board is read and rewritten.
+damaged. It holds values only, escaped as the pages are rendered: it is a file in the results,
+which anything that may write there could plant. The caller holds the index's lock while the
+board is read and rewritten.
 """
 from __future__ import annotations
 
@@ -36,27 +38,17 @@ def shown(entry: Mapping) -> bool:
 
 
 def empty_board() -> dict:
-    return {"rows": {}, "cells": {}, "reports": {}}
+    return {"rows": {}, "reports": {}}
 
 
 def with_entry(board: dict, entry: Mapping) -> dict:
-    """`board` with the row or the report link of the index entry `entry` added or replaced, each
-    with its cells rendered once here, so that the pages are joined from them (see `write_board`)."""
+    """`board` with the row or the report link of the index entry `entry` added or replaced."""
     key = f"{entry['stage']}/{entry['version']}"
     if ROW_KEY in entry:
         board["rows"][key] = entry[ROW_KEY]
-        # With the cells of the row's own report link, which an older pipeline wrote into it.
-        board["cells"][key] = [*_cells(entry[ROW_KEY]), *_report_cells(entry[ROW_KEY].get("report", ""))]
     if REPORT_KEY in entry:
-        board["reports"][key] = {**entry[REPORT_KEY], "completed_at": entry["completed_at"],
-                                 "cells": _report_cells(entry[REPORT_KEY]["link"])}
+        board["reports"][key] = {**entry[REPORT_KEY], "completed_at": entry["completed_at"]}
     return board
-
-
-def without(board: dict, keys: Iterable[str]) -> bool:
-    """Drop the rows and report links of `keys` (forgotten versions); whether any was there."""
-    dropped = [part.pop(key) for key in keys for part in board.values() if key in part]
-    return bool(dropped)
 
 
 def board_of(entries: Iterable[Mapping]) -> dict:
@@ -92,23 +84,20 @@ def rows_of(board: Mapping[str, dict], keys: Iterable[str]) -> list[dict]:
 
 
 def _is_board(value: Any) -> bool:
-    """Whether `value` is a board, each part of the shape `write_board` needs. A loop rather than
-    nested generators: the board is read with every evaluation recorded."""
-    if not (isinstance(value, dict) and set(value) == {"rows", "cells", "reports"}
-            and all(isinstance(part, dict) for part in value.values()) and value["rows"].keys() == value["cells"].keys()):
+    """Whether `value` is a board, each part of the shape `write_board` needs (any other value is
+    shown escaped, as text). A loop rather than nested generators: the board is read with every
+    evaluation recorded. A board of an earlier pipeline, with rendered cells, is not one: rebuilt."""
+    if not (isinstance(value, dict) and set(value) == {"rows", "reports"}
+            and all(isinstance(part, dict) for part in value.values())):
         return False
-    for key, row in value["rows"].items():
-        cells = value["cells"][key]
+    for row in value["rows"].values():
         if not (isinstance(row, dict) and isinstance(row.get("accuracy"), (int, float))
                 and isinstance(row.get("loss"), (int, float)) and isinstance(row.get("run", ""), str)
-                and isinstance(row.get("split", ""), str) and isinstance(cells, list) and len(cells) == 4
-                and all(isinstance(cell, str) for cell in cells)):
+                and isinstance(row.get("split", ""), str)):
             return False
     for report in value["reports"].values():
         if not (isinstance(report, dict) and isinstance(report.get("evaluation"), str)
-                and isinstance(report.get("link"), str) and isinstance(report.get("completed_at"), str)
-                and isinstance(report.get("cells"), list) and len(report["cells"]) == 2
-                and all(isinstance(cell, str) for cell in report["cells"])):
+                and isinstance(report.get("link"), str) and isinstance(report.get("completed_at"), str)):
             return False
     return True
 
@@ -144,32 +133,24 @@ def _csv_line(values: Iterable[Any]) -> str:
     return buffer.getvalue()
 
 
-def _html_cell(value: Any) -> str:
+def _html_cell(column: str, value: Any) -> str:
+    if column in ("accuracy", "loss") and isinstance(value, (int, float)):
+        return f'<td class="num">{value:.4f}</td>'
+    if column == "report":
+        # A link only if it is a relative one; shown as text otherwise.
+        link = str(value)
+        return f'<td><a href="{html.escape(link)}">report</a></td>' if link and is_relative_link(link) \
+            else f"<td>{html.escape(link)}</td>"
     css = ' class="num"' if isinstance(value, (int, float)) else ""
     return f"<td{css}>{html.escape(str(value))}</td>"
 
 
-def _cells(row: Mapping) -> list[str]:
-    """A row's cells between its rank and its report link, as HTML and as CSV."""
-    values = [row.get(column, "") for column in COLUMNS[1:-1]]
-    shown_html = "".join(f'<td class="num">{value:.4f}</td>' if column in ("accuracy", "loss") else _html_cell(value)
-                         for column, value in zip(COLUMNS[1:-1], values))
-    return [shown_html, _csv_line(values)]
-
-
-def _report_cells(link: str) -> list[str]:
-    """A report link's cell as HTML (a link only if it is a relative one) and as CSV."""
-    link = str(link)
-    shown_html = (f'<td><a href="{html.escape(link)}">report</a></td>' if link and is_relative_link(link)
-                  else f"<td>{html.escape(link)}</td>")
-    return [shown_html, _csv_line([link])]
-
-
-def _pages(lines: list[tuple[list[str], list[str]]], title: str, csv_name: str) -> tuple[str, str]:
-    """The HTML page and the CSV of rows given, best first, as (their cells, their report's cells)."""
-    body = "".join(f'<tr><td class="num">{rank}</td>{cells[0]}{report[0]}</tr>'
-                   for rank, (cells, report) in enumerate(lines, start=1))
-    table = "".join(f"{rank},{cells[1]},{report[1]}\n" for rank, (cells, report) in enumerate(lines, start=1))
+def _pages(rows: list[dict], title: str, csv_name: str) -> tuple[str, str]:
+    """The HTML page and the CSV of ranked rows (see `ranked`), every value escaped for each."""
+    body = "".join(f"<tr>{''.join(_html_cell(column, row[column]) for column in COLUMNS)}</tr>" for row in rows)
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerows(safe_row(row[column] for column in COLUMNS) for row in rows)
     head = "".join(f"<th>{html.escape(column)}</th>" for column in COLUMNS)
     generated = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     page = f"""<!DOCTYPE html>
@@ -181,38 +162,31 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 tbody tr:first-child {{ background: #eef6ee; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>{len(lines)} evaluation(s), best accuracy first. Also as <a href="{html.escape(csv_name)}">{html.escape(csv_name)}</a>.</p>
+<p>{len(rows)} evaluation(s), best accuracy first. Also as <a href="{html.escape(csv_name)}">{html.escape(csv_name)}</a>.</p>
 <table id="leaderboard"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <p><small>Generated {generated} from the index.</small></p>
 </body></html>
 """
-    return page, f"{_csv_line(COLUMNS)}\n{table}"
+    return page, f"{_csv_line(COLUMNS)}\n{table.getvalue()}"
 
 
-def _write_pages(lines: list[tuple[list[str], list[str]]], csv_path: str, html_path: str, title: str) -> None:
-    """The HTML page, then the CSV it links, each written atomically: the CSV last."""
-    page, table = _pages(lines, title, storage.name(csv_path))
+def render_html(rows: list[dict], title: str = "Leaderboard", csv_name: str = LEADERBOARD_CSV) -> str:
+    return _pages(rows, title, csv_name)[0]
+
+
+def write_table(rows: list[dict], csv_path: str, html_path: str, title: str) -> None:
+    """Ranked rows (see `rows_of`) as an HTML page and the CSV it links, each written atomically:
+    the CSV last."""
+    page, table = _pages(rows, title, storage.name(csv_path))
     write_bytes(html_path, page.encode("utf-8"))
     write_bytes(csv_path, table.encode("utf-8"))
 
 
-def render_html(rows: list[dict], title: str = "Leaderboard", csv_name: str = LEADERBOARD_CSV) -> str:
-    return _pages([(_cells(row), _report_cells(row["report"])) for row in rows], title, csv_name)[0]
-
-
-def write_table(rows: list[dict], csv_path: str, html_path: str, title: str) -> None:
-    """Ranked rows (see `rows_of`) as an HTML page and the CSV it links."""
-    _write_pages([(_cells(row), _report_cells(row["report"])) for row in rows], csv_path, html_path, title)
-
-
 def write_board(results_root: str, board: dict) -> None:
-    """Rewrite results/leaderboard.html and .csv from `board`'s cells alone, then the board itself.
-    The board last: a run cut off before it has not indexed its stage, and records it again."""
-    rows, reports = board["rows"], _reports(board)
-    lines = [(board["cells"][key], reports[key]["cells"] if key in reports else board["cells"][key][2:])
-             for key in sorted(rows, key=lambda key: _order(rows[key]))]
-    _write_pages(lines, storage.join(results_root, LEADERBOARD_CSV), storage.join(results_root, LEADERBOARD_HTML),
-                 "Leaderboard")
+    """Rewrite results/leaderboard.html and .csv from `board` alone, then the board itself. The
+    board last: a run cut off before it has not indexed its stage, and records it again."""
+    write_table(leaderboard_rows(board), storage.join(results_root, LEADERBOARD_CSV),
+                storage.join(results_root, LEADERBOARD_HTML), "Leaderboard")
     # Compact: it is the pipeline's to read, and rewritten with every evaluation.
     write_bytes(storage.join(results_root, BOARD_FILE), canonical_json(board).encode())
 

@@ -36,7 +36,8 @@ from pipeline import fingerprint, storage, versioning
 from pipeline.errors import CorruptShard
 from pipeline.locks import file_lock
 from pipeline.storage import TEMP_INFIX, remove_temporaries
-from pipeline.leaderboard import board_of, read_board, rebuild_leaderboard, shown, with_entry, without, write_board
+from pipeline.leaderboard import (BOARD_FILE, board_of, read_board, rebuild_leaderboard, shown, with_entry,
+                                  write_board)
 from pipeline.convert import report_of
 from tasks.config import (entry_patterns, index_folder, isolate_remote_io, layout_roots, locks_folder, results_root,
                           stage_folder)
@@ -444,10 +445,12 @@ def remove_versions(paths: Iterable[str]) -> list[str]:
     finally:
         folder = index_folder()
         with version_index.index_lock(folder):
+            # The board goes first and is rebuilt from the index once it forgot them: cut off in
+            # between, the next update rebuilds it so (see load_board). Rebuilt, it also loses the
+            # row of a stage cut off between putting it there and writing its index file.
+            storage.remove_tree(storage.join(results_root(), BOARD_FILE))
             gone = version_index.forget_folders(folder, removed, index_repair())
-            board = load_board()
-            if without(board, gone):
-                write_board(results_root(), board)
+            load_board()
         _indexed.difference_update((folder, key) for key in gone)
     return removed
 

@@ -19,14 +19,14 @@ import luigi
 from luigi.task_register import TaskClassException
 
 from pipeline.errors import PipelineError
-from pipeline.index import within
+from pipeline.index import index_lock, within
 from pipeline.locks import held_locks
 from pipeline.storage import absolute, is_inside, size_of
 from pipeline.leaderboard import ROW_KEY, board_of, leaderboard_rows
 from pipeline.versioning import canonical_json
 from tasks.runs import RunAll, whole_dag
 from tasks.base import Stage, load_index, remove_versions
-from tasks.config import layout_roots, locks_folders
+from tasks.config import index_folder, layout_roots, locks_folders
 
 # Lists and removes versions; it makes none (see pipeline.fingerprint).
 AFFECTS_RESULTS = False
@@ -110,26 +110,30 @@ def main(argv: list[str]) -> int:
         print(f"error: luigi.cfg does not make a RunAll, so the versions it uses are unknown: {error}",
               file=sys.stderr)
         return 2
-    found, refused = garbage(load_index(), args.keep_top, current, layout_roots())
-    for entry in refused:
-        print(f"refused {entry['stage']}/{entry['version']} {entry['path']}: outside data_root and results_root")
-    for item in found:
-        print(f"{item['bytes'] / 1e6:10.1f} MB  {item['key']:<28} {item['path']}")
-    total = sum(item["bytes"] for item in found)
-    print(f"{len(found)} version(s), {total / 1e6:.1f} MB{'' if args.yes else '; pass --yes to remove them'}")
-    if not args.yes:
+    # Under the index's lock from reading it to the removal: an evaluation or a report completing
+    # meanwhile is recorded under it, holding its stage's lock, so it is either in the index read
+    # or a running task's, and the run holding it is kept.
+    with index_lock(index_folder()):
+        found, refused = garbage(load_index(), args.keep_top, current, layout_roots())
+        for entry in refused:
+            print(f"refused {entry['stage']}/{entry['version']} {entry['path']}: outside data_root and results_root")
+        for item in found:
+            print(f"{item['bytes'] / 1e6:10.1f} MB  {item['key']:<28} {item['path']}")
+        total = sum(item["bytes"] for item in found)
+        print(f"{len(found)} version(s), {total / 1e6:.1f} MB{'' if args.yes else '; pass --yes to remove them'}")
+        if not args.yes:
+            return 0
+        busy = [path for folder in locks_folders() for path in held_locks(folder)]
+        idle = []
+        for item in found:
+            writing = [path for path in busy if is_inside(path, absolute(item["path"]))]
+            if writing:
+                print(f"kept {item['path']}: a running task is writing {writing[0]}")
+            else:
+                idle.append(item["path"])
+        removed = remove_versions(idle)
+        print(f"removed {len(removed)} version(s)")
         return 0
-    busy = [path for folder in locks_folders() for path in held_locks(folder)]
-    idle = []
-    for item in found:
-        writing = [path for path in busy if is_inside(path, absolute(item["path"]))]
-        if writing:
-            print(f"kept {item['path']}: a running task is writing {writing[0]}")
-        else:
-            idle.append(item["path"])
-    removed = remove_versions(idle)
-    print(f"removed {len(removed)} version(s)")
-    return 0
 
 
 if __name__ == "__main__":

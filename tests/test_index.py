@@ -1,13 +1,16 @@
 """The index of completed versions: a file per version, rebuilt from the entry files when missing
 or damaged, an older pipeline's index.json taken over once, and blind to entry files that lie
 anywhere but where their entries say."""
+import threading
+
 import pytest
 
+from pipeline import index as version_index
 from pipeline import storage
 from pipeline.errors import StageOutputError
 from pipeline.index import (COMPLETE, ENTRY_FILE, ENTRY_GLOB, INDEX_FOLDER, LEGACY_INDEX_FILE, IndexRepair,
-                            entry_file, forget_folders, index_entry, indexed, load_index, read_entry, read_index,
-                            rebuilt_index, record)
+                            entry_file, entry_location, forget_folders, index_entry, index_lock, indexed, load_index,
+                            read_entry, read_index, read_or_rebuild, rebuilt_index, record)
 
 
 def test_each_version_is_recorded_in_a_file_of_its_own_and_read_back_by_key(root):
@@ -127,6 +130,58 @@ def test_an_older_pipelines_index_json_is_taken_over_once_below_the_index_and_th
     assert index["A/a1"] == recorded and index["B/b1"]["note"] == "legacy" and index["Old/o1"] == old
     assert set(index) == {"A/a1", "B/b1", "Old/o1"} and amended == [set(index)]
     assert not storage.exists(legacy) and read_index(folder) == index
+
+
+def test_a_reader_never_takes_a_partial_index_for_the_whole(root, monkeypatch):
+    """A reader listing the index while a repair writes it (here the take-over of an older
+    index.json, on the first run after an upgrade), and reading its files once the repair is done,
+    reads it as missing, never as whole: gc, explain and a Comparison read it without the lock, and
+    gc would not keep a run whose evaluation it did not see. The wrapper only orders the threads."""
+    folder = storage.join(root, "results", INDEX_FOLDER)
+    entries = {f"A/{n}": index_entry("A", str(n), storage.join(root, f"a{n}"), {}) for n in range(3)}
+    storage.write_json(storage.join(root, "results", LEGACY_INDEX_FILE), entries)
+    listed, go = threading.Event(), threading.Event()
+    real_listed = version_index._listed
+
+    def listed_then_wait(where):
+        found = real_listed(where)
+        if threading.current_thread().name == "reader":
+            listed.set()
+            go.wait(60)
+        return found
+
+    monkeypatch.setattr(version_index, "_listed", listed_then_wait)
+    seen = {}
+    reader = threading.Thread(target=lambda: seen.update(index=read_index(folder)), name="reader")
+    reader.start()
+    assert listed.wait(60)
+    with index_lock(folder):
+        assert set(read_or_rebuild(folder, IndexRepair())) == set(entries)
+    go.set()
+    reader.join(60)
+
+    assert seen["index"] is None or set(seen["index"]) == set(entries), \
+        f"a partial index read as whole: {sorted(seen['index'])}"
+    assert set(read_index(folder)) == set(entries)
+
+
+def test_a_repair_leaves_no_index_to_read_while_it_writes_and_keeps_a_file_recorded_meanwhile(root):
+    """A damaged file makes a complete index to be repaired: while the repair writes, readers find
+    no index (they wait for the repair under the lock), and a version recorded meanwhile in the
+    damaged file's place (records take no lock) is kept rather than removed as damaged."""
+    folder = storage.join(root, INDEX_FOLDER)
+    kept = index_entry("A", "1", storage.join(root, "a"), {})
+    record(folder, kept)
+    storage.write_bytes(entry_location(folder, "B/2"), b'{"stage": "B", "vers')
+    meanwhile = index_entry("B", "2", storage.join(root, "b"), {})
+    during = []
+
+    def record_meanwhile(index: dict) -> None:
+        during.append(read_index(folder))
+        storage.write_json(entry_location(folder, "B/2"), meanwhile)  # as another process's record does
+
+    assert load_index(folder, IndexRepair(amend=record_meanwhile)) == {"A/1": kept, "B/2": meanwhile}
+    assert during == [None] and read_index(folder) == {"A/1": kept, "B/2": meanwhile}
 
 
 def test_an_entry_file_is_ignored_unless_it_lies_where_its_entry_says_within_the_roots(root, tmp_path):

@@ -1,4 +1,5 @@
 """Report pieces, charts and the leaderboard, on small data made here."""
+import copy
 import csv
 import io
 import json
@@ -11,8 +12,9 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.index import INDEX_FOLDER, read_index, record
-from pipeline.leaderboard import (COLUMNS, ROW_KEY, board_of, empty_board, leaderboard_rows, read_board,
-                                  rebuild_leaderboard, render_html, with_entry, write_board, write_table)
+from pipeline.leaderboard import (BOARD_FILE, COLUMNS, LEADERBOARD_HTML, ROW_KEY, board_of, empty_board,
+                                  leaderboard_rows, read_board, rebuild_leaderboard, render_html, with_entry,
+                                  write_board, write_table)
 from pipeline.plots import confusion_matrix_png, curves_png
 from pipeline.report import misclassified, render_report
 from tests.conftest import read_csv
@@ -145,7 +147,7 @@ def test_leaderboard_stays_right_with_200_runs_recorded_one_by_one(tmp_path):
     assert [int(row["rank"]) for row in table] == list(range(1, 201))
     index = read_index(folder)
     assert len(index) == 400 and read_board(str(results)) == board_of(index.values())
-    # The pages joined from the board's cells are those rendered from its rows.
+    # The pages rendered from the board read back are those of its rows.
     write_table(leaderboard_rows(read_board(str(results))), str(tmp_path / "rows.csv"), str(tmp_path / "rows.html"),
                 "Leaderboard")
     assert (tmp_path / "rows.csv").read_text() == (results / "leaderboard.csv").read_text()
@@ -176,6 +178,86 @@ def test_processes_recording_at_once_lose_no_entry_and_no_row(root):
     table = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(root, "leaderboard.csv")))))
     assert sorted(row["run"] for row in table) == sorted(f"cnn-p{process}r{run}" for process in range(4)
                                                          for run in range(12))
+
+
+def test_a_forget_cut_off_before_the_board_is_written_leaves_no_row_of_a_removed_run(tmp_path, luigi_config):
+    """remove_versions forgets the versions in the index, then drops their rows from the board. Cut
+    off between the two (here the page cannot be written; a Ctrl-C or an S3 error alike), the index
+    is whole without them, and was never rebuilt: every later leaderboard would show the removed
+    runs, linking what is gone."""
+    results = str(tmp_path / "results")
+    luigi_config({"layout": {"data_root": str(tmp_path / "data"), "results_root": results}})
+    from tasks.base import load_board, remove_versions
+
+    folder = storage.join(results, INDEX_FOLDER)
+    for run, accuracy in (("r1", 0.9), ("r2", 0.8), ("r3", 0.7)):
+        entries = {}
+        evaluation(entries, run, accuracy, 0.1)
+        for entry in map(copy.deepcopy, entries.values()):
+            entry["path"] = storage.join(results, entry["path"])
+            storage.write_bytes(storage.join(entry["path"], "done"), b"")
+            # As a stage records it (see tasks.base: Stage._index).
+            record(folder, entry, view=lambda: write_board(  # noqa: B023 - called at once
+                results, with_entry(load_board(), entry)))
+        if run == "r2":
+            (tmp_path / "results" / LEADERBOARD_HTML).unlink()
+            (tmp_path / "results" / LEADERBOARD_HTML).mkdir()  # the pages cannot be written for a while
+            with pytest.raises(OSError):
+                remove_versions([storage.join(results, "ds", "cnn-r1")])
+            (tmp_path / "results" / LEADERBOARD_HTML).rmdir()
+
+    index = read_index(folder)
+    assert "Evaluate/er1" not in index and read_board(results) == board_of(index.values())
+    assert "cnn-r1" not in (tmp_path / "results" / LEADERBOARD_HTML).read_text()
+
+
+def test_a_row_put_on_the_board_by_a_stage_cut_off_before_its_index_file_goes_with_a_removal(tmp_path,
+                                                                                             luigi_config):
+    """A stage cut off between putting its row on the board and writing its index file, whose
+    folder is then removed (a --rerun, or gc), is not in the index to be forgotten: its row goes
+    with the next removal all the same."""
+    results = str(tmp_path / "results")
+    luigi_config({"layout": {"data_root": str(tmp_path / "data"), "results_root": results}})
+    from tasks.base import load_board, remove_versions
+
+    folder = storage.join(results, INDEX_FOLDER)
+    entries = {}
+    evaluation(entries, "r1", 0.9, 0.1)
+    evaluation(entries, "r2", 0.8, 0.1)
+    for entry in entries.values():
+        if entry["version"] != "er2":
+            record(folder, entry, view=lambda: write_board(  # noqa: B023 - called at once
+                results, with_entry(load_board(), entry)))
+    write_board(results, with_entry(load_board(), entries["Evaluate/er2"]))  # and no index file
+
+    remove_versions([])
+
+    board = read_board(results)
+    assert "Evaluate/er2" not in board["rows"] and board == board_of(read_index(folder).values())
+
+
+def test_a_planted_board_cannot_put_markup_on_the_leaderboard_page(tmp_path):
+    """The board is a file in the results: anything that may write there (whoever may write the
+    results bucket, a copied results folder) could plant one. It holds values, escaped as the pages
+    are rendered; a board of rendered cells, as an earlier pipeline kept it, is not read as one."""
+    results = tmp_path / "results"
+    results.mkdir()
+    script = "<script>alert(1)</script>"
+    (results / BOARD_FILE).write_text(json.dumps({
+        "rows": {"Evaluate/x": {"accuracy": 1.0, "loss": 0.0, "run": script, "model": script, "report": script}},
+        "cells": {"Evaluate/x": [f"<td>{script}</td>", "x", "<td></td>", ""]}, "reports": {}}))
+    assert read_board(str(results)) is None
+    (results / BOARD_FILE).write_text(json.dumps({
+        "rows": {"Evaluate/x": {"accuracy": 1.0, "loss": 0.0, "run": script, "model": script, "report": script}},
+        "reports": {"Report/y": {"evaluation": "Evaluate/x", "link": '"><script>', "completed_at": script}}}))
+    entries = {}
+    evaluation(entries, "r1", 0.9, 0.1)
+
+    write_board(str(results), with_entry(read_board(str(results)), entries["Evaluate/er1"]))
+
+    page = (results / LEADERBOARD_HTML).read_text()
+    assert "<script>" not in page and page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 2
+    assert page.count("<tr>") == 3 and 'href="&quot;&gt;&lt;script&gt;"' in page
 
 
 def test_leaderboard_of_an_empty_index_has_no_rows(tmp_path):
