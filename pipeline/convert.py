@@ -136,6 +136,11 @@ _STORABLE_PNG = {1: (8, 0), 3: (8, 2)}
 # is an OSError), truncated or corrupt (OSError, SyntaxError, ValueError), or a decompression bomb.
 _UNUSABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
                           Image.DecompressionBombError)
+# Image.open only warns of a bomb below twice Pillow's limit; `_refuse_bomb` raises for it instead,
+# per call, because warnings.catch_warnings, which could make the warning an error, swaps
+# process-wide state and is not thread-safe (a shard decodes in threads). The warning, redundant
+# then, would be printed once for every size of image met.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module=r"PIL\.Image$")
 
 
 def stored_format(metadata: dict) -> dict:
@@ -153,10 +158,11 @@ def load_image(path: str, image_size: int, channels: int, *, image_format: str =
     EXIF orientation is applied, transparency is flattened onto white, and Pillow's
     decompression-bomb limit is an error rather than a warning. A JPEG larger than needed is
     decoded at 1/2, 1/4 or 1/8 scale by libjpeg (never below `image_size`) before the resize. A
-    file already in the stored form (a PNG or a JPEG at that size, in that mode, upright) is
-    decoded and checked, so that a corrupt one fails here, and then kept byte for byte: encoding
-    it again took about 40% of the time spent per image. Raises UnusableImage for a file that
-    cannot be used, naming the underlying error.
+    file already in the stored form (a PNG or a JPEG at that size, in that mode, upright) is kept
+    byte for byte once checked (a JPEG by TensorFlow's decoder itself, a PNG by Pillow's decode
+    and checksums): encoding it again took about 40% of the time spent per image. A JPEG that
+    TensorFlow refuses is encoded again from what Pillow decodes. Raises
+    UnusableImage for a file that cannot be used, naming the underlying error.
     """
     try:
         return _normalised(path, image_size, channels, image_format, jpeg_quality)
@@ -164,11 +170,20 @@ def load_image(path: str, image_size: int, channels: int, *, image_format: str =
         raise UnusableImage(f"{type(error).__name__}: {error}") from error
 
 
+def _refuse_bomb(opened: Image.Image) -> None:
+    """Pillow's decompression-bomb limit as an error rather than a warning (above twice the limit,
+    Image.open already raised DecompressionBombError)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and opened.width * opened.height > limit:
+        raise Image.DecompressionBombError(f"Image size ({opened.width * opened.height} pixels) exceeds limit of "
+                                           f"{limit} pixels, could be decompression bomb DOS attack.")
+
+
 def _normalised(path: str, image_size: int, channels: int, image_format: str, jpeg_quality: int) -> bytes:
     mode = CHANNEL_MODES[channels]
-    with warnings.catch_warnings(), storage.open_binary(path) as handle:
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with storage.open_binary(path) as handle:
         with Image.open(handle) as opened:
+            _refuse_bomb(opened)
             jpeg_source = opened.format in _JPEG_SOURCES
             stored = "PNG" if image_format == "png" or (image_format == "auto" and not jpeg_source) else "JPEG"
             # exif_transpose copies every image; most have no orientation to apply.
@@ -202,7 +217,7 @@ def _normalised(path: str, image_size: int, channels: int, image_format: str, jp
 
 def _kept_bytes(opened: Image.Image, handle, stored: str, channels: int) -> bytes | None:
     """The file's own bytes, when they are already what would be stored and decode cleanly; else None."""
-    if opened.format != stored:
+    if opened.format != stored or opened.mode != CHANNEL_MODES[channels]:
         return None
     handle.seek(0)
     data = handle.read()
@@ -210,16 +225,20 @@ def _kept_bytes(opened: Image.Image, handle, stored: str, channels: int) -> byte
         if "transparency" in opened.info or (data[24], data[25]) != _STORABLE_PNG[channels]:
             return None
         # Pillow decodes some PNGs that TensorFlow refuses (one cut short of its checksum);
-        # verify() checks every chunk's CRC up to IEND, as libpng does.
+        # verify() checks every chunk's CRC up to IEND, as libpng does. libpng also refuses an
+        # unknown critical chunk, a second IHDR or an unterminated zlib stream, which Pillow
+        # reads; checking every PNG in TensorFlow as JPEGs are would cost MNIST-sized images
+        # 40% of their conversion rate (a TensorFlow call costs twice Pillow's decode of one).
         opened.load()
         with Image.open(io.BytesIO(data), formats=["PNG"]) as again:
             again.verify()
         return data
-    if opened.mode != CHANNEL_MODES[channels]:
-        return None
-    # A JPEG that Pillow decodes whole, TensorFlow decodes too (one cut short, both refuse).
-    opened.load()
-    return data
+    # Pillow decodes JPEGs that Train's decoder refuses: libjpeg's warnings ("Corrupt JPEG data",
+    # as a marker inside the scan gives) are errors in TensorFlow, and Pillow ignores them. Such
+    # a file is encoded again from the pixels Pillow salvaged, as every file was before files
+    # were kept. TensorFlow's decode replaces Pillow's, which it makes redundant.
+    from pipeline.schema import decodes  # TensorFlow loads only where a JPEG may be kept.
+    return data if decodes(data, channels) else None
 
 
 _T = TypeVar("_T")

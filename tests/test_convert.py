@@ -1,8 +1,13 @@
+import fcntl
 import hashlib
 import io
+import os
 import random
 import subprocess
 import sys
+import termios
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +259,89 @@ def test_a_decompression_bomb_is_refused_without_allocating_its_size(tmp_path):
     assert int(result.stdout) < 50 << 20, "peak memory grew by more than 50 MB"
 
 
+def _writer_when_read(fifo: str) -> int:
+    """The write end of `fifo`, opened once a reader (load_image, opening the file) waits on it."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            assert time.monotonic() < deadline, f"no reader opened {fifo}"
+            time.sleep(0.01)
+
+
+def _wait_drained(fd: int) -> None:
+    """Until the reader has taken every byte written to the pipe `fd` (it is then blocked reading more)."""
+    deadline = time.monotonic() + 60
+    pending = bytearray(4)
+    while True:
+        fcntl.ioctl(fd, termios.FIONREAD, pending)
+        if int.from_bytes(pending, "little") == 0:
+            return
+        assert time.monotonic() < deadline, "the reader never read"
+        time.sleep(0.01)
+
+
+# pytest restores the warning filters around each test, dropping the one pipeline.convert set as
+# it was imported (the test below checks that filter, in a process of its own).
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_decompression_bomb_is_refused_by_every_decode_thread(tmp_path, monkeypatch):
+    """A shard decodes in threads. A bomb must be refused in one thread while another finishes an
+    image (with warnings.catch_warnings, process-wide and not thread-safe, the first to leave
+    restored filters without the error, and the bomb was stored). FIFOs order the threads' steps."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a warning above 1000 pixels, an error above 2000
+    small, bomb = _png(Image.new("L", (10, 10), 10)), _png(Image.new("L", (40, 40), 20))  # 1600 pixels
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    with pytest.raises(UnusableImage, match="DecompressionBomb"):
+        convert.load_image(tmp_path / "bomb.png", 8, 1)
+
+    first, second = str(tmp_path / "first.png"), str(tmp_path / "second.png")
+    os.mkfifo(first)
+    os.mkfifo(second)
+    results = {}
+
+    def load(name, path):
+        try:
+            results[name] = convert.load_image(path, 8, 1)
+        except UnusableImage as error:
+            results[name] = error
+
+    a = threading.Thread(target=load, args=("small", first))
+    a.start()
+    fd_a = _writer_when_read(first)  # thread a is opening its file
+    b = threading.Thread(target=load, args=("bomb", second))
+    b.start()
+    fd_b = _writer_when_read(second)
+    os.write(fd_b, bomb[:1])
+    _wait_drained(fd_b)  # thread b is in Image.open, reading the bomb
+    os.write(fd_a, small)
+    os.close(fd_a)
+    a.join(60)  # thread a finished its image first
+    os.write(fd_b, bomb[1:])
+    os.close(fd_b)
+    b.join(60)
+
+    assert isinstance(results["small"], bytes)
+    assert isinstance(results["bomb"], UnusableImage), "a bomb decoded because another thread finished first"
+
+
+def test_a_bomb_below_twice_the_limit_is_refused_without_a_warning(tmp_path):
+    """Pillow only warns below twice its limit, once for every size of image met: nothing is printed."""
+    (tmp_path / "bomb.png").write_bytes(_png(Image.new("L", (40, 40), 20)))
+    probe = (
+        "from PIL import Image\n"
+        "from pipeline.convert import load_image\n"
+        "from pipeline.errors import UnusableImage\n"
+        "Image.MAX_IMAGE_PIXELS = 1000\n"
+        "try:\n"
+        f"    load_image({str(tmp_path / 'bomb.png')!r}, 8, 1)\n"
+        "except UnusableImage as error:\n"
+        "    assert isinstance(error.__cause__, Image.DecompressionBombError), error\n"
+        "    print('refused')\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "refused\n", "")
+
+
 def test_a_corrupt_shard_is_named_with_its_report(tmp_path):
     out, metadata = converted_images(tmp_path, per_class=4, test_fraction=0.0, image_size=4)
     assert len(convert.shard_paths(out, metadata, "train")) == 2
@@ -326,6 +414,30 @@ def test_a_jpeg_already_in_the_dataset_form_is_kept_but_still_checked(tmp_path):
     assert _stored(convert.load_image(tmp_path / "upright.jpg", 16, 3, image_format="png"))[0] == "PNG"
     with pytest.raises(UnusableImage, match="(?i)truncated"):
         convert.load_image(tmp_path / "truncated.jpg", 16, 3)
+
+
+def test_a_jpeg_kept_as_it_is_decodes_in_tensorflow(tmp_path):
+    """A JPEG already at size is kept only if Train's decoder reads it. Pillow decodes one with a
+    marker inside its scan (libjpeg warns "Corrupt JPEG data"), TensorFlow refuses it: it is
+    encoded again from the pixels Pillow salvaged, so that Train and Predict do not stop on it."""
+    import tensorflow as tf
+
+    from pipeline import schema
+
+    jpeg = _jpeg(_photo((64, 64)))
+    middle = (jpeg.index(b"\xff\xda") + len(jpeg)) // 2
+    corrupt = jpeg[:middle] + b"\xff\xe1" + jpeg[middle:]  # an APP1 marker in the scan
+    (tmp_path / "corrupt.jpg").write_bytes(corrupt)
+    with Image.open(io.BytesIO(corrupt)) as image:
+        salvaged = np.asarray(image, dtype=float)  # Pillow decodes it...
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.decode_image(corrupt)  # ...where TensorFlow does not
+
+    stored = convert.load_image(tmp_path / "corrupt.jpg", 64, 3)
+
+    assert stored != corrupt
+    pixels = schema.decode_stored_pixels(tf.constant(stored), [64, 64, 3]).numpy()
+    assert np.abs(pixels - salvaged).mean() < 3, "Pillow's pixels, encoded again"
 
 
 @pytest.mark.parametrize("orientation", [1, 6])
