@@ -405,15 +405,20 @@ def keras_job(archive: Path, epochs: int, epoch_steps: int) -> tuple[float, str]
     return seconds, f"{accuracy} on {images} images"
 
 
-# Seconds per unit on the project's 2-core machine, from a development run: what the estimate uses.
-_COST = {"generate": 0.013, "convert": 0.030, "step": {128: 0.8, 224: 2.2}, "job": 60.0}
+# Seconds per unit on a quiet 2-core machine, from development runs and issue 20's figures: a
+# photo generated, an image through one Convert-like pass, a training step at each size, and
+# the fixed cost of a training run (graph, validation, export) or of a whole job beside its steps.
+_COST = {"generate": 0.012, "convert": 0.008, "step": {128: 0.4, 224: 1.2}, "train run": 60, "job": 60}
 
 
 def estimate_minutes(epoch_steps: int, generating: int) -> float:
     """A rough duration of the whole benchmark with these settings, from `_COST`."""
+    def step(size: int) -> float:
+        return _COST["step"].get(size, _COST["step"][224] * (size / 224) ** 2)
+
     per_repeat = (_COST["convert"] * (IMAGES * 4 + SMALL)
-                  + sum(2 * TRAIN_STEPS * _COST["step"].get(size, 2.2 * (size / 224) ** 2) for size in TRAIN_SIZES)
-                  + sum(2 * (_COST["job"] + epochs * epoch_steps * _COST["step"][128]) + _COST["convert"] * IMAGES
+                  + sum(2 * (_COST["train run"] + TRAIN_STEPS * step(size)) for size in TRAIN_SIZES)
+                  + sum(2 * (_COST["job"] + epochs * epoch_steps * step(JOB_SIZE)) + _COST["convert"] * IMAGES
                         for epochs in EPOCHS))
     return (generating * _COST["generate"] + REPEATS * per_repeat) / 60
 
@@ -425,7 +430,8 @@ def main() -> None:
     train_count = math.floor(IMAGES / len(CLASSES) * TRAIN_FRACTION) * len(CLASSES)  # until the conversion says
     print(f"photo benchmark: {IMAGES} photos (and {SMALL}), Convert arguments {' '.join(CONVERT_ARGS)!r}, train sizes "
           f"{TRAIN_SIZES}, {TRAIN_STEPS} steps, epochs {EPOCHS}, {REPEATS} repetitions; estimated "
-          f"{estimate_minutes(math.ceil(train_count / BATCH), generating):.0f} min on 2 cores", flush=True)
+          f"{estimate_minutes(math.ceil(train_count / BATCH), generating):.0f} min on a quiet 2-core machine "
+          "(several times that on a shared one)", flush=True)
     archive = photo_archive(IMAGES)
     small = first_photos(archive, SMALL)
     root = extracted(archive)
@@ -480,8 +486,8 @@ def main() -> None:
         print(f"photos, whole job at {epochs} epoch(s), accuracy (context): pipeline test "
               f"{[run[1] for run in runs['job pipeline', epochs]]}, Keras held-out "
               f"{[run[1] for run in runs['job keras', epochs]]}", flush=True)
-    report(f"photos, bytes of TFRecords (all shards, {convert_args}) vs the archive's", [
-        float(run[3]) for run in runs["convert", 2]], [float(archive.stat().st_size)] * REPEATS, "bytes", "<= 1.0")
+    report(f"photos, bytes of TFRecords (all shards, {convert_args}) vs the archive's",
+           [run[3] / 1e6 for run in runs["convert", 2]], [archive.stat().st_size / 1e6] * REPEATS, "MB", "<= 1.0")
     report(f"photos, Convert --workers 2 peak RSS of the largest process, {IMAGES} vs {SMALL} photos",
            [run[2] for run in runs["convert", 2]], [run[2] for run in runs["convert", "small"]], "MB",
            "flat in N, about 1")
