@@ -10,7 +10,7 @@ SCHEDULER_DIR ?= .luigid
 SCHEDULER_PORT ?= 8082
 TENSORBOARD_PORT ?= 6006
 
-.PHONY: run test test-busy venv clean ui ui-stop tensorboard crash-trials bench
+.PHONY: run test test-busy venv clean ui ui-stop tensorboard crash-trials bench bench-photos
 
 run: ui
 	$(BIN)/luigi --module tasks RunAll --scheduler-host 127.0.0.1 --scheduler-port $(SCHEDULER_PORT) $(ARGS)
@@ -39,7 +39,9 @@ test-busy: $(STAMP)
 venv: $(STAMP)
 
 # Every benchmark prints its ratios against a baseline measured in the same run; see bench/RESULTS.md.
-BENCHMARKS := noop train predict convert index scaleout
+# The photo benchmark (bench/photos.py, 20,000 generated photos) takes hours on 2 cores, so it runs
+# only with BENCH_PHOTOS=1 (after the others) or alone with `make bench-photos`; it prints its estimate first.
+BENCHMARKS := noop train predict convert index scaleout $(if $(filter 1,$(BENCH_PHOTOS)),photos)
 bench: $(STAMP)
 	@nproc | xargs echo "cores:"; free -g | awk '/Mem:/ {print "memory: " $$2 " GiB"}'
 	@mkdir -p build/bench
@@ -47,6 +49,9 @@ bench: $(STAMP)
 		echo "== bench/$$name.py (log: build/bench/$$name.log)"; \
 		TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python bench/$$name.py 2> build/bench/$$name.log || { tail -30 build/bench/$$name.log; exit 1; }; \
 	done
+
+bench-photos: $(STAMP)
+	@$(MAKE) --no-print-directory bench BENCHMARKS=photos
 
 # 50 SIGKILL trials, 5 inside each stage with local roots and 5 with S3 roots; `make test` runs one of each.
 crash-trials: $(STAMP)

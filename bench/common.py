@@ -87,9 +87,9 @@ def cnn_params() -> dict:
     return models.load_model(models.resolve_model_file("cnn")).defaults
 
 
-def keras_cnn(image_shape, *, training: bool):
-    """The default `cnn` model file's architecture in Keras, from its PARAMS: for training with
-    dropout and logits, for prediction with class probabilities."""
+def keras_cnn(image_shape, *, training: bool, num_classes: int = 10):
+    """The default `cnn` model file's architecture in Keras, from its PARAMS, for `num_classes`
+    classes: for training with dropout and logits, for prediction with class probabilities."""
     import tensorflow as tf
 
     params = cnn_params()
@@ -99,9 +99,9 @@ def keras_cnn(image_shape, *, training: bool):
                    tf.keras.layers.MaxPool2D(2, padding="same")]
     layers += [tf.keras.layers.Flatten(), tf.keras.layers.Dense(params["dense_units"], activation="relu")]
     if training:
-        layers += [tf.keras.layers.Dropout(params["dropout_rate"]), tf.keras.layers.Dense(10)]
+        layers += [tf.keras.layers.Dropout(params["dropout_rate"]), tf.keras.layers.Dense(num_classes)]
     else:
-        layers += [tf.keras.layers.Dense(10, activation="softmax")]
+        layers += [tf.keras.layers.Dense(num_classes, activation="softmax")]
     return tf.keras.Sequential(layers)
 
 
