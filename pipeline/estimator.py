@@ -29,10 +29,25 @@ log = logging.getLogger(__name__)
 _SHUFFLE_BUFFER = 10_000
 _PACKAGES = ("tensorflow", "tensorflow-estimator", "keras", "numpy", "pillow", "luigi")
 
+# Where a container's memory limit is read, cgroup v2 then v1: in a container, the machine's
+# physical memory is the host's, which the container may not have.
+_CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def cache_limit_bytes() -> int:
-    """How much of a training set may be cached in memory: a quarter of the machine's physical
-    memory, leaving the rest to the model, the shuffle buffer and other processes."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    """How much of a training set may be cached in memory: a quarter of the memory this process
+    may use (the machine's, or its container's limit when lower), leaving the rest to the model,
+    the shuffle buffer and other processes."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in _CGROUP_MEMORY_LIMITS:
+        try:
+            with open(path) as handle:
+                limit = handle.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():  # "max": no limit
+            memory = min(memory, int(limit))
+    return memory // 4
 
 
 def input_fn(files: Sequence[str], image_shape: Sequence[int], batch_size: int, *, training: bool,
@@ -211,8 +226,10 @@ def train_and_validate(estimator: tf.estimator.Estimator, metadata: Mapping[str,
     tf.keras.utils.set_random_seed(seed)
     files = shard_paths(convert_dir, metadata, "train")
     images = metadata["splits"]["train"]["count"]
+    # Each trainer of a cluster caches its own copy: on one machine (distribute=local), they share its memory.
+    cache_limit = cache_limit_bytes() // max(1, estimator.config.num_worker_replicas)
     train_input = lambda: input_fn(files, metadata["image_shape"], batch_size, training=True,  # noqa: E731
-                                   seed=seed, images=images)
+                                   seed=seed, images=images, cache_limit=cache_limit)
     receiver = schema.serving_input_receiver_fn(metadata["image_shape"])
     if metadata["splits"][VALIDATION]["count"]:
         validation = shard_paths(convert_dir, metadata, VALIDATION)

@@ -67,22 +67,24 @@ def test_training_batches_are_the_same_whatever_is_cached(tmp_path):
     # one version would train to other weights on another machine.
     rng = np.random.default_rng(2)
     files = [str(tmp_path / f"train-{shard}.tfrecord") for shard in range(3)]
+    shape = (16, 16, 3)
     for shard, path in enumerate(files):
         with tf.io.TFRecordWriter(path) as writer:
             for index in range(7):
-                image = rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)
+                # One colour per image: each is told apart, and its PNG is far smaller than its pixels.
+                image = np.full(shape, rng.integers(0, 256, 3), dtype=np.uint8)
                 writer.write(schema.serialize_example(png_bytes(image), index % 3, f"c/{shard}-{index}.png"))
     record_bytes = sum((tmp_path / f"train-{shard}.tfrecord").stat().st_size for shard in range(3))
-    pixel_bytes = 21 * 5 * 5 * 3
-    assert record_bytes != pixel_bytes
+    pixel_bytes = 21 * int(np.prod(shape))
+    assert record_bytes < pixel_bytes
 
     def batches(cache_limit: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        dataset = input_fn(files, (5, 5, 3), 4, training=True, seed=7, images=21, cache_limit=cache_limit)
+        dataset = input_fn(files, shape, 4, training=True, seed=7, images=21, cache_limit=cache_limit)
         # 40 batches of 4 span more than seven epochs of 21 records, reshuffled each epoch.
         return [(features[schema.IMAGE].numpy(), labels.numpy()) for features, labels in dataset.take(40)]
 
-    pixels_cached = batches(max(record_bytes, pixel_bytes))
-    for limit in (min(record_bytes, pixel_bytes), 0):  # one of the two caches, then none
+    pixels_cached = batches(pixel_bytes)
+    for limit in (record_bytes, 0):  # the records cached (their pixels do not fit), then nothing
         for (images, labels), (expected_images, expected_labels) in zip(batches(limit), pixels_cached, strict=True):
             np.testing.assert_array_equal(labels, expected_labels)
             np.testing.assert_array_equal(images, expected_images)
