@@ -49,8 +49,8 @@ from convert import peak_run
 
 IMAGES = int(os.environ.get("BENCH_PHOTOS_IMAGES", "20000"))
 SMALL = int(os.environ.get("BENCH_PHOTOS_SMALL", "5000"))
-EPOCHS = [int(n) for n in os.environ.get("BENCH_PHOTOS_EPOCHS", "1,5").split(",")]
-TRAIN_SIZES = [int(n) for n in os.environ.get("BENCH_PHOTOS_TRAIN_SIZES", "128,224").split(",")]
+EPOCHS = [int(n) for n in os.environ.get("BENCH_PHOTOS_EPOCHS", "1,5").split(",") if n]  # empty: no whole job
+TRAIN_SIZES = [int(n) for n in os.environ.get("BENCH_PHOTOS_TRAIN_SIZES", "128,224").split(",") if n]  # empty: no Train figure
 TRAIN_STEPS = int(os.environ.get("BENCH_PHOTOS_TRAIN_STEPS", "200"))
 TRAIN_WARMUP = int(os.environ.get("BENCH_PHOTOS_TRAIN_WARMUP", "50"))
 CONVERT_ARGS = shlex.split(os.environ.get("BENCH_PHOTOS_CONVERT_ARGS",
