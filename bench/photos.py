@@ -413,10 +413,11 @@ def keras_job(archive: Path, epochs: int, epoch_steps: int) -> tuple[float, str]
     return seconds, f"{accuracy} on {images} images"
 
 
-# Seconds per unit on a quiet 2-core machine, from development runs and issue 20's figures: a
-# photo generated, an image through one Convert-like pass, a training step at each size, and
-# the fixed cost of a training run (graph, validation, export) or of a whole job beside its steps.
-_COST = {"generate": 0.012, "convert": 0.008, "step": {128: 0.4, 224: 1.2}, "train run": 60, "job": 60}
+# Seconds per unit on a quiet 2-core machine, as measured on 2026-12-02 (bench/RESULTS.md): a
+# photo generated, an image through one Convert-like pass, a training step at each size (the
+# `cnn` model at batch 64: 224 px scaled from 128 px by the pixels), and the fixed cost of a
+# training run (graph, validation, export) or of a whole job beside its steps.
+_COST = {"generate": 0.026, "convert": 0.0015, "step": {128: 1.43, 224: 4.4}, "train run": 60, "job": 90}
 
 
 def estimate_minutes(epoch_steps: int, generating: int) -> float:
