@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping
 
 from pipeline import storage
 from pipeline.csvcells import safe_row
+from pipeline.index import key_of
 from pipeline.storage import read_json, write_bytes
 from pipeline.versioning import canonical_json
 
@@ -43,7 +44,7 @@ def empty_board() -> dict:
 
 def with_entry(board: dict, entry: Mapping) -> dict:
     """`board` with the row or the report link of the index entry `entry` added or replaced."""
-    key = f"{entry['stage']}/{entry['version']}"
+    key = key_of(entry)
     if ROW_KEY in entry:
         board["rows"][key] = entry[ROW_KEY]
     if REPORT_KEY in entry:

@@ -19,7 +19,7 @@ import luigi
 from luigi.task_register import TaskClassException
 
 from pipeline.errors import PipelineError
-from pipeline.index import index_lock, within
+from pipeline.index import index_lock, key_of, within
 from pipeline.locks import held_locks
 from pipeline.storage import absolute, is_inside, size_of
 from pipeline.leaderboard import ROW_KEY, board_of, leaderboard_rows
@@ -92,7 +92,7 @@ def garbage(index: dict, keep_top: int, current: set[str],
     removable = [entry for entry in removable if entry not in refused]
     outermost = [entry for entry in removable
                  if not any(other is not entry and is_inside(entry["path"], other["path"]) for other in removable)]
-    return ([{"key": f"{entry['stage']}/{entry['version']}", "path": entry["path"], "bytes": size_of(entry["path"])}
+    return ([{"key": key_of(entry), "path": entry["path"], "bytes": size_of(entry["path"])}
              for entry in sorted(outermost, key=lambda entry: entry["path"])], refused)
 
 
@@ -116,7 +116,7 @@ def main(argv: list[str]) -> int:
     with index_lock(index_folder()):
         found, refused = garbage(load_index(), args.keep_top, current, layout_roots())
         for entry in refused:
-            print(f"refused {entry['stage']}/{entry['version']} {entry['path']}: outside data_root and results_root")
+            print(f"refused {key_of(entry)} {entry['path']}: outside data_root and results_root")
         for item in found:
             print(f"{item['bytes'] / 1e6:10.1f} MB  {item['key']:<28} {item['path']}")
         total = sum(item["bytes"] for item in found)
