@@ -69,3 +69,11 @@ class RefusedURL(DownloadError):
 
 class SizeCapExceeded(DownloadError):
     """A fetch passed its byte cap: one manifest image's, or the whole download's."""
+
+
+class ChampionError(PipelineError):
+    """A champion pointer that cannot be used as asked: damaged, or no champion where one is needed."""
+
+
+class NoChampion(ChampionError):
+    """No model is champion of a dataset version and split that one was asked of."""

@@ -61,9 +61,13 @@ def board_of(entries: Iterable[Mapping]) -> dict:
     return board
 
 
+def merit(row: Mapping) -> tuple:
+    """What ranks a model: the lower, the better (best accuracy, then lowest loss)."""
+    return -row["accuracy"], row["loss"]
+
+
 def _order(row: Mapping) -> tuple:
-    """Best accuracy first, then lowest loss."""
-    return -row["accuracy"], row["loss"], row.get("run", ""), row.get("split", "")
+    return *merit(row), row.get("run", ""), row.get("split", "")
 
 
 def _reports(board: Mapping[str, dict]) -> dict[str, dict]:
