@@ -76,6 +76,15 @@ def require_current(path: str, how_to_make_one: str) -> dict:
     return champion
 
 
+def candidate(*, train_version: str, train_path: str, export_dir: str, model: str, evaluation: str,
+              accuracy: float, loss: float, blessing: str | None = None) -> dict:
+    """A champion record before it is crowned: the Train (its folder as the pipeline names it, and its
+    final export's folder), the evaluation that ranks it, and the blessing that let it in, if one did."""
+    return {"train_version": train_version, "train_path": train_path, "export_dir": export_dir, "model": model,
+            "run": storage.name(train_path), "evaluation": evaluation, "accuracy": accuracy, "loss": loss,
+            "blessing": blessing}
+
+
 def ranks_above(candidate: dict, champion: dict) -> bool:
     """Whether `candidate` is a better model than `champion`, by the leaderboard's order; a tie keeps
     the champion."""
