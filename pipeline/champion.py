@@ -21,7 +21,7 @@ from pipeline.errors import ChampionError, NoChampion
 from pipeline.index import index_lock
 from pipeline.leaderboard import merit
 from pipeline.storage import read_json, write_json
-from pipeline.versioning import safe_name
+from pipeline.versioning import canonical_json, safe_name
 
 # Which model is served, never what any stage computes: no version depends on this module (a
 # Predict from the champion depends on the champion's Train version, as from any Train).
@@ -102,11 +102,13 @@ def _same_model(record: dict | None, candidate: dict) -> bool:
 @contextlib.contextmanager
 def _changing(path: str, lock_folder: str) -> Iterator[dict]:
     """The pointer at `path`, read under the index's lock and written back whole, still under it,
-    once the block is done with it (not when the block raises)."""
+    once the block is done with it, if it changed it (not when the block raises)."""
     with index_lock(lock_folder):
         pointer = read_pointer(path)
+        before = canonical_json(pointer)
         yield pointer
-        write_json(path, pointer)
+        if canonical_json(pointer) != before:
+            write_json(path, pointer)
 
 
 def _crown(pointer: dict, candidate: dict, by: str, reason: str) -> None:
