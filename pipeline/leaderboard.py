@@ -1,8 +1,10 @@
 """The leaderboard: every evaluation in the index, best first, as HTML and CSV.
 
 Its rows are kept in `results/leaderboard.json` (the board): each indexed evaluation's row (its
-entry's `leaderboard` value) and each indexed report's link (its entry's `reports` value: which
-evaluation it reports, and its link), by index key. Recording an evaluation or a report replaces
+entry's `leaderboard` value), each indexed report's link (its entry's `reports` value: which
+evaluation it reports, and its link) and each indexed blessing's verdict (its entry's `blessing`
+value: which evaluation it checked, and whether it blessed the model), by index key. A row shows
+the newest report and verdict of its evaluation, and links the lineage in that report. Recording an evaluation or a report replaces
 one of them, and the two pages are rendered from the board alone, without reading the index or
 any run's files; the board is rebuilt from the index when the index is, or when it is missing or
 damaged. It holds values only, escaped as the pages are rendered: it is a file in the results,
@@ -29,17 +31,22 @@ LEADERBOARD_CSV = "leaderboard.csv"
 BOARD_FILE = "leaderboard.json"
 ROW_KEY = "leaderboard"
 REPORT_KEY = "reports"
-COLUMNS = ("rank", "run", "model", "dataset", "split", "accuracy", "loss", "global_step", "params", "max_steps",
-           "batch_size", "tf_random_seed", "train_version", "data_version", "evaluated_at", "report")
+BLESSING_KEY = "blessing"
+# The section of a report that shows where its run came from.
+LINEAGE_ANCHOR = "#lineage"
+COLUMNS = ("rank", "run", "model", "dataset", "split", "accuracy", "loss", "blessed", "global_step", "params",
+           "max_steps", "batch_size", "tf_random_seed", "train_version", "data_version", "evaluated_at", "report",
+           "lineage")
+_JOINED = {REPORT_KEY: "reports", BLESSING_KEY: "blessings"}
 
 
 def shown(entry: Mapping) -> bool:
     """Whether an index entry changes what the leaderboard shows."""
-    return ROW_KEY in entry or REPORT_KEY in entry
+    return ROW_KEY in entry or any(key in entry for key in _JOINED)
 
 
 def empty_board() -> dict:
-    return {"rows": {}, "reports": {}}
+    return {"rows": {}, "reports": {}, "blessings": {}}
 
 
 def with_entry(board: dict, entry: Mapping) -> dict:
@@ -47,8 +54,9 @@ def with_entry(board: dict, entry: Mapping) -> dict:
     key = key_of(entry)
     if ROW_KEY in entry:
         board["rows"][key] = entry[ROW_KEY]
-    if REPORT_KEY in entry:
-        board["reports"][key] = {**entry[REPORT_KEY], "completed_at": entry["completed_at"]}
+    for view, part in _JOINED.items():
+        if view in entry:
+            board[part][key] = {**entry[view], "completed_at": entry["completed_at"]}
     return board
 
 
@@ -70,11 +78,10 @@ def _order(row: Mapping) -> tuple:
     return *merit(row), row.get("run", ""), row.get("split", "")
 
 
-def _reports(board: Mapping[str, dict]) -> dict[str, dict]:
-    """The newest report of each evaluation on the board. Joined rather than stored in the row, so
-    that a row never links a report that is gone."""
-    reports = sorted(board["reports"].values(), key=lambda report: report["completed_at"])
-    return {report["evaluation"]: report for report in reports}
+def _newest(joined: Mapping[str, dict]) -> dict[str, dict]:
+    """The newest report (or verdict) of each evaluation on the board. Joined rather than stored in
+    the row, so that a row never links a report that is gone."""
+    return {item["evaluation"]: item for item in sorted(joined.values(), key=lambda item: item["completed_at"])}
 
 
 def leaderboard_rows(board: Mapping[str, dict]) -> list[dict]:
@@ -83,16 +90,27 @@ def leaderboard_rows(board: Mapping[str, dict]) -> list[dict]:
 
 
 def rows_of(board: Mapping[str, dict], keys: Iterable[str]) -> list[dict]:
-    """The rows of the evaluations `keys`, each linking the newest report of it, ranked."""
-    links = {evaluation: report["link"] for evaluation, report in _reports(board).items()}
-    return ranked({**board["rows"][key], **({"report": links[key]} if key in links else {})} for key in keys)
+    """The rows of the evaluations `keys`, each with the newest verdict on it and linking the
+    newest report of it and the lineage there, ranked."""
+    reports, blessings = _newest(board["reports"]), _newest(board["blessings"])
+
+    def joined(key: str) -> dict:
+        row = dict(board["rows"][key])
+        if key in reports:
+            row["report"] = reports[key]["link"]
+            row["lineage"] = reports[key]["link"] + LINEAGE_ANCHOR
+        if key in blessings:
+            row["blessed"] = "yes" if blessings[key]["blessed"] is True else "no"
+        return row
+
+    return ranked(map(joined, keys))
 
 
 def _is_board(value: Any) -> bool:
     """Whether `value` is a board, each part of the shape `write_board` needs (any other value is
     shown escaped, as text). A loop rather than nested generators: the board is read with every
     evaluation recorded. A board of an earlier pipeline, with rendered cells, is not one: rebuilt."""
-    if not (isinstance(value, dict) and set(value) == {"rows", "reports"}
+    if not (isinstance(value, dict) and set(value) == {"rows", "reports", "blessings"}
             and all(isinstance(part, dict) for part in value.values())):
         return False
     for row in value["rows"].values():
@@ -103,6 +121,10 @@ def _is_board(value: Any) -> bool:
     for report in value["reports"].values():
         if not (isinstance(report, dict) and isinstance(report.get("evaluation"), str)
                 and isinstance(report.get("link"), str) and isinstance(report.get("completed_at"), str)):
+            return False
+    for verdict in value["blessings"].values():
+        if not (isinstance(verdict, dict) and isinstance(verdict.get("evaluation"), str)
+                and isinstance(verdict.get("completed_at"), str)):
             return False
     return True
 
@@ -141,10 +163,10 @@ def _csv_line(values: Iterable[Any]) -> str:
 def _html_cell(column: str, value: Any) -> str:
     if column in ("accuracy", "loss") and isinstance(value, (int, float)):
         return f'<td class="num">{value:.4f}</td>'
-    if column == "report":
+    if column in ("report", "lineage"):
         # A link only if it is a relative one; shown as text otherwise.
         link = str(value)
-        return f'<td><a href="{html.escape(link)}">report</a></td>' if link and is_relative_link(link) \
+        return f'<td><a href="{html.escape(link)}">{column}</a></td>' if link and is_relative_link(link) \
             else f"<td>{html.escape(link)}</td>"
     css = ' class="num"' if isinstance(value, (int, float)) else ""
     return f"<td{css}>{html.escape(str(value))}</td>"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.index import INDEX_FOLDER, read_index, record
-from pipeline.leaderboard import (BOARD_FILE, COLUMNS, LEADERBOARD_HTML, ROW_KEY, board_of, empty_board,
+from pipeline.leaderboard import (BLESSING_KEY, BOARD_FILE, COLUMNS, LEADERBOARD_HTML, REPORT_KEY, ROW_KEY, board_of, empty_board,
                                   leaderboard_rows, read_board, rebuild_leaderboard, render_html, with_entry,
                                   write_board, write_table)
 from pipeline.plots import confusion_matrix_png, curves_png
@@ -112,6 +112,24 @@ def test_leaderboard_files_are_written_from_the_index(tmp_path):
     assert [(row["run"], float(row["accuracy"])) for row in table] == [("cnn-r1", 0.9), ("cnn-r2", 0.8)]
     page = (results / "leaderboard.html").read_text()
     assert page.count("<tr>") == 3 and 'href="ds/cnn-r1/evaluate-test-er1/report.html"' in page
+
+
+def test_leaderboard_shows_the_newest_verdict_and_links_the_lineage_in_the_newest_report(tmp_path):
+    index = {}
+    evaluation(index, "r1", 0.90, 0.30)
+    evaluation(index, "r2", 0.80, 0.40)
+    for version, blessed, at in (("b1", True, "01"), ("b2", False, "02")):  # thresholds changed, checked again
+        index[f"Bless/{version}"] = {"stage": "Bless", "version": version, "completed_at": f"2026-01-02T00:00:{at}",
+                                     BLESSING_KEY: {"evaluation": "Evaluate/er1", "blessed": blessed}}
+    index["Report/p1"] = {"stage": "Report", "version": "p1", "completed_at": "2026-01-02T00:00:03",
+                          REPORT_KEY: {"evaluation": "Evaluate/er1", "link": "ds/cnn-r1/report.html"}}
+
+    rebuild_leaderboard(tmp_path, index)
+
+    rows = {row["run"]: row for row in read_csv(tmp_path / "leaderboard.csv")}
+    assert (rows["cnn-r1"]["blessed"], rows["cnn-r2"]["blessed"]) == ("no", "")
+    assert rows["cnn-r1"]["lineage"] == "ds/cnn-r1/report.html#lineage" and rows["cnn-r2"]["lineage"] == ""
+    assert 'href="ds/cnn-r1/report.html#lineage">lineage</a>' in (tmp_path / "leaderboard.html").read_text()
 
 
 def test_leaderboard_links_a_report_only_by_a_relative_path(tmp_path):
@@ -249,7 +267,8 @@ def test_a_planted_board_cannot_put_markup_on_the_leaderboard_page(tmp_path):
     assert read_board(str(results)) is None
     (results / BOARD_FILE).write_text(json.dumps({
         "rows": {"Evaluate/x": {"accuracy": 1.0, "loss": 0.0, "run": script, "model": script, "report": script}},
-        "reports": {"Report/y": {"evaluation": "Evaluate/x", "link": '"><script>', "completed_at": script}}}))
+        "reports": {"Report/y": {"evaluation": "Evaluate/x", "link": '"><script>', "completed_at": script}},
+        "blessings": {"Bless/z": {"evaluation": "Evaluate/x", "blessed": script, "completed_at": script}}}))
     entries = {}
     evaluation(entries, "r1", 0.9, 0.1)
 
@@ -258,6 +277,9 @@ def test_a_planted_board_cannot_put_markup_on_the_leaderboard_page(tmp_path):
     page = (results / LEADERBOARD_HTML).read_text()
     assert "<script>" not in page and page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 2
     assert page.count("<tr>") == 3 and 'href="&quot;&gt;&lt;script&gt;"' in page
+    assert 'href="&quot;&gt;&lt;script&gt;#lineage"' in page
+    [planted] = [row for row in read_csv(results / "leaderboard.csv") if row["run"] == script]
+    assert planted["blessed"] == "no"  # only True blesses
 
 
 def test_leaderboard_of_an_empty_index_has_no_rows(tmp_path):
