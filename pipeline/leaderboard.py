@@ -4,8 +4,8 @@ Its rows are kept in `results/leaderboard.json` (the board): each indexed evalua
 entry's `leaderboard` value), each indexed report's link (its entry's `reports` value: which
 evaluation it reports, and its link) and each indexed blessing's verdict (its entry's `blessing`
 value: which evaluation it checked, and whether it blessed the model), by index key. A row shows
-the newest report and verdict of its evaluation, and links the lineage in that report. Recording an evaluation or a report replaces
-one of them, and the two pages are rendered from the board alone, without reading the index or
+the newest report and verdict of its evaluation, and links the lineage in that report. Recording
+an evaluation, a report or a verdict replaces one of them, and the two pages are rendered from the board alone, without reading the index or
 any run's files; the board is rebuilt from the index when the index is, or when it is missing or
 damaged. It holds values only, escaped as the pages are rendered: it is a file in the results,
 which anything that may write there could plant. The caller holds the index's lock while the

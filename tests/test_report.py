@@ -12,8 +12,8 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.index import INDEX_FOLDER, read_index, record
-from pipeline.leaderboard import (BLESSING_KEY, BOARD_FILE, COLUMNS, LEADERBOARD_HTML, REPORT_KEY, ROW_KEY, board_of, empty_board,
-                                  leaderboard_rows, read_board, rebuild_leaderboard, render_html, with_entry,
+from pipeline.leaderboard import (BLESSING_KEY, BOARD_FILE, COLUMNS, LEADERBOARD_HTML, REPORT_KEY, ROW_KEY,
+                                  board_of, empty_board, leaderboard_rows, read_board, rebuild_leaderboard, render_html, with_entry,
                                   write_board, write_table)
 from pipeline.plots import confusion_matrix_png, curves_png
 from pipeline.report import misclassified, render_report
