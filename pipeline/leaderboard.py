@@ -5,9 +5,9 @@ entry's `leaderboard` value), each indexed report's link (its entry's `reports` 
 evaluation it reports, and its link) and each indexed blessing's verdict (its entry's `blessing`
 value: which evaluation it checked, and whether it blessed the model), by index key. A row shows
 the newest report and verdict of its evaluation, and links the lineage in that report. Recording
-an evaluation, a report or a verdict replaces one of them, and the two pages are rendered from the board alone, without reading the index or
-any run's files; the board is rebuilt from the index when the index is, or when it is missing or
-damaged. It holds values only, escaped as the pages are rendered: it is a file in the results,
+an evaluation, a report or a verdict replaces one of them, and the two pages are rendered from the
+board alone, without reading the index or any run's files; the board is rebuilt from the index
+when the index is, or when it is missing or damaged. It holds values only, escaped as the pages are rendered: it is a file in the results,
 which anything that may write there could plant. The caller holds the index's lock while the
 board is read and rewritten.
 """
