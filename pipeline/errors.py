@@ -69,3 +69,8 @@ class RefusedURL(DownloadError):
 
 class SizeCapExceeded(DownloadError):
     """A fetch passed its byte cap: one manifest image's, or the whole download's."""
+
+
+class LineageError(PipelineError, LookupError):
+    """A lineage query names no version of the index: no version starts with the id given, several
+    do, or no output contains the path given."""
