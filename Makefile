@@ -41,7 +41,7 @@ venv: $(STAMP)
 # Every benchmark prints its ratios against a baseline measured in the same run; see bench/RESULTS.md.
 # The photo benchmark (bench/photos.py, 20,000 generated photos) takes hours on 2 cores, so it runs
 # only with BENCH_PHOTOS=1 (after the others) or alone with `make bench-photos`; it prints its estimate first.
-BENCHMARKS := noop train predict convert index scaleout $(if $(filter 1,$(BENCH_PHOTOS)),photos)
+BENCHMARKS := noop train predict convert index lineage scaleout $(if $(filter 1,$(BENCH_PHOTOS)),photos)
 bench: $(STAMP)
 	@nproc | xargs echo "cores:"; free -g | awk '/Mem:/ {print "memory: " $$2 " GiB"}'
 	@mkdir -p build/bench

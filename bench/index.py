@@ -21,21 +21,48 @@ from common import REPEATS, report
 from pipeline.index import COMPLETE, INDEX_FOLDER, entry_location, index_entry, key_of, load_index, record
 from pipeline.leaderboard import ROW_KEY, board_of, empty_board, read_board, with_entry, write_board
 
-STAGES_PER_RUN = ("Download", "Convert", "Train", "Evaluate", "Predict", "Report", "RunRecord")
 RUNS = int(os.environ.get("BENCH_INDEX_RUNS", "200"))
 BASELINE_RUNS = 10
 # Stages recorded per measurement, of each kind.
 RECORDED = int(os.environ.get("BENCH_INDEX_RECORDED", "20"))
 
 
+STAGES_PER_RUN = ("Download", "Convert", "Train", "Evaluate", "Predict", "Report", "RunRecord")
+# What each stage is made from, as the pipeline's stages are (see tasks/stages.py).
+UPSTREAM = {"Download": (), "Convert": ("Download",), "Train": ("Convert",), "Evaluate": ("Train",),
+            "Predict": ("Train",), "Report": ("Evaluate", "Predict"), "RunRecord": ("Evaluate", "Report", "Predict")}
+MARKERS = {"Download": "download.json", "Convert": "metadata.json", "Train": "train.json", "Evaluate": "metrics.json",
+           "Predict": "predictions.csv", "Report": "report.html", "RunRecord": "run.json"}
+# A real entry's code identity names a hundred or so functions: its size is most of the entry's.
+CODE = {f"pipeline.module:function_{number}": f"{number:016x}" for number in range(100)}
+
+
 def entry(stage: str, run: int, results: Path) -> dict:
-    found = index_entry(stage, f"{run:06d}", results / f"run-{run}" / stage.lower(),
-                        {"params": {"learning_rate": run / 1000}, "upstream": {"train": f"{run:06d}"}},
-                        dataset="bench", upstream=[f"Train/{run:06d}"])
+    """The index entry of `stage` in run `run`, each run a chain of its own from its download."""
+    path = results / f"run-{run}" / stage.lower()
+    found = index_entry(stage, f"{run:06d}", path,
+                        {"params": {"learning_rate": run / 1000},
+                         "upstream": {name.lower(): f"{run:06d}" for name in UPSTREAM[stage]}, "code": CODE},
+                        dataset="bench", marker=str(path / MARKERS[stage]),
+                        upstream=[f"{name}/{run:06d}" for name in UPSTREAM[stage]])
     if stage == "Evaluate":
         found[ROW_KEY] = {"run": f"cnn-{run}", "model": "cnn", "dataset": "bench", "split": "test",
                           "accuracy": (run * 7919 % 1000) / 1000, "loss": 1 / (run + 1), "train_version": f"{run}"}
     return found
+
+
+def written_index(results: Path, runs: int) -> str:
+    """The index of `runs` completed runs in `results`, written straight (recording each, flushed to
+    disk, would make the setup the benchmark); returns its folder."""
+    folder = str(results / INDEX_FOLDER)
+    for run in range(runs):
+        for stage in STAGES_PER_RUN:
+            found = entry(stage, run, results)
+            location = Path(entry_location(folder, key_of(found)))
+            location.parent.mkdir(parents=True, exist_ok=True)
+            location.write_text(json.dumps(found, indent=2, sort_keys=True))
+    Path(folder, COMPLETE).touch()
+    return folder
 
 
 def recorded(folder: str, results: Path, found: dict) -> None:
@@ -48,15 +75,7 @@ def per_stage_seconds(runs: int) -> tuple[float, float]:
     """Median seconds to record one more evaluation (with the leaderboard) and one more other stage."""
     with tempfile.TemporaryDirectory() as temporary:
         results = Path(temporary)
-        folder = str(results / INDEX_FOLDER)
-        # The runs before, written straight: recording each (flushed to disk) would make the setup the benchmark.
-        for run in range(runs):
-            for stage in STAGES_PER_RUN:
-                found = entry(stage, run, results)
-                location = Path(entry_location(folder, key_of(found)))
-                location.parent.mkdir(parents=True, exist_ok=True)
-                location.write_text(json.dumps(found, indent=2, sort_keys=True))
-        Path(folder, COMPLETE).touch()
+        folder = written_index(results, runs)
         write_board(str(results), board_of(load_index(folder).values()))
         evaluation, other = [], []
         for extra in range(runs, runs + RECORDED):

@@ -172,6 +172,18 @@ def luigi_command(cwd: Path, config_path: Path, *args: str, local_scheduler: boo
                           env=luigi_env(config_path), capture_output=True, text=True, timeout=timeout_s)
 
 
+def run_without_tensorflow(module: str, *args: str, cwd: Path, env: dict[str, str],
+                           timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """`python -m <module> *args` in `cwd` with `env` (its output captured, its exit code its own),
+    failing with an AssertionError, exit code 1, if it imported TensorFlow on the way."""
+    probe = (f"import runpy, sys\nsys.argv = [{module!r}, *sys.argv[1:]]\n"
+             f"try:\n    runpy.run_module({module!r}, run_name='__main__')\n"
+             "except SystemExit as done:\n    code = done.code\n"
+             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\nsys.exit(code)\n")
+    return subprocess.run([sys.executable, "-c", probe, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
 @dataclass
 class Watched:
     """A finished `luigi` command: exit code, output (stdout and stderr together), and seconds
