@@ -78,6 +78,7 @@ class ChampionError(PipelineError):
 class NoChampion(ChampionError):
     """No model is champion of a dataset version and split that one was asked of."""
 
+
 class LineageError(PipelineError, LookupError):
     """A lineage query names no version of the index: no version starts with the id given, several
     do, or no output contains the path given."""
