@@ -172,6 +172,19 @@ def luigi_command(cwd: Path, config_path: Path, *args: str, local_scheduler: boo
                           env=luigi_env(config_path), capture_output=True, text=True, timeout=timeout_s)
 
 
+def tensorflow_free_command(folder: Path, config: Path, module: str, *args: str,
+                            source: Path = REPO) -> subprocess.CompletedProcess:
+    """`python -m <module> args` in `folder` with `config`, run from the code in `source`; it fails
+    if the command imported TensorFlow on the way."""
+    probe = ("import runpy, sys\nsys.argv = [sys.argv[1], *sys.argv[2:]]\n"
+             "try:\n    runpy.run_module(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit as done:\n    code = done.code\n"
+             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\nsys.exit(code)\n")
+    return subprocess.run([sys.executable, "-c", probe, module, *args], cwd=folder,
+                          env={**luigi_env(config), "PYTHONPATH": str(source)}, capture_output=True, text=True,
+                          timeout=120)
+
+
 @dataclass
 class Watched:
     """A finished `luigi` command: exit code, output (stdout and stderr together), and seconds

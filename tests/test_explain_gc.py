@@ -12,18 +12,14 @@ import pytest
 from pipeline import fingerprint
 from pipeline.index import INDEX_FOLDER, index_entry, read_index, record
 from pipeline.locks import file_lock
-from tests.conftest import REPO, cli_sections, luigi_env, read_csv, run_watched, tiny_config, write_config
+from tests.conftest import (REPO, cli_sections, luigi_env, read_csv, run_watched, tensorflow_free_command, tiny_config,
+                            write_config)
 
 
 def explain(folder: Path, config: Path, *args: str, code: int = 0, source: Path = REPO) -> list[str]:
     """The lines `python -m tasks.explain` prints (on stderr when `code` is not 0), run from the
     code in `source`; it must not import TensorFlow on the way."""
-    probe = ("import runpy, sys\nsys.argv = ['explain', *sys.argv[1:]]\n"
-             "try:\n    runpy.run_module('tasks.explain', run_name='__main__')\n"
-             "except SystemExit as done:\n    code = done.code\n"
-             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\nsys.exit(code)\n")
-    result = subprocess.run([sys.executable, "-c", probe, *args], cwd=folder, env={**luigi_env(config),
-                            "PYTHONPATH": str(source)}, capture_output=True, text=True, timeout=60)
+    result = tensorflow_free_command(folder, config, "tasks.explain", *args, source=source)
     assert result.returncode == code, result.stderr[-3000:]
     return (result.stderr if code else result.stdout).splitlines()
 
