@@ -58,6 +58,12 @@ def location(path: str) -> str:
     return storage.absolute(path)
 
 
+def folder_id(version: str, directory: str) -> str:
+    """The Luigi id suffix of what a version's folder holds: its version, and the folder as every
+    process names it (the same version under another root is another output)."""
+    return f"{version}_{_short_hash(location(directory), 8)}"
+
+
 class StorageTarget(luigi.Target):
     """A file on a local disk or in S3 (see pipeline.storage), as a Luigi target."""
 
@@ -136,9 +142,10 @@ class PipelineTask(luigi.Task):
 
     def shown(self) -> dict[str, str]:
         """What names this task beside its own significant parameters: its upstream tasks, as
-        Family@version (a task without a version, by its id); their whole parameters would bury
+        Family@version, as the index keys them (a task not in the index, by its id; a stand-in for
+        a stage, such as the champion's Train, as that stage); their whole parameters would bury
         this task's own."""
-        upstream = [f"{task.get_task_family()}@{task.version}" if isinstance(task, Stage) else task.task_id
+        upstream = [task.index_key.replace("/", "@") if hasattr(task, "index_key") else task.task_id
                     for task in self.upstream() if task is not None]
         return {"upstream": ", ".join(upstream)} if upstream else {}
 
@@ -254,7 +261,7 @@ class Stage(Step):
     entry_points: ClassVar[tuple[str, ...]] = ()
 
     def id_suffix(self) -> str:
-        return f"{self.version}_{_short_hash(location(self.directory), 8)}"
+        return folder_id(self.version, self.directory)
 
     def upstream_versions(self) -> dict[str, str]:
         return {name: task.version for name, task in zip(self.upstream_names(), self.upstream())}

@@ -20,6 +20,7 @@ from luigi.parameter import ParameterVisibility
 from luigi.util import inherits
 
 from pipeline import download, storage
+from pipeline.champion import champion_path, require_current
 from pipeline.cluster import NETWORKS, PARAMETER_SERVER, PRIVATE, STRATEGIES, check_network
 from pipeline.convert import (DEFAULT_DECODE_THREADS, DEFAULT_JPEG_QUALITY, IMAGE_FORMATS, PLAN_FILE, SPLITS,
                               finalize_conversion, plan_conversion, report_name, shard_name, shard_paths,
@@ -36,7 +37,7 @@ from tasks.config import layout_roots, results_root, tensorboard, tensorboard_ur
 from tasks.console import note
 from tasks.parameters import ParamsParameter, UpstreamParameter
 from tasks.progress import TaskProgress
-from tasks.base import Stage, Step, StorageTarget, remove_versions
+from tasks.base import PipelineTask, Stage, Step, StorageTarget, folder_id, remove_versions
 
 
 class Download(Stage):
@@ -346,6 +347,65 @@ class Train(Stage):
                         progress=progress)
 
 
+# What to do where a model is asked of the champion and there is none (see tasks.champion).
+HOW_TO_MAKE_A_CHAMPION = ("""bless one (luigi --module tasks RunAll, or Sweep, with --Bless-thresholds """
+                          """'{"accuracy": {"min": 0.97}}'), or force one in (python -m tasks.champion """
+                          "--set RUN --reason TEXT)")
+
+
+class ChampionTrain(PipelineTask):
+    """The Train that is champion of a Convert's dataset version and split (see pipeline.champion),
+    standing in for it: its version, folder, marker and Convert, so that a stage made from it (a
+    Predict) has the version and folder it would have made from that Train itself.
+
+    The champion is looked up as the task is made, so that without one the command fails as it
+    starts, and is kept in its parameters (`version`, `directory`): a worker that rebuilds the task
+    from them (see UpstreamParameter) uses that champion, even if another was crowned since."""
+
+    convert = UpstreamParameter(Convert, description="The Convert whose dataset version's champion is used; by "
+                                                     "default luigi.cfg's")
+    split = luigi.ChoiceParameter(choices=SPLITS, description="The split the champion was ranked on")
+    version = luigi.Parameter(default="", description="The champion's Train version; by default the current "
+                                                      "champion's")
+    directory = luigi.Parameter(default="", description="The champion's Train folder, with its version")
+
+    def validate(self):
+        if not self.version:
+            champion = require_current(self.pointer(), HOW_TO_MAKE_A_CHAMPION)
+            self.version = self.param_kwargs["version"] = champion["train_version"]
+            self.directory = self.param_kwargs["directory"] = champion["train_path"]
+
+    def pointer(self) -> str:
+        convert = self.convert
+        return champion_path(results_root(), convert.dataset, convert.version, self.split)
+
+    def id_suffix(self):
+        return folder_id(self.version, self.directory)
+
+    @property
+    def dataset(self) -> str:
+        return self.convert.dataset
+
+    @property
+    def marker(self) -> str:
+        return storage.join(self.directory, Train.marker_name)
+
+    @property
+    def index_key(self) -> str:
+        return f"{Train.get_task_family()}/{self.version}"
+
+    def done(self) -> bool:
+        return storage.exists(self.marker)
+
+    def complete(self):
+        return self.done()
+
+    def run(self):
+        raise StageOutputError(f"the champion's Train, {self.index_key}, is gone ({self.marker} is missing): "
+                               "step back to the champion before it (python -m tasks.champion --revoke --reason "
+                               "TEXT), or make another one: " + HOW_TO_MAKE_A_CHAMPION)
+
+
 class Evaluate(Stage):
     """Evaluate a run on one split: metrics.json and confusion_matrix.png."""
 
@@ -395,7 +455,14 @@ class Predict(Stage):
     marker_name = "predictions.csv"
     entry_points = ("pipeline.prediction:predict_to_csv",)
     uses_tensorflow = True
-    train = UpstreamParameter(Train, description="The Train stage whose export predicts; by default luigi.cfg's")
+    train = UpstreamParameter(Train, description="The Train stage whose export predicts; by default luigi.cfg's, "
+                                                 "or the champion's (see model)")
+    # Not significant: which Train predicts is in the version already, through the train upstream's
+    # version; a new champion gives a new version that way.
+    model = luigi.ChoiceParameter(choices=("train", "champion"), default="train", significant=False,
+                                  description="Where the Train comes from when none is given: train: luigi.cfg's; "
+                                              "champion: the champion of luigi.cfg's Convert (its dataset "
+                                              "version) on Evaluate's split (see python -m tasks.champion)")
     input_dir = luigi.Parameter(default="", description="Folder of images to predict; empty predicts `split`")
     split = luigi.ChoiceParameter(default="test", choices=SPLITS,
                                   description="Split predicted when input_dir is empty")
@@ -403,6 +470,12 @@ class Predict(Stage):
                                    description="The SavedModel to predict with: the final weights, which Evaluate "
                                                "and the report describe, or those of the lowest validation loss")
     batch_size = luigi.IntParameter(default=256, significant=False, description="Images per prediction batch")
+
+    def default_upstream(self, name):
+        if name == "train" and self.model == "champion":
+            # Ranked on the split Evaluate is given (by luigi.cfg or the command line), as RunAll's are.
+            return ChampionTrain(split=Evaluate.split.task_value(Evaluate.get_task_family(), "split"))
+        return super().default_upstream(name)
 
     def validate(self):
         require_positive("batch_size", self.batch_size)
