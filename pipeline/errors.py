@@ -77,3 +77,7 @@ class ChampionError(PipelineError):
 
 class NoChampion(ChampionError):
     """No model is champion of a dataset version and split that one was asked of."""
+
+
+class NotBlessed(PipelineError):
+    """A model was required to be blessed, and its verdict does not bless it."""

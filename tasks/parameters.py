@@ -9,6 +9,7 @@ import luigi
 from luigi.parameter import ParameterVisibility
 from luigi.task_register import Register
 
+from pipeline.blessing import EXAMPLE as THRESHOLDS_EXAMPLE, check_thresholds
 from pipeline.errors import ConfigError
 
 # Parses parameters: the parsed values are in each stage's identity, so how they are parsed
@@ -41,6 +42,19 @@ class GridParameter(ParamsParameter):
             raise ConfigError(f"--grid {source!r}: {', '.join(bad)} must map to a non-empty list of values, as in "
                               """'{"learning_rate": [0.001, 0.003]}'""")
         return grid
+
+
+class ThresholdsParameter(luigi.DictParameter):
+    """Bless's thresholds: a JSON object of metric to bounds, checked as it is parsed (see pipeline.blessing)."""
+
+    def parse(self, source):
+        try:
+            value = super().parse(source)
+        except ValueError as error:
+            raise ConfigError(f"thresholds {source!r} is not valid JSON ({error}); expected a JSON object such as "
+                              f"{THRESHOLDS_EXAMPLE}") from None
+        check_thresholds(value)
+        return value
 
 
 class UpstreamParameter(luigi.Parameter):
