@@ -17,15 +17,20 @@ from pipeline.errors import ConfigError
 AFFECTS_RESULTS = False
 
 
+def _parsed(parse, source: str, name: str, example: str):
+    """`source` parsed by `parse` (a DictParameter's), or ConfigError naming it and an example."""
+    try:
+        return parse(source)
+    except ValueError as error:
+        raise ConfigError(f"{name} {source!r} is not valid JSON ({error}); expected a JSON object such as "
+                          f"{example}") from None
+
+
 class ParamsParameter(luigi.DictParameter):
     """A JSON object on the command line; anything else is refused with the value and an example."""
 
     def parse(self, source):
-        try:
-            value = super().parse(source)
-        except ValueError as error:
-            raise ConfigError(f"--params {source!r} is not valid JSON ({error}); expected a JSON object "
-                              """such as '{"learning_rate": 0.0005}'""") from None
+        value = _parsed(super().parse, source, "--params", """'{"learning_rate": 0.0005}'""")
         if not isinstance(value, Mapping):
             raise ConfigError(f"--params {source!r} is a JSON {type(value).__name__}; expected a JSON object "
                               "of the model's PARAMS keys")
@@ -48,11 +53,7 @@ class ThresholdsParameter(luigi.DictParameter):
     """Bless's thresholds: a JSON object of metric to bounds, checked as it is parsed (see pipeline.blessing)."""
 
     def parse(self, source):
-        try:
-            value = super().parse(source)
-        except ValueError as error:
-            raise ConfigError(f"thresholds {source!r} is not valid JSON ({error}); expected a JSON object such as "
-                              f"{THRESHOLDS_EXAMPLE}") from None
+        value = _parsed(super().parse, source, "thresholds", THRESHOLDS_EXAMPLE)
         check_thresholds(value)
         return value
 

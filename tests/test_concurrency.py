@@ -99,7 +99,7 @@ def test_two_configurations_at_once_on_one_central_scheduler_each_get_their_own_
     datasets = {path.relative_to(results).parts[0] for path in metrics}
     assert datasets == ({"tiny"} if differing == "params" else {"tiny", "tiny2"})
     # Each ends with its own result.
-    assert [log.strip().splitlines()[-3].split()[0] for log in logs] == ["RESULT", "RESULT"]
+    assert [log.strip().splitlines()[-5].split()[0] for log in logs] == ["RESULT", "RESULT"]
 
 
 def test_two_runs_on_local_schedulers_wait_for_each_other(mnist_subset, tmp_path):
