@@ -82,3 +82,7 @@ class NoChampion(ChampionError):
 class LineageError(PipelineError, LookupError):
     """A lineage query names no version of the index: no version starts with the id given, several
     do, or no output contains the path given."""
+
+
+class NotBlessed(PipelineError):
+    """A model was required to be blessed, and its verdict does not bless it."""

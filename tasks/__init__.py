@@ -13,7 +13,7 @@ console.set_up()
 from tasks.config import layout, tensorboard
 from tasks.runs import Comparison, RunAll, RunRecord, Sweep
 from tasks.base import PipelineTask, Stage, Step
-from tasks.stages import ConvertShard, Convert, Download, Evaluate, PlanConversion, Predict, Report, Train
+from tasks.stages import Bless, ConvertShard, Convert, Download, Evaluate, PlanConversion, Predict, Report, Train
 
 # luigi.cfg's [core] RPC settings are read by luigi.rpc, and the scheduler address through
 # config_path aliases, not under these names by the `core` config class, which would otherwise
@@ -22,4 +22,4 @@ luigi.interface.core.ignore_unconsumed = {"rpc_connect_timeout", "rpc_retry_atte
                                           "default_scheduler_host", "default_scheduler_port"}
 
 __all__ = ["console", "PipelineTask", "Step", "Stage", "layout", "tensorboard", "Download", "PlanConversion", "ConvertShard",
-           "Convert", "Train", "Evaluate", "Predict", "Report", "RunAll", "RunRecord", "Sweep", "Comparison"]
+           "Convert", "Train", "Evaluate", "Predict", "Report", "Bless", "RunAll", "RunRecord", "Sweep", "Comparison"]

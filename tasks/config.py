@@ -34,7 +34,7 @@ def stage_folder(stage: str, version: str, *, dataset: str = "", model: str = ""
 
     Download and Convert write under data_root, by dataset; Train under results_root, by dataset
     and model; what is made from one training (its evaluations, predictions and run records) in
-    that training's folder (`within`), and a report in its evaluation's. A Comparison writes its
+    that training's folder (`within`), and a report or a blessing in its evaluation's. A Comparison writes its
     files into results_root itself, beside the leaderboard:
 
         Download    <data_root>/raw/<dataset>/<version>
@@ -44,6 +44,7 @@ def stage_folder(stage: str, version: str, *, dataset: str = "", model: str = ""
         Predict     <within: the Train folder>/predict-<version>
         RunRecord   <within: the Train folder>/run-<version>
         Report      <within: the Evaluate folder>/report-<version>
+        Bless       <within: the Evaluate folder>/bless-<version>
         Comparison  <results_root>
 
     A folder per version: a version's output can never be found in another's folder.
@@ -58,6 +59,7 @@ def stage_folder(stage: str, version: str, *, dataset: str = "", model: str = ""
         "Predict": (("within",), (within, f"predict-{version}")),
         "RunRecord": (("within",), (within, f"run-{version}")),
         "Report": (("within",), (within, f"report-{version}")),
+        "Bless": (("within",), (within, f"bless-{version}")),
         "Comparison": ((), (roots.results_root,)),
     }
     if stage not in places:
@@ -89,7 +91,7 @@ def index_folder() -> str:
 
 def entry_patterns() -> list[str]:
     """Where the entry files may lie (see pipeline.index): a version's folder is at most 4
-    levels below results_root (a Report's), 3 below data_root, or, for an output that is a file
+    levels below results_root (a Report's or a Bless's), 3 below data_root, or, for an output that is a file
     (a Comparison's), results_root itself."""
     roots = layout()
     return [storage.join(root, *["*"] * depth, version_index.ENTRY_GLOB)

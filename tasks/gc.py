@@ -3,7 +3,7 @@
 Lists the versions in the index (results/.index) that nothing needs: not in the DAG that `RunAll` would
 run now (luigi.cfg's configuration, the current code and model files), not the newest of their
 configuration (the same stage with the same parameters all the way upstream, differing only in
-code or model file), not among the top N evaluations of the leaderboard, not a report or run
+code or model file), not among the top N evaluations of the leaderboard, not a report, verdict or run
 record of a kept evaluation, and not upstream of a version that is kept. With their sizes.
 Removes them only with --yes, and never a version that a running task is writing into (its stage
 lock is held), nor anything outside data_root and results_root. A missing or damaged index is rebuilt first.
@@ -32,7 +32,7 @@ from tasks.config import index_folder, layout_roots, locks_folders
 AFFECTS_RESULTS = False
 
 # Stages that only describe one evaluation: kept with it, though they are not upstream of it.
-_DESCRIBING = ("Report", "RunRecord")
+_DESCRIBING = ("Report", "Bless", "RunRecord")
 
 
 def _configuration(key: str, index: dict, memo: dict) -> str:

@@ -9,6 +9,7 @@ import luigi
 from luigi.parameter import ParameterVisibility
 from luigi.task_register import Register
 
+from pipeline.blessing import EXAMPLE as THRESHOLDS_EXAMPLE, check_thresholds
 from pipeline.errors import ConfigError
 
 # Parses parameters: the parsed values are in each stage's identity, so how they are parsed
@@ -16,15 +17,20 @@ from pipeline.errors import ConfigError
 AFFECTS_RESULTS = False
 
 
+def _parsed(parse, source: str, name: str, example: str):
+    """`source` parsed by `parse` (a DictParameter's), or ConfigError naming it and an example."""
+    try:
+        return parse(source)
+    except ValueError as error:
+        raise ConfigError(f"{name} {source!r} is not valid JSON ({error}); expected a JSON object such as "
+                          f"{example}") from None
+
+
 class ParamsParameter(luigi.DictParameter):
     """A JSON object on the command line; anything else is refused with the value and an example."""
 
     def parse(self, source):
-        try:
-            value = super().parse(source)
-        except ValueError as error:
-            raise ConfigError(f"--params {source!r} is not valid JSON ({error}); expected a JSON object "
-                              """such as '{"learning_rate": 0.0005}'""") from None
+        value = _parsed(super().parse, source, "--params", """'{"learning_rate": 0.0005}'""")
         if not isinstance(value, Mapping):
             raise ConfigError(f"--params {source!r} is a JSON {type(value).__name__}; expected a JSON object "
                               "of the model's PARAMS keys")
@@ -41,6 +47,15 @@ class GridParameter(ParamsParameter):
             raise ConfigError(f"--grid {source!r}: {', '.join(bad)} must map to a non-empty list of values, as in "
                               """'{"learning_rate": [0.001, 0.003]}'""")
         return grid
+
+
+class ThresholdsParameter(luigi.DictParameter):
+    """Bless's thresholds: a JSON object of metric to bounds, checked as it is parsed (see pipeline.blessing)."""
+
+    def parse(self, source):
+        value = _parsed(super().parse, source, "thresholds", THRESHOLDS_EXAMPLE)
+        check_thresholds(value)
+        return value
 
 
 class UpstreamParameter(luigi.Parameter):

@@ -20,15 +20,16 @@ from typing import Iterator
 
 import luigi
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, NotBlessed
 from pipeline import storage
+from pipeline.blessing import outcome
 from pipeline.storage import TEMP_INFIX, read_json, write_json
 from pipeline.leaderboard import rows_of, write_table
 from pipeline.models import DATASET_PARAMS, declared_param_keys, resolve_model_file
 from tasks.console import note
 from tasks.parameters import GridParameter, UpstreamParameter
 from tasks.base import PipelineTask, Stage, dag, load_board
-from tasks.stages import Convert, Evaluate, Predict, Report, Train
+from tasks.stages import Bless, Convert, Evaluate, Predict, Report, Train
 
 
 class Gathering(PipelineTask):
@@ -67,21 +68,39 @@ def whole_dag(root: luigi.Task) -> Iterator[luigi.Task]:
 
 
 class RunAll(Gathering):
-    """One run: its evaluation, the report of it and batch prediction, for luigi.cfg's
+    """One run: its evaluation, the report of it, its blessing and batch prediction, for luigi.cfg's
     configuration or the Train given; ends with its record (run.json) and its result."""
 
     train = UpstreamParameter(Train, description="The Train stage; by default luigi.cfg's")
+    require_blessed = luigi.BoolParameter(
+        default=False, significant=False,
+        description="Fail (a non-zero exit) when the model is not blessed; without it, a run whose model is not "
+                    "blessed still succeeds, and run.json's blessing says so")
 
-    def stages(self) -> tuple[Evaluate, Report, Predict]:
+    def stages(self) -> tuple[Evaluate, Report, Predict, Bless]:
         evaluate = Evaluate(train=self.train)
-        return evaluate, Report(evaluate=evaluate), Predict(train=self.train)
+        return evaluate, Report(evaluate=evaluate), Predict(train=self.train), Bless(evaluate=evaluate)
 
     def requires(self):
         return list(self.stages())
 
     def closing(self) -> RunRecord:
-        evaluate, report, predict = self.stages()
-        return RunRecord(evaluate=evaluate, report=report, predict=predict)
+        evaluate, report, predict, bless = self.stages()
+        return RunRecord(evaluate=evaluate, report=report, predict=predict, bless=bless)
+
+    def done(self) -> bool:
+        # Not done while a blessing it requires is missing: then run() fails it, saying why.
+        return super().done() and (not self.require_blessed or self.closing().blessing()["blessed"])
+
+    def run(self):
+        yield from super().run()
+        record = self.closing()
+        blessing = record.blessing()
+        if self.require_blessed and not blessing["blessed"]:
+            # Under the record's key: the failure's note takes RunAll's.
+            note(record.task_id, record.result())
+            raise NotBlessed(f"the model of {self.train.directory} is not blessed ({blessing['reason']}), and "
+                             f"--RunAll-require-blessed asks for a blessed one; the verdict: {blessing['path']}")
 
 
 class RunRecord(Stage):
@@ -95,6 +114,7 @@ class RunRecord(Stage):
     evaluate = UpstreamParameter(Evaluate)
     report = UpstreamParameter(Report)
     predict = UpstreamParameter(Predict)
+    bless = UpstreamParameter(Bless)
 
     def where(self):
         return {"within": self.evaluate.train.directory}
@@ -110,15 +130,30 @@ class RunRecord(Stage):
         write_json(self.marker, {
             "result": {key: metrics[key] for key in ("split", "accuracy", "loss", "examples", "global_step")},
             "report": self.report.marker, "predictions": self.predict.marker,
+            "blessing": {**outcome(read_json(self.bless.marker)), "path": self.bless.marker},
             "stages": {task.task_id: {"stage": task.get_task_family(), "version": task.version,
                                       "path": task.directory}
                        for task in self.requires() if isinstance(task, Stage)}})
+
+    def blessing(self) -> dict:
+        """run.json's blessing: blessed, reason, failing, champion (at the check) and the verdict's path."""
+        return read_json(self.marker)["blessing"]
 
     def result(self) -> str:
         record = read_json(self.marker)
         result = record["result"]
         return (f"RESULT {result['split']} accuracy {result['accuracy']:.4f} on {result['examples']} images\n"
-                f"    report:      {record['report']}\n    predictions: {record['predictions']}")
+                f"    {verdict_line(record['blessing'], self.bless.is_champion())}\n"
+                f"    report:      {record['report']}\n    predictions: {record['predictions']}\n"
+                f"    verdict:     {record['blessing']['path']}")
+
+
+def verdict_line(blessing: dict, champion: bool) -> str:
+    """BLESSED, or NOT BLESSED and why (the failing checks, or the reason where none failed); and
+    whether the model is champion now."""
+    verdict = (f"BLESSED: {blessing['reason']}" if blessing["blessed"]
+               else f"NOT BLESSED: {'; '.join(blessing['failing']) or blessing['reason']}")
+    return f"{verdict}{' (CHAMPION)' if champion else ''}"
 
 
 @RunAll.event_handler(luigi.Event.SUCCESS)
@@ -224,10 +259,13 @@ class Comparison(Stage):
         write_table(self.rows(), self.marker, self.page(), f"Sweep {self.version}")
 
     def summary(self) -> str:
+        blessings = {run.train.version: run.closing() for run in self.sweep.requires()}
         lines = [f"SWEEP {len(self.evaluations())} runs, best first ({self.marker}, {storage.name(self.page())}):"]
         for row in self.rows():
+            record = blessings[row["train_version"]]
             lines.append(f"    {row['rank']:>3}. {row['accuracy']:.4f} accuracy  {row['loss']:.4f} loss  "
-                         f"{row['model']:<12} {row['params']}  {row['run']}")
+                         f"{row['model']:<12} {row['params']}  {row['run']}\n"
+                         f"         {verdict_line(record.blessing(), record.bless.is_champion())}")
         return "\n".join(lines)
 
 

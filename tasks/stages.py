@@ -20,7 +20,8 @@ from luigi.parameter import ParameterVisibility
 from luigi.util import inherits
 
 from pipeline import download, storage
-from pipeline.champion import champion_path, require_current
+from pipeline.blessing import bless_evaluation, check_thresholds, outcome
+from pipeline.champion import champion_path, current, require_current
 from pipeline.cluster import NETWORKS, PARAMETER_SERVER, PRIVATE, STRATEGIES, check_network
 from pipeline.convert import (DEFAULT_DECODE_THREADS, DEFAULT_JPEG_QUALITY, IMAGE_FORMATS, PLAN_FILE, SPLITS,
                               finalize_conversion, plan_conversion, report_name, shard_name, shard_paths,
@@ -32,10 +33,10 @@ from pipeline.models import (RUN_CONFIG_KEYS, check_param_overrides, declared_pa
                              resolve_model_file, validate_training_settings)
 from pipeline.runfiles import MODEL_DIR
 from pipeline.versioning import safe_name
-from pipeline.leaderboard import REPORT_KEY, ROW_KEY
-from tasks.config import layout_roots, results_root, tensorboard, tensorboard_url
+from pipeline.leaderboard import BLESSING_KEY, REPORT_KEY, ROW_KEY
+from tasks.config import index_folder, layout_roots, results_root, tensorboard, tensorboard_url
 from tasks.console import note
-from tasks.parameters import ParamsParameter, UpstreamParameter
+from tasks.parameters import ParamsParameter, ThresholdsParameter, UpstreamParameter
 from tasks.progress import TaskProgress
 from tasks.base import PipelineTask, Stage, Step, StorageTarget, folder_id, remove_versions
 
@@ -563,4 +564,57 @@ class Report(Stage):
         entry = super().entry()
         entry[REPORT_KEY] = {"evaluation": self.evaluate.index_key,
                              "link": storage.relative(self.marker, results_root())}
+        return entry
+
+
+class Bless(Stage):
+    """blessing.json: whether an evaluation passes its thresholds, against the champion of its
+    dataset version and split as it is at that moment; a blessed model that ranks above the
+    champion becomes champion (see pipeline.blessing, pipeline.champion)."""
+
+    marker_name = "blessing.json"
+    entry_points = ("pipeline.blessing:bless_evaluation",)
+    evaluate = UpstreamParameter(Evaluate, description="The evaluation checked; by default luigi.cfg's")
+    thresholds = ThresholdsParameter(
+        default={}, description="""JSON object of metric to bounds (min, max, min_change, max_change, """
+                                """min_relative_change, max_relative_change), e.g. '{"accuracy": {"min": 0.95}}'; """
+                                """the change bounds compare with the champion""")
+
+    def validate(self):
+        check_thresholds(self.thresholds)
+
+    def significant_values(self):
+        # As checked: {"min": 1} and {"min": 1.0}, or the same bounds in another order, are one check.
+        return {**super().significant_values(), "thresholds": check_thresholds(self.thresholds)}
+
+    def where(self):
+        return {"within": self.evaluate.directory}
+
+    def also_reads(self):
+        return [self.evaluate.train]
+
+    def champion_path(self) -> str:
+        evaluate = self.evaluate
+        return champion_path(results_root(), self.dataset, evaluate.train.convert.version, evaluate.split)
+
+    def is_champion(self) -> bool:
+        """Whether its model is the champion now (its verdict says whether it was made so)."""
+        champion = current(self.champion_path())
+        return champion is not None and champion["train_version"] == self.evaluate.train.version
+
+    def produce(self):
+        evaluate = self.evaluate
+        train = evaluate.train
+        bless_evaluation(
+            evaluate.marker, self.thresholds,
+            train={"train_version": train.version, "train_path": train.directory,
+                   "export_dir": storage.join(train.directory, read_json(train.marker)["export_dir"]),
+                   "model": Path(train.model_def).stem},
+            champion_path=self.champion_path(), lock_folder=index_folder(), blessing_path=self.marker,
+            context={"evaluation": evaluate.index_key, "train_version": train.version, "dataset": self.dataset,
+                     "data_version": train.convert.version, "split": evaluate.split})
+
+    def entry(self):
+        entry = super().entry()
+        entry[BLESSING_KEY] = {"evaluation": self.evaluate.index_key, **outcome(read_json(self.marker))}
         return entry

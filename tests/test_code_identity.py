@@ -317,7 +317,7 @@ def test_a_star_import_from_outside_counts_by_what_it_binds_not_by_its_source(pa
     assert changed(first, package.identity("a:f")) == {"a:f"}
 
 
-STAGES = ("Download", "Convert", "Train", "Evaluate", "Predict", "Report", "RunRecord", "Comparison")
+STAGES = ("Download", "Convert", "Train", "Evaluate", "Predict", "Report", "Bless", "RunRecord", "Comparison")
 
 
 def stage_codes(source: Path) -> dict[str, dict[str, str]]:
@@ -455,7 +455,7 @@ def index_keys(folder: Path) -> set[str]:
 
 def assert_nothing_runs(folder: Path, config: Path, source: Path) -> None:
     lines = explain(folder, config, "RunAll", source=source)
-    assert lines[-1] == "0 of 15 tasks will run.", "\n".join(lines)
+    assert lines[-1] == "0 of 16 tasks will run.", "\n".join(lines)
     before = snapshot(folder)
     result = run_watched(folder, config, "RunAll", "--local-scheduler", env={"PYTHONPATH": str(source)})
     assert result.returncode == 0 and "ran successfully" not in result.output, result.output[-3000:]
@@ -509,7 +509,7 @@ def test_a_change_to_how_images_are_decoded_reruns_convert_and_what_follows(comp
     assert [line for line in lines if line.startswith("done")] == [line for line in lines
                                                                    if line.startswith("done    Download(")]
     assert to_run(lines) == {"PlanConversion", "ConvertShard", "Convert", "Train", "Evaluate", "Predict", "Report",
-                             "RunRecord", "RunAll"}
+                             "Bless", "RunRecord", "RunAll"}
     assert_named(lines, "Convert", "pipeline.convert._normalised")
 
 

@@ -13,7 +13,7 @@ from tests.conftest import cli_sections, luigi_argv, luigi_env, read_csv, start_
 pytestmark = pytest.mark.slow
 
 STAGES = ("Download", "PlanConversion", "ConvertShard", "Convert", "Train", "Evaluate", "Predict", "Report",
-          "RunRecord")
+          "Bless", "RunRecord")
 
 
 def start_luigi(folder: Path, config: Path, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
@@ -88,7 +88,8 @@ def test_two_configurations_at_once_on_one_central_scheduler_each_get_their_own_
     shared = 1 if differing == "params" else 2  # Download, PlanConversion and Convert
     stages = Counter(family(task) for task in ran)
     assert stages == {"Download": shared, "PlanConversion": shared, "ConvertShard": 6 * shared, "Convert": shared,
-                      "Train": 2, "Evaluate": 2, "Predict": 2, "Report": 2, "RunRecord": 2}
+                      "Train": 2, "Evaluate": 2, "Predict": 2, "Report": 2, "Bless": 2,
+                      "RunRecord": 2}
     results = tmp_path / "results"
     metrics = sorted(results.glob("*/*/evaluate-test-*/metrics.json"))
     assert len(metrics) == 2 and len(list(results.glob("*/*/evaluate-test-*/report-*/report.html"))) == 2
@@ -98,7 +99,7 @@ def test_two_configurations_at_once_on_one_central_scheduler_each_get_their_own_
     datasets = {path.relative_to(results).parts[0] for path in metrics}
     assert datasets == ({"tiny"} if differing == "params" else {"tiny", "tiny2"})
     # Each ends with its own result.
-    assert [log.strip().splitlines()[-3].split()[0] for log in logs] == ["RESULT", "RESULT"]
+    assert [log.strip().splitlines()[-5].split()[0] for log in logs] == ["RESULT", "RESULT"]
 
 
 def test_two_runs_on_local_schedulers_wait_for_each_other(mnist_subset, tmp_path):

@@ -17,7 +17,8 @@ STORY_LINE = re.compile(r"(started|done   ) (\w+@\w+|ConvertShard\(split=\w+, in
                         r"|INFO:tensorflow:Saving dict for global step \d+: .*"
                         # TensorFlow's warnings stay: its exporter meets an export of the same second.
                         r"|WARNING:tensorflow:.*"
-                        r"|RESULT test accuracy [0-9.]+ on 18 images|    (report|predictions): +\S+")
+                        r"|RESULT test accuracy [0-9.]+ on 18 images|    (report|predictions|verdict): +\S+"
+                        r"|    NOT BLESSED: no thresholds set, .*")
 
 
 @pytest.mark.slow
@@ -36,7 +37,7 @@ def test_a_run_prints_one_line_as_each_task_starts_and_ends_and_luigi_chatter_on
     assert set(done) - set(started) == {re.search(r"^done +(RunAll\(.+\)) in ", result.output, re.MULTILINE)[1]}
     families = sorted(re.split(r"[@(]", name)[0] for name in started)
     assert families == sorted(["Download", "PlanConversion", *["ConvertShard"] * 6, "Convert", "Train", "Evaluate",
-                               "Predict", "Report", "RunRecord"]), families
+                               "Predict", "Report", "Bless", "RunRecord"]), families
 
     # Done, the same run is reused; --log-level DEBUG brings back Luigi's lines.
     again = run_watched(tmp_path, config, "RunAll", "--local-scheduler", "--log-level", "DEBUG")
@@ -64,8 +65,8 @@ def test_a_run_refused_by_the_central_scheduler_says_which_tasks_why_and_what_to
                         r"(\d\d:\d\d:\d\d) \(\[scheduler\] disable_persist = 30 s\):", epilogue[1]), epilogue
     assert epilogue[2].strip().startswith(f"{file_server.url('/gone.tar.gz')}: HTTP 404"), epilogue
     waiting = dict(reversed(part.split()) for part in epilogue[3].split("waiting for them: ")[1].split(", "))
-    assert waiting == {"RunAll": "1", "Evaluate": "1", "Report": "1", "Predict": "1", "Train": "1", "Convert": "1",
-                       "ConvertShard": "6", "PlanConversion": "1"}, epilogue
+    assert waiting == {"RunAll": "1", "Evaluate": "1", "Report": "1", "Predict": "1", "Bless": "1", "Train": "1",
+                       "Convert": "1", "ConvertShard": "6", "PlanConversion": "1"}, epilogue
     until = re.search(r"until about (\S+)", epilogue[1])[1]
     assert epilogue[4].startswith(f"What to do: rerun this command after {until} to run the disabled task again"), \
         epilogue

@@ -52,8 +52,9 @@ def test_explain_says_what_will_run_and_why(completed):
 
     nothing = explain(folder, config, "RunAll")
     assert all(line.startswith("done") for line in nothing if line.startswith(("done", "to run")))
-    # Download, PlanConversion, 6 ConvertShard, Convert, Train, Evaluate, Predict, Report, RunAll, RunRecord
-    assert nothing[-1] == "0 of 15 tasks will run."
+    # Download, PlanConversion, 6 ConvertShard, Convert, Train, Evaluate, Predict, Report, Bless, RunAll,
+    # RunRecord
+    assert nothing[-1] == "0 of 16 tasks will run."
 
     params = explain(folder, config, "RunAll", "--Train-params", '{"conv_filters": [8], "dense_units": 32}')
     assert reasons_of(params, "Download") == [] and reasons_of(params, "Convert") == []
@@ -250,7 +251,7 @@ def test_gc_never_lists_the_versions_luigi_cfg_uses_now(edited_model_runs):
     folder, config, model, original, older = edited_model_runs
     # Back to the first model file: its run, complete but older than the edited one's, is the current one.
     model.write_text(original)
-    assert explain(folder, config, "RunAll")[-1] == "0 of 15 tasks will run."
+    assert explain(folder, config, "RunAll")[-1] == "0 of 16 tasks will run."
 
     listed = gc(folder, config, "--keep-top", "0")
     assert listed.returncode == 0, listed.stderr
@@ -258,7 +259,7 @@ def test_gc_never_lists_the_versions_luigi_cfg_uses_now(edited_model_runs):
     assert gc(folder, config, "--keep-top", "0", "--yes").returncode == 0
     assert all(Path(older[stage]["marker"]).is_file()
                for stage in ("Download", "Convert", "Train", "Evaluate", "Predict", "Report", "RunRecord"))
-    assert explain(folder, config, "RunAll")[-1] == "0 of 15 tasks will run."
+    assert explain(folder, config, "RunAll")[-1] == "0 of 16 tasks will run."
 
 
 def test_gc_refuses_when_luigi_cfg_makes_no_run(tmp_path):

@@ -14,11 +14,12 @@ import pytest
 
 from tests.conftest import REPO, cli_sections, tiny_config, write_config
 
-FAMILIES = ("Download", "Convert", "Train", "Evaluate", "Predict", "Report", "RunRecord")
+FAMILIES = ("Download", "Convert", "Train", "Evaluate", "Predict", "Report", "Bless", "RunRecord")
 # Predict does not follow Evaluate; the Report's own Predict follows the evaluation, not Predict's settings.
 DOWNSTREAM = {"Download": set(FAMILIES), "Convert": set(FAMILIES) - {"Download"},
-              "Train": {"Train", "Evaluate", "Predict", "Report", "RunRecord"},
-              "Evaluate": {"Evaluate", "Report", "RunRecord"}, "Predict": {"Predict", "RunRecord"}}
+              "Train": {"Train", "Evaluate", "Predict", "Report", "Bless", "RunRecord"},
+              "Evaluate": {"Evaluate", "Report", "Bless", "RunRecord"}, "Predict": {"Predict", "RunRecord"},
+              "Bless": {"Bless", "RunRecord"}}
 CHANGES = {
     "Download": {"dataset": "other", "source_url": "file:other.tar.gz", "skip_failed_images": "true"},
     "Convert": {"image_size": "32", "channels": "3", "validation_fraction": "0.3", "test_fraction": "0.1",
@@ -28,6 +29,7 @@ CHANGES = {
               "early_stopping_steps": "50", "distribute": "local"},
     "Evaluate": {"split": "validation"},
     "Predict": {"split": "validation", "export": "best"},
+    "Bless": {"thresholds": '{"accuracy": {"min": 0.5}}'},
 }
 # Settings that change how, not what: neither ids nor folders may move.
 INSIGNIFICANT = {"Download": {"parallel_fetches": "2", "timeout_s": "5"}, "Convert": {"decode_threads": "3"},
@@ -37,7 +39,9 @@ INSIGNIFICANT = {"Download": {"parallel_fetches": "2", "timeout_s": "5"}, "Conve
                            "cluster_workers": "3", "strategy": "mirrored",
                            # Where a cluster's roles listen is no part of what they train.
                            "cluster_network": "host"},
-                 "Evaluate": {"batch_size": "7"}, "Predict": {"batch_size": "7"}}
+                 "Evaluate": {"batch_size": "7"}, "Predict": {"batch_size": "7"},
+                 # How the run ends when its model is not blessed, not what any stage makes.
+                 "RunAll": {"require_blessed": "true"}}
 
 
 def graph(luigi_config, sections) -> dict[str, tuple[str, str]]:
@@ -47,9 +51,9 @@ def graph(luigi_config, sections) -> dict[str, tuple[str, str]]:
 
     luigi_config(sections)
     root = RunAll()
-    evaluate, report, predict = root.stages()
+    evaluate, report, predict, bless = root.stages()
     stages = [evaluate.train.convert.download, evaluate.train.convert, evaluate.train, evaluate, predict, report,
-              root.closing()]
+              bless, root.closing()]
     return {task.get_task_family(): (task.task_id, str(task.directory)) for task in stages}
 
 
@@ -73,7 +77,7 @@ def test_each_significant_parameter_moves_its_stage_and_everything_downstream(lu
                                                                              section, key):
     base = graph(luigi_config, base_sections)
     sections = copy.deepcopy(base_sections)
-    sections[section][key] = CHANGES[section][key]
+    sections.setdefault(section, {})[key] = CHANGES[section][key]
     if key == "model_def":
         sections["Train"]["params"] = "{}"  # the tiny config's params are the cnn model's
     assert changed(base, graph(luigi_config, sections)) == DOWNSTREAM[section]
@@ -84,7 +88,7 @@ def test_each_significant_parameter_moves_its_stage_and_everything_downstream(lu
 def test_insignificant_parameters_move_nothing(luigi_config, base_sections, section, key):
     base = graph(luigi_config, base_sections)
     sections = copy.deepcopy(base_sections)
-    sections[section][key] = INSIGNIFICANT[section][key]
+    sections.setdefault(section, {})[key] = INSIGNIFICANT[section][key]
     assert changed(base, graph(luigi_config, sections)) == set()
 
 
@@ -144,6 +148,14 @@ def test_the_layout_roots_are_part_of_the_id_of_the_stages_under_them(luigi_conf
     sections = copy.deepcopy(base_sections)
     sections["layout"][root] = str(tmp_path / "elsewhere")
     assert changed(base, graph(luigi_config, sections)) == moved
+
+
+def test_the_same_thresholds_written_otherwise_are_one_check(luigi_config, base_sections):
+    sections = copy.deepcopy(base_sections)
+    sections["Bless"] = {"thresholds": '{"loss": {"max": 1}, "accuracy": {"max_change": 0.5, "min": 0.5}}'}
+    base = graph(luigi_config, sections)
+    sections["Bless"] = {"thresholds": '{"accuracy": {"min": 0.50, "max_change": 0.5}, "loss": {"max": 1.0}}'}
+    assert changed(base, graph(luigi_config, sections)) == set()
 
 
 def test_the_same_task_built_two_ways_has_one_id(luigi_config, base_sections):

@@ -21,7 +21,7 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
     luigi_config(config)
 
     assert run_tasks(RunAll()) == sorted(["Download", *CONVERT_STEPS, "Train", "Evaluate", "Predict", "Report",
-                                          "RunRecord"])
+                                          "Bless", "RunRecord"])
 
     train = Train()
     model_dir = Path(train.directory) / "model_dir"
@@ -51,7 +51,7 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
 
     index = read_index(str(tmp_path / "results" / INDEX_FOLDER))
     assert sorted(entry["stage"] for entry in index.values()) == sorted(
-        ["Download", "Convert", "Train", "Evaluate", "Predict", "Report", "RunRecord"])
+        ["Download", "Convert", "Train", "Evaluate", "Predict", "Report", "Bless", "RunRecord"])
     assert index[f"Train/{train.version}"]["upstream"] == [f"Convert/{Train().convert.version}"]
     report = Path(Report().marker)
     assert report.parent == Path(Evaluate().directory) / f"report-{Report().version}" and report.name == "report.html"
@@ -72,7 +72,7 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
     # A params change reruns training and what reads it, in new folders beside the old ones.
     config["Train"]["params"] = '{"conv_filters": [8], "dense_units": 24}'
     luigi_config(config)
-    assert run_tasks(RunAll()) == ["Evaluate", "Predict", "Report", "RunRecord", "Train"]
+    assert run_tasks(RunAll()) == ["Bless", "Evaluate", "Predict", "Report", "RunRecord", "Train"]
     assert Path(Train().directory) != Path(train.directory) and Path(train.marker).exists()
     # The rerun above removed the first run's evaluation with its old weights.
     second_run = Path(Train().directory).name
@@ -82,7 +82,8 @@ def test_run_all_writes_every_stage_and_reruns_only_what_changed(luigi_config, m
     # A convert change reruns conversion and everything after it, not the download.
     config["Convert"]["split_seed"] = "8"
     luigi_config(config)
-    assert run_tasks(RunAll()) == sorted([*CONVERT_STEPS, "Train", "Evaluate", "Predict", "Report", "RunRecord"])
+    assert run_tasks(RunAll()) == sorted([*CONVERT_STEPS, "Train", "Evaluate", "Predict", "Report", "Bless",
+                                          "RunRecord"])
     board = read_csv(tmp_path / "results" / "leaderboard.csv")
     assert sorted(row["run"] for row in board) == sorted([second_run, Path(Train().directory).name])
     assert {row["data_version"] for row in board} == {metadata_version, Convert().version}

@@ -105,7 +105,7 @@ def test_a_damaged_or_missing_index_is_rebuilt_by_runs_explain_and_gc(mnist_subs
     folder = results / INDEX_FOLDER
     [train] = [key for key in clean if key.startswith("Train/")]
     train_file = folder / f"{train}.json"
-    assert len(clean) == 7
+    assert len(clean) == 8
 
     shutil.rmtree(folder)
     (results / "leaderboard.json").unlink()
@@ -124,7 +124,7 @@ def test_a_damaged_or_missing_index_is_rebuilt_by_runs_explain_and_gc(mnist_subs
     for damage in ("[1, 2", '{"Train/x": 3}', None):  # not JSON, the wrong shape, missing
         spoil_index(damage)
         explained = command(tmp_path, config, "tasks.explain", "RunAll")
-        assert explained.returncode == 0 and explained.stdout.endswith("0 of 15 tasks will run.\n"), \
+        assert explained.returncode == 0 and explained.stdout.endswith("0 of 16 tasks will run.\n"), \
             explained.stdout + explained.stderr
         assert index_of(results) == clean
         spoil_index(damage)
@@ -145,7 +145,7 @@ def test_a_damaged_or_missing_index_is_rebuilt_by_runs_explain_and_gc(mnist_subs
     assert ended.returncode == 0, ended.output[-3000:]
     index = index_of(results)
     added = sorted(index[key]["stage"] for key in set(index) - set(clean))
-    assert added == ["Evaluate", "Predict", "Report", "RunRecord"] and set(clean) <= set(index)
+    assert added == ["Bless", "Evaluate", "Predict", "Report", "RunRecord"] and set(clean) <= set(index)
     assert_linked_leaderboard(results, 2)
 
 
@@ -167,7 +167,7 @@ def test_a_stage_completed_but_not_indexed_is_indexed_when_found(mnist_subset, t
 
     cut_off()
     explained = command(tmp_path, config, "tasks.explain", "RunAll")
-    assert explained.returncode == 0 and explained.stdout.endswith("0 of 15 tasks will run.\n"), explained.stderr
+    assert explained.returncode == 0 and explained.stdout.endswith("0 of 16 tasks will run.\n"), explained.stderr
     index = index_of(results)
     assert set(index) == set(clean) and index[report]["completed_at"] >= clean[report]["completed_at"]
     assert_linked_leaderboard(results, 1)

@@ -41,7 +41,9 @@ def test_a_sweep_trains_every_variant_on_one_conversion_one_training_at_a_time(t
     summary = log[log.index("RESULT test accuracy"):]
     assert summary.count("RESULT test accuracy") == 4
     comparison_lines = summary[summary.index("SWEEP 4 runs, best first"):].splitlines()
-    assert len(comparison_lines) == 5 and all(" accuracy  " in line for line in comparison_lines[1:])
+    # Each run's row, then its verdict: luigi.cfg here sets no thresholds.
+    assert len(comparison_lines) == 9 and all(" accuracy  " in line for line in comparison_lines[1::2])
+    assert all(line.startswith("         NOT BLESSED: no thresholds set") for line in comparison_lines[2::2])
 
     # In the index, made from the four evaluations, so that gc sees what it needs.
     index = read_index(str(results / INDEX_FOLDER))

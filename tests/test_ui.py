@@ -33,7 +33,7 @@ ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO / "build" / "test-artifac
 # Longer than any step takes on a loaded machine: reached only by a hang.
 HANG_S = 300
 FAMILIES = {"Download", "PlanConversion", "ConvertShard", "Convert", "Train", "Evaluate", "Predict", "Report",
-            "RunAll", "RunRecord"}
+            "Bless", "RunAll", "RunRecord"}
 # The longest a task's details may be in the visualiser's task list: at the test's 1400 px window
 # its Details column wraps at about 40 characters, so a task reads in at most five lines. The
 # longest today is Train's (about 150: its own significant parameters, the model params among
@@ -116,7 +116,7 @@ def test_the_scheduler_shows_significant_parameters_and_upstream_versions(schedu
     # Their own significant parameters, nothing insignificant (batch_size, rerun), and each upstream by version.
     assert by_family["Evaluate"]["params"] == {"split": "test", "upstream": upstream("Train")}
     assert by_family["Report"]["params"] == {"upstream": upstream("Evaluate", "Predict")}
-    assert by_family["RunRecord"]["params"] == {"upstream": upstream("Evaluate", "Report", "Predict")}
+    assert by_family["RunRecord"]["params"] == {"upstream": upstream("Evaluate", "Report", "Predict", "Bless")}
     assert by_family["RunAll"]["display_name"] == f"RunAll(upstream={upstream('Train')})"
     assert by_family["Train"]["params"]["upstream"] == upstream("Convert")
     assert json.loads(by_family["Train"]["params"]["params"]) == {"conv_filters": [8], "dense_units": 16}
@@ -136,7 +136,7 @@ def test_the_scheduler_shows_significant_parameters_and_upstream_versions(schedu
     # The graph follows the stages: the record requires the stages, Convert its shards.
     graph = scheduler_api(scheduled_run.ui, "dep_graph", task_id=scheduled_run.root_id)
     deps = {task["name"]: sorted(graph[dep]["name"] for dep in task["deps"]) for task in graph.values()}
-    assert deps["RunRecord"] == ["Convert", "Download", "Evaluate", "Predict", "Report", "Train"]
+    assert deps["RunRecord"] == ["Bless", "Convert", "Download", "Evaluate", "Predict", "Report", "Train"]
     assert deps["Convert"] == ["ConvertShard"] * 6
 
 
