@@ -3,8 +3,9 @@
 Lists the versions in the index (results/.index) that nothing needs: not in the DAG that `RunAll` would
 run now (luigi.cfg's configuration, the current code and model files), not the newest of their
 configuration (the same stage with the same parameters all the way upstream, differing only in
-code or model file), not among the top N evaluations of the leaderboard, not a report, verdict or run
-record of a kept evaluation, and not upstream of a version that is kept. With their sizes.
+code or model file), not among the top N evaluations of the leaderboard, not a champion's run or
+evaluation (nor those of the champions before it, which `tasks.champion --revoke` steps back to),
+not a report, verdict or run record of a kept evaluation, and not upstream of a version that is kept. With their sizes.
 Removes them only with --yes, and never a version that a running task is writing into (its stage
 lock is held), nor anything outside data_root and results_root. A missing or damaged index is rebuilt first.
 """
@@ -18,6 +19,7 @@ from typing import Any
 import luigi
 from luigi.task_register import TaskClassException
 
+from pipeline.champion import all_pointers
 from pipeline.errors import PipelineError
 from pipeline.index import index_lock, key_of, within
 from pipeline.locks import held_locks
@@ -26,7 +28,7 @@ from pipeline.leaderboard import ROW_KEY, board_of, leaderboard_rows
 from pipeline.versioning import canonical_json
 from tasks.runs import RunAll, whole_dag
 from tasks.base import Stage, load_index, remove_versions
-from tasks.config import index_folder, layout_roots, locks_folders
+from tasks.config import index_folder, layout_roots, locks_folders, results_root
 
 # Lists and removes versions; it makes none (see pipeline.fingerprint).
 AFFECTS_RESULTS = False
@@ -47,6 +49,13 @@ def _configuration(key: str, index: dict, memo: dict) -> str:
 def current_keys() -> set[str]:
     """The index keys of every stage `RunAll` would run now, done or not."""
     return {task.index_key for task in whole_dag(RunAll()) if isinstance(task, Stage)}
+
+
+def champion_keys() -> set[str]:
+    """The index keys of every champion's Train and evaluation, and of the champions' before it."""
+    return {key for pointer in all_pointers(results_root()).values()
+            for record in (pointer["champion"], *pointer["previous"]) if record is not None
+            for key in (f"Train/{record['train_version']}", record["evaluation"])}
 
 
 def kept(index: dict, keep_top: int, current: set[str]) -> set[str]:
@@ -109,6 +118,11 @@ def main(argv: list[str]) -> int:
         # Without it, the versions luigi.cfg uses could be listed: nothing is.
         print(f"error: luigi.cfg does not make a RunAll, so the versions it uses are unknown: {error}",
               file=sys.stderr)
+        return 2
+    try:
+        current |= champion_keys()
+    except PipelineError as error:  # a damaged pointer: its champions are unknown, so nothing is listed
+        print(f"error: {error}", file=sys.stderr)
         return 2
     # Under the index's lock from reading it to the removal: an evaluation or a report completing
     # meanwhile is recorded under it, holding its stage's lock, so it is either in the index read

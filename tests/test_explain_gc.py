@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import fingerprint
+from pipeline import champion, fingerprint
+from pipeline.champion import champion_path
 from pipeline.index import INDEX_FOLDER, index_entry, read_index, record
 from pipeline.locks import file_lock
 from tests.conftest import (REPO, cli_sections, luigi_env, read_csv, run_watched, run_without_tensorflow,
@@ -180,6 +181,36 @@ def test_gc_lists_superseded_runs_outside_the_top_and_removes_them_only_when_ask
     index = read_index(str(results / INDEX_FOLDER))
     assert "Train/v1" not in index and "Evaluate/ev1" not in index and "Train/v2" in index
     assert [row["run"] for row in read_csv(results / "leaderboard.csv")] == ["cnn-v4", "cnn-v2", "cnn-v3"]
+
+
+def test_gc_keeps_the_champion_and_the_champions_before_it(tmp_path):
+    results = tmp_path / "results"
+    config = write_config(tmp_path / "luigi.cfg", tiny_config(tmp_path, (tmp_path / "none.tar.gz").as_uri()))
+    runs = {"v1": ('{"lr": 1}', 0.70, "2026-01-01T00:00:01+00:00"),
+            "v2": ('{"lr": 1}', 0.80, "2026-01-02T00:00:01+00:00"),
+            "v3": ('{"lr": 2}', 0.60, "2026-01-03T00:00:01+00:00"),
+            "v0": ('{"lr": 1}', 0.75, "2026-01-01T00:00:00+00:00")}
+    index = fabricated(results, runs)
+    put_in_index(results, index)
+    pointer = champion_path(str(results), "ds", "c1", "test")
+    for version in ("v0", "v1"):  # v1, superseded by v2, is champion; v0 was before it
+        entry = index[f"Evaluate/e{version}"]
+        champion.force(pointer, str(results / INDEX_FOLDER), champion.candidate(
+            train_version=version, train_path=index[f"Train/{version}"]["path"], export_dir="export/1", model="cnn",
+            evaluation=f"Evaluate/e{version}", accuracy=entry["leaderboard"]["accuracy"], loss=0.3), "chosen")
+
+    listed = gc(tmp_path, config, "--keep-top", "0")
+
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[-1].startswith("0 version(s)"), listed.stdout
+    champion.revoke(pointer, str(results / INDEX_FOLDER), "wrong")
+    champion.revoke(pointer, str(results / INDEX_FOLDER), "wrong too")
+    assert [line.split()[2] for line in gc(tmp_path, config, "--keep-top", "0").stdout.splitlines()[:-1]] == \
+        ["Train/v0", "Train/v1"]
+    Path(pointer).write_text("{")
+    damaged = gc(tmp_path, config, "--keep-top", "0", "--yes")
+    assert damaged.returncode == 2 and damaged.stdout == "" and pointer in damaged.stderr
+    assert (results / "ds" / "cnn-v0").is_dir()
 
 
 def test_gc_never_removes_what_lies_outside_the_roots_whatever_the_index_says(tmp_path):
