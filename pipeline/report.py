@@ -1,9 +1,10 @@
 """Report stage: one self-contained `report.html` per evaluation, readable offline.
 
-It shows the metrics (the pipeline's and the model's own), the confusion matrix, per-class
-precision and recall, the loss and accuracy curves read from the run's TensorBoard event files
-(training, validation during training, and this evaluation), the model file and its code hash,
-the params, the data version, and some misclassified images with their labels. Images and the
+It shows the metrics (the pipeline's and the model's own), the verdict on them (see
+pipeline.blessing), the confusion matrix, per-class precision and recall, the loss and accuracy
+curves read from the run's TensorBoard event files (training, validation during training, and this
+evaluation), the model file and its code hash, the params, the data version, some misclassified
+images with their labels, and the lineage of the verdict (see pipeline.lineage), back to the source. Images and the
 charts (drawn with matplotlib) are inlined as data URIs, so the file can be mailed alone.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import io
 import json
 from typing import Iterable, Mapping, Sequence
 
+from pipeline.blessing import describe
 from pipeline.csvcells import read_record
 from pipeline.evaluation import CONFUSION_MATRIX_PNG
 from pipeline import storage
@@ -107,12 +109,17 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[object]], numeric: boo
 
 
 def render_report(*, title: str, metrics: dict, train: dict, versions: Mapping[str, str], model_sha256: str,
-                  confusion_png: bytes, charts: Mapping[str, bytes], examples: Sequence[dict]) -> str:
+                  confusion_png: bytes, charts: Mapping[str, bytes], examples: Sequence[dict], blessing: Mapping,
+                  lineage: str) -> str:
     """The HTML of one report, from plain values (see `write_report` for where they come from);
-    `charts` maps each chart's title to its PNG."""
+    `charts` maps each chart's title to its PNG, `blessing` is the verdict (blessing.json's content)
+    and `lineage` its lineage as text."""
+    verdict = "BLESSED" if blessing["blessed"] is True else "NOT BLESSED"
     cards = "".join(f'<div class="card">{html.escape(label)}<b>{html.escape(value)}</b></div>' for label, value in (
         ("accuracy", f"{metrics['accuracy']:.4f}"), ("loss", f"{metrics['loss']:.4f}"),
-        ("examples", str(metrics["examples"])), ("global step", str(metrics["global_step"]))))
+        ("examples", str(metrics["examples"])), ("global step", str(metrics["global_step"])), ("verdict", verdict)))
+    checks = _table(("check", "result"), ((describe(check), check["result"]) for check in blessing["checks"]),
+                    numeric=False) if blessing["checks"] else ""
     per_class = _table(("class", "precision", "recall", "F1", "support"),
                        ((name, f"{s['precision']:.4f}", f"{s['recall']:.4f}", f"{s['f1']:.4f}", s["support"])
                         for name, s in metrics["per_class"].items()))
@@ -146,17 +153,23 @@ def render_report(*, title: str, metrics: dict, train: dict, versions: Mapping[s
 <section id="misclassified"><h2>Misclassified {html.escape(metrics['split'])} images (most confident first)</h2>
 <div class="gallery">{gallery}</div></section>
 <section id="run"><h2>Run</h2>{run}<h3>params</h3><pre>{html.escape(json.dumps(train['params'], indent=2, sort_keys=True))}</pre></section>
+<section id="blessing"><h2>Verdict: {verdict}</h2><p>{html.escape(blessing['reason'])}</p>{checks}</section>
+<section id="lineage"><h2>Lineage</h2><pre>{html.escape(lineage)}</pre>
+<p>The same for any output, or what was made from a version: <code>python -m tasks.lineage PATH</code>,
+<code>python -m tasks.lineage --downstream VERSION</code>.</p></section>
 <p><small>Generated {generated}.</small></p>
 </body></html>
 """
 
 
 def write_report(run_dir: str, train_marker: str, metrics_path: str, predictions_csv: str,
-                 shard_files: Sequence[str], report_path: str, *, versions: Mapping[str, str]) -> None:
+                 shard_files: Sequence[str], report_path: str, *, versions: Mapping[str, str], blessing: Mapping,
+                 lineage: str) -> None:
     """Gather one evaluation's results and write its report.html atomically.
 
     `versions` maps stage names to the versions shown (data and run); `shard_files` are the
-    TFRecords of the evaluated split, where misclassified images are read back from.
+    TFRecords of the evaluated split, where misclassified images are read back from; `blessing` and
+    `lineage` are shown as they are given.
     """
     metrics = read_json(metrics_path)
     train = read_json(train_marker)
@@ -177,5 +190,5 @@ def write_report(run_dir: str, train_marker: str, metrics_path: str, predictions
         metrics=metrics, train=train, versions=versions,
         model_sha256=hashlib.sha256(model_source).hexdigest(),
         confusion_png=storage.read_bytes(storage.join(storage.parent(metrics_path), CONFUSION_MATRIX_PNG)),
-        charts=charts, examples=examples)
+        charts=charts, examples=examples, blessing=blessing, lineage=lineage)
     write_bytes(report_path, page.encode("utf-8"))

@@ -34,11 +34,12 @@ from pipeline.models import (RUN_CONFIG_KEYS, check_param_overrides, declared_pa
 from pipeline.runfiles import MODEL_DIR
 from pipeline.versioning import safe_name
 from pipeline.leaderboard import BLESSING_KEY, REPORT_KEY, ROW_KEY
+from pipeline.lineage import lineage, render_lineage
 from tasks.config import index_folder, layout_roots, results_root, tensorboard, tensorboard_url
 from tasks.console import note
 from tasks.parameters import ParamsParameter, ThresholdsParameter, UpstreamParameter
 from tasks.progress import TaskProgress
-from tasks.base import PipelineTask, Stage, Step, StorageTarget, folder_id, remove_versions
+from tasks.base import PipelineTask, Stage, Step, StorageTarget, folder_id, load_index, remove_versions
 
 
 class Download(Stage):
@@ -527,7 +528,8 @@ def _note_predictions(task: Predict) -> None:
 
 
 class Report(Stage):
-    """report.html for an evaluation, beside its metrics.json; the leaderboard links to it."""
+    """report.html for an evaluation, beside its metrics.json, with the verdict on it and its
+    lineage; the leaderboard links to both."""
 
     marker_name = "report.html"
     entry_points = ("pipeline.report:write_report", "pipeline.convert:shard_paths")
@@ -535,10 +537,14 @@ class Report(Stage):
     evaluate = UpstreamParameter(Evaluate, description="The evaluation reported; by default luigi.cfg's")
     predict = UpstreamParameter(description="The predictions its misclassified images come from; by default "
                                             "the final export's on the evaluated split")
+    bless = UpstreamParameter(description="The verdict it shows; by default the evaluation's Bless, with "
+                                          "luigi.cfg's thresholds")
 
     def default_upstream(self, name):
         if name == "predict":
             return Predict(train=self.evaluate.train, input_dir="", split=self.evaluate.split, export="final")
+        if name == "bless":
+            return Bless(evaluate=self.evaluate)
         return super().default_upstream(name)
 
     def where(self):
@@ -558,7 +564,9 @@ class Report(Stage):
         write_report(train.directory, train.marker, evaluate.marker, predict.marker,
                      shard_paths(convert.directory, read_json(convert.marker), evaluate.split), self.marker,
                      versions={"download": convert.download.version, "convert (data)": convert.version,
-                               "train": train.version, "evaluate": evaluate.version})
+                               "train": train.version, "evaluate": evaluate.version},
+                     blessing=read_json(self.bless.marker),
+                     lineage=render_lineage(lineage(load_index(), self.bless.index_key)))
 
     def entry(self):
         entry = super().entry()

@@ -69,9 +69,14 @@ def test_report_escapes_what_it_shows():
                                                                     "support": 2}},
                  "model_metrics": {"<m>": 0.25}},
         versions={"train": "abc"}, model_sha256="0" * 64, confusion_png=b"\x89PNG",
-        charts={}, examples=[])
+        charts={}, examples=[],
+        blessing={"blessed": False, "reason": "failed: <b>", "checks": [
+            {"metric": "<m>", "bound": "min", "limit": 0.5, "value": 0.25, "baseline": None, "result": "fail"}]},
+        lineage="Download d1  results/<i>\n    sha256: 00")
     assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;a&gt;" in page and "&lt;m&gt;" in page
     assert "0.5000" in page and "1.2500" in page and "No misclassified images." in page
+    assert "<b>NOT BLESSED</b>" in page and "failed: &lt;b&gt;" in page and "&lt;m&gt; 0.2500 &lt; min 0.5" in page
+    assert '<section id="lineage">' in page and "results/&lt;i&gt;" in page and "<i>" not in page
 
 
 def evaluation(index: dict, run: str, accuracy: float, loss: float, report: str = "") -> None:
