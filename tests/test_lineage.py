@@ -139,14 +139,14 @@ def test_downstream_lists_every_version_made_from_one_and_no_other(two_runs):
 
     listed = [node["key"] for node in made["downstream"]["downstream"]]
     assert made["lineage"] == [] and made["downstream"]["key"] == f"Convert/{convert['version']}"
-    for stage in ("Train", "Evaluate", "Predict", "Report", "RunRecord"):
+    for stage in ("Train", "Evaluate", "Bless", "Predict", "Report", "RunRecord"):
         assert sorted(key for key in listed if key.startswith(f"{stage}/")) == \
             sorted(f"{stage}/{entry['version']}" for entry in json_files(index / stage)), stage
-    assert len(listed) == len(set(listed)) == 10
-    # Made from one training: its own evaluation, predictions, report and record, none of the other's.
+    assert len(listed) == len(set(listed)) == 12
+    # Made from one training: its own evaluation, verdict, predictions, report and record, none of the other's.
     mine, other = trains
     from_mine = lineage_cli(folder, config, "--downstream", mine["path"]).stdout
-    assert from_mine.startswith(f"{mine['path']} is Train/{mine['version']}; 4 version(s) made from it:")
+    assert from_mine.startswith(f"{mine['path']} is Train/{mine['version']}; 5 version(s) made from it:")
     assert other["path"] not in from_mine and mine["path"] in from_mine.splitlines()[1]
 
 
