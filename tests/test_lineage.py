@@ -214,7 +214,8 @@ def test_a_verdict_a_lost_marker_an_unknown_stage_and_an_ambiguous_prefix(tmp_pa
     bless = evaluation / "bless-bbbbbbbb0001"
     bless.mkdir(parents=True)
     (bless / "blessing.json").write_text(json.dumps({
-        "blessed": False, "reason": "1 check failed", "champion": False,
+        "blessed": False, "reason": "failed: accuracy 0.9000 < min 0.97; skipped: accuracy min_change -0.01 (none)",
+        "champion": False,
         "checks": [{"metric": "accuracy", "bound": "min", "limit": 0.97, "value": 0.9, "baseline": None,
                     "result": "fail"},
                    {"metric": "accuracy", "bound": "min_change", "limit": -0.01, "value": None, "baseline": None,
@@ -237,6 +238,6 @@ def test_a_verdict_a_lost_marker_an_unknown_stage_and_an_ambiguous_prefix(tmp_pa
     assert evaluate["problem"] == f"its marker {evaluation / 'metrics.json'} is missing"
     assert unknown["problem"] == f"its marker {tmp_path / 'shipped' / 'shipped.txt'} is missing"
     text = render_lineage(found)
-    assert "NOT BLESSED: 1 check failed" in text and "failed: accuracy min 0.97 (value 0.9, baseline None)" in text
+    assert "NOT BLESSED: failed: accuracy 0.9000 < min 0.97; skipped: accuracy min_change -0.01 (none)" in text
     assert SECRET not in text + json.dumps(found)
     assert downstream(index, "Evaluate/aaaaaaaa0001") == [(1, "Bless/bbbbbbbb0001"), (2, "Shipped/aaaaaaaa0002")]
