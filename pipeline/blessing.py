@@ -141,9 +141,8 @@ def bless_evaluation(metrics_path: str, thresholds: Mapping, *, train: Mapping, 
     thresholds = check_thresholds(thresholds)
     # Before the lock: a threshold naming a metric the evaluation lacks fails whatever the champion.
     require_metrics(thresholds, metric_values(evaluation))
-    candidate = {**champion.candidate(**train, evaluation=context["evaluation"], accuracy=evaluation["accuracy"],
-                                      loss=evaluation["loss"], blessing=blessing_path),
-                 "metrics": metric_values(evaluation)}
+    candidate = champion.candidate(**train, evaluation=context["evaluation"], metrics=metric_values(evaluation),
+                                   blessing=blessing_path)
     judged, is_champion = champion.promote_if_better(champion_path, lock_folder, candidate,
                                                      lambda baseline: verdict(evaluation, thresholds, baseline))
     blessing = {**judged, "champion": is_champion, "thresholds": thresholds, **context}

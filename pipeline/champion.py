@@ -2,19 +2,20 @@
 
 `<results_root>/.champion/<dataset>/<data_version>/<split>.json` (the pointer) names it: its Train
 version, folder and final export, the evaluation and the check that made it champion, when and
-why. It keeps the champions before it, newest last, for `revoke` to step back to, and every change
-in `history`. It is rewritten whole (a rename, or one PUT on S3) and only under the index's lock,
+why. It keeps the champions before it, newest last, for `revoke` to step back to, every change in
+`history`, and the Train versions revoked: a blessing never crowns those again (a person may,
+with `force`). It is rewritten whole (a rename, or one PUT on S3) and only under the index's lock,
 and every change reads it under that lock: two checks at once never lose an update, and each
 compares with the champion as it is at that moment. Readers need no lock.
 
 A champion record: {"train_version", "train_path", "export_dir", "model", "run", "evaluation",
-"accuracy", "loss", "since", "by" ("bless" or "set"), "reason", "blessing"}.
+"accuracy", "loss", "metrics", "since", "by" ("bless" or "set"), "reason", "blessing"}.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from pipeline import storage
 from pipeline.errors import ChampionError, NoChampion
@@ -22,10 +23,6 @@ from pipeline.index import index_lock
 from pipeline.leaderboard import merit
 from pipeline.storage import read_json, write_json
 from pipeline.versioning import canonical_json, safe_name
-
-# Which model is served, never what any stage computes: no version depends on this module (a
-# Predict from the champion depends on the champion's Train version, as from any Train).
-AFFECTS_RESULTS = False
 
 CHAMPION_FOLDER = ".champion"
 _RECORD_FIELDS = ("train_version", "train_path", "export_dir", "accuracy", "loss")
@@ -37,7 +34,7 @@ def champion_path(results_root: str, dataset: str, data_version: str, split: str
 
 
 def empty_pointer() -> dict:
-    return {"champion": None, "previous": [], "history": []}
+    return {"champion": None, "previous": [], "history": [], "revoked": []}
 
 
 def _is_record(value: Any) -> bool:
@@ -54,8 +51,10 @@ def read_pointer(path: str) -> dict:
         return empty_pointer()
     except ValueError as error:
         raise ChampionError(f"{path}: not a champion pointer ({error}); restore it or remove it") from None
+    if isinstance(pointer, dict):
+        pointer.setdefault("revoked", [])
     if not (isinstance(pointer, dict) and isinstance(pointer.get("previous"), list)
-            and isinstance(pointer.get("history"), list)
+            and isinstance(pointer.get("history"), list) and isinstance(pointer["revoked"], list)
             and (pointer.get("champion") is None or _is_record(pointer["champion"]))
             and all(map(_is_record, pointer["previous"]))):
         raise ChampionError(f"{path}: not a champion pointer (expected champion, previous and history, "
@@ -76,13 +75,14 @@ def require_current(path: str, how_to_make_one: str) -> dict:
     return champion
 
 
-def candidate(*, train_version: str, train_path: str, export_dir: str, model: str, evaluation: str,
-              accuracy: float, loss: float, blessing: str | None = None) -> dict:
+def candidate(*, train_version: str, train_path: str, export: str, model: str, evaluation: str,
+              metrics: Mapping[str, float], blessing: str | None = None) -> dict:
     """A champion record before it is crowned: the Train (its folder as the pipeline names it, and its
-    final export's folder), the evaluation that ranks it, and the blessing that let it in, if one did."""
-    return {"train_version": train_version, "train_path": train_path, "export_dir": export_dir, "model": model,
-            "run": storage.name(train_path), "evaluation": evaluation, "accuracy": accuracy, "loss": loss,
-            "blessing": blessing}
+    final export, relative to that folder, as train.json names it), the evaluation that ranks it and
+    its metrics (change bounds compare with them), and the blessing that let it in, if one did."""
+    return {"train_version": train_version, "train_path": train_path, "export_dir": storage.join(train_path, export),
+            "model": model, "run": storage.name(train_path), "evaluation": evaluation,
+            "accuracy": metrics["accuracy"], "loss": metrics["loss"], "metrics": dict(metrics), "blessing": blessing}
 
 
 def ranks_above(candidate: dict, champion: dict) -> bool:
@@ -128,14 +128,16 @@ def promote_if_better(path: str, lock_folder: str, candidate: dict,
 
     `judge(baseline)` returns the verdict, a dict with "blessed"; the baseline is the champion, or,
     where the candidate already is champion (its check was cut off after it was crowned), the one
-    it replaced, so that a check made again gives the same verdict. Returns (verdict, whether the
-    candidate is champion afterwards)."""
+    it replaced, so that a check made again gives the same verdict. A model once revoked is not
+    crowned again by a check (a person may `force` it back). Returns (verdict, whether the candidate
+    is champion afterwards)."""
     with _changing(path, lock_folder) as pointer:
         champion = pointer["champion"]
         if _same_model(champion, candidate):
             return judge(pointer["previous"][-1] if pointer["previous"] else None), True
         verdict = judge(champion)
-        crowned = verdict["blessed"] and (champion is None or ranks_above(candidate, champion))
+        crowned = (verdict["blessed"] and candidate["train_version"] not in pointer["revoked"]
+                   and (champion is None or ranks_above(candidate, champion)))
         if crowned:
             _crown(pointer, candidate, "bless", verdict.get("reason", ""))
         return verdict, crowned
@@ -149,6 +151,7 @@ def force(path: str, lock_folder: str, candidate: dict, reason: str) -> dict:
     with _changing(path, lock_folder) as pointer:
         if _same_model(pointer["champion"], candidate):
             raise ChampionError(f"{candidate['train_path']} is already the champion ({path})")
+        pointer["revoked"] = [version for version in pointer["revoked"] if version != candidate["train_version"]]
         _crown(pointer, candidate, "set", reason)
         return pointer
 
@@ -161,6 +164,7 @@ def revoke(path: str, lock_folder: str, reason: str) -> dict:
             raise NoChampion(f"no champion to revoke at {path}")
         pointer["champion"] = pointer["previous"].pop() if pointer["previous"] else None
         restored = pointer["champion"]
+        pointer["revoked"].append(revoked["train_version"])
         pointer["history"].append({"at": _now(), "action": "revoke", "train_version": revoked["train_version"],
                                    "reason": reason, "restored": restored and restored["train_version"]})
         return pointer

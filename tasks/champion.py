@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from pipeline import champion, storage
+from pipeline.blessing import metric_values
 from pipeline.convert import SPLITS
 from pipeline.errors import ChampionError, PipelineError
 from pipeline.index import key_of
@@ -67,11 +68,10 @@ def candidate_of(index: dict, run: str, split: str) -> tuple[str, dict]:
     """The pointer `run` would be champion of on `split`, and its champion record."""
     train = train_entry(index, run)
     evaluation = evaluation_of(index, train, split)
-    metrics = read_json(evaluation["marker"])
     record = champion.candidate(
-        train_version=train["version"], train_path=train["path"], export_dir=read_json(train["marker"])["export_dir"],
+        train_version=train["version"], train_path=train["path"], export=read_json(train["marker"])["export_dir"],
         model=Path(train["identity"]["params"]["model_def"]).stem, evaluation=key_of(evaluation),
-        accuracy=metrics["accuracy"], loss=metrics["loss"])
+        metrics=metric_values(read_json(evaluation["marker"])))
     path = champion.champion_path(results_root(), train["dataset"], train["identity"]["upstream"]["convert"], split)
     return path, record
 

@@ -616,8 +616,7 @@ class Bless(Stage):
         bless_evaluation(
             evaluate.marker, self.thresholds,
             train={"train_version": train.version, "train_path": train.directory,
-                   "export_dir": storage.join(train.directory, read_json(train.marker)["export_dir"]),
-                   "model": Path(train.model_def).stem},
+                   "export": read_json(train.marker)["export_dir"], "model": Path(train.model_def).stem},
             champion_path=self.champion_path(), lock_folder=index_folder(), blessing_path=self.marker,
             context={"evaluation": evaluate.index_key, "train_version": train.version, "dataset": self.dataset,
                      "data_version": train.convert.version, "split": evaluate.split})

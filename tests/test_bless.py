@@ -113,7 +113,7 @@ def test_a_check_cut_off_after_the_pointer_gives_the_same_verdict_again(tmp_path
 
     def bless(blessing: Path) -> dict:
         return bless_evaluation(str(metrics), {"accuracy": {"min_change": 0.05}},
-                                train={"train_version": "t1", "train_path": "b", "export_dir": "b/e", "model": "cnn"},
+                                train={"train_version": "t1", "train_path": "b", "export": "e", "model": "cnn"},
                                 champion_path=pointer, lock_folder=str(tmp_path / "index"),
                                 blessing_path=str(blessing), context={"evaluation": "Evaluate/e1"})
 

@@ -25,8 +25,23 @@ ACCURACIES = (0.91, 0.97, 0.93, 0.95, 0.90)
 
 def record(version: str, accuracy: float, train_path: str = "") -> dict:
     return champion.candidate(train_version=version, train_path=train_path or f"results/tiny/cnn-{version}",
-                              export_dir="export/1", model="cnn", evaluation=f"Evaluate/e{version}",
-                              accuracy=accuracy, loss=1 - accuracy)
+                              export="export/1", model="cnn", evaluation=f"Evaluate/e{version}",
+                              metrics={"accuracy": accuracy, "loss": 1 - accuracy})
+
+
+def test_a_revoked_model_is_not_crowned_again_by_a_check_only_by_a_person(tmp_path):
+    pointer, lock = str(tmp_path / "champion.json"), str(tmp_path / ".index")
+
+    def blessed(baseline):
+        return {"blessed": True}
+
+    assert champion.promote_if_better(pointer, lock, record("t1", 0.9), blessed)[1]
+    champion.revoke(pointer, lock, "it mislabels sevens")
+
+    assert champion.promote_if_better(pointer, lock, record("t1", 0.9), blessed) == ({"blessed": True}, False)
+    assert champion.current(pointer) is None and champion.read_pointer(pointer)["revoked"] == ["t1"]
+    champion.force(pointer, lock, record("t1", 0.9), "fixed upstream")
+    assert champion.current(pointer)["train_version"] == "t1" and champion.read_pointer(pointer)["revoked"] == []
 
 
 def promote(path: str, lock_folder: str, version: str, accuracy: float, start, crowned) -> None:
@@ -162,7 +177,9 @@ def test_set_show_and_revoke_through_the_command(no_champion):
     assert {key: pointer["champion"][key] for key in ("train_version", "train_path", "by", "reason", "accuracy")} == {
         "train_version": a["version"], "train_path": a["path"], "by": "set", "reason": "the smaller model",
         "accuracy": metrics["accuracy"]}
-    assert Path(folder, a["path"], pointer["champion"]["export_dir"], "saved_model.pb").is_file()
+    assert pointer["champion"]["export_dir"].startswith(a["path"] + "/export/")
+    assert Path(folder, pointer["champion"]["export_dir"], "saved_model.pb").is_file()
+    assert set(pointer["champion"]["metrics"]) >= {"accuracy", "loss", "examples"}
 
     by_version = champion_command(folder, config, "--set", b["version"], "--reason", "the configured one")
     assert by_version.returncode == 0, by_version.stderr

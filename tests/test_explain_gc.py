@@ -196,8 +196,9 @@ def test_gc_keeps_the_champion_and_the_champions_before_it(tmp_path):
     for version in ("v0", "v1"):  # v1, superseded by v2, is champion; v0 was before it
         entry = index[f"Evaluate/e{version}"]
         champion.force(pointer, str(results / INDEX_FOLDER), champion.candidate(
-            train_version=version, train_path=index[f"Train/{version}"]["path"], export_dir="export/1", model="cnn",
-            evaluation=f"Evaluate/e{version}", accuracy=entry["leaderboard"]["accuracy"], loss=0.3), "chosen")
+            train_version=version, train_path=index[f"Train/{version}"]["path"], export="export/1", model="cnn",
+            evaluation=f"Evaluate/e{version}", metrics={"accuracy": entry["leaderboard"]["accuracy"], "loss": 0.3}),
+            "chosen")
 
     listed = gc(tmp_path, config, "--keep-top", "0")
 
