@@ -117,6 +117,29 @@ def _entry_at(location: str, key: str) -> Any:
     return value if _is_entry(key, value) else _DAMAGED
 
 
+class EntriesByKey(Mapping):
+    """The index at `folder` as a mapping that reads an entry when it is first asked for (one read),
+    so that following a version's upstream keys reads those entries alone; only iterating it reads
+    the whole index."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._read: dict[str, dict | None] = {}
+
+    def __getitem__(self, key: str) -> dict:
+        if key not in self._read:
+            self._read[key] = read_entry(self.folder, key)
+        if self._read[key] is None:
+            raise KeyError(key)
+        return self._read[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(load_index(self.folder))
+
+    def __len__(self) -> int:
+        return len(load_index(self.folder))
+
+
 def read_entry(folder: str, key: str) -> dict | None:
     """The indexed entry of `key`, or None when the index lacks it or holds it damaged: one read."""
     found = _entry_at(entry_location(folder, key), key)

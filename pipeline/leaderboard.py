@@ -89,10 +89,13 @@ def leaderboard_rows(board: Mapping[str, dict]) -> list[dict]:
     return rows_of(board, list(board["rows"]))
 
 
-def rows_of(board: Mapping[str, dict], keys: Iterable[str]) -> list[dict]:
-    """The rows of the evaluations `keys`, each with the newest verdict on it and linking the
-    newest report of it and the lineage there, ranked."""
-    reports, blessings = _newest(board["reports"]), _newest(board["blessings"])
+def rows_of(board: Mapping[str, dict], keys: Iterable[str], verdicts: Mapping[str, bool] | None = None) -> list[dict]:
+    """The rows of the evaluations `keys`, each with the newest verdict on it (or, where given, its
+    verdict in `verdicts`: evaluation key to blessed) and linking the newest report of it and the
+    lineage there, ranked."""
+    reports = _newest(board["reports"])
+    blessings = {**_newest(board["blessings"]),
+                 **{key: {"blessed": blessed} for key, blessed in (verdicts or {}).items()}}
 
     def joined(key: str) -> dict:
         row = dict(board["rows"][key])

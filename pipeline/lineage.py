@@ -24,9 +24,6 @@ from pipeline.errors import LineageError
 from pipeline.runfiles import MODEL_DIR, MODEL_FILE
 from pipeline.versioning import version_of
 
-# Describes what was made, never makes anything (see pipeline.fingerprint).
-AFFECTS_RESULTS = False
-
 # Fewer hex digits would often name several versions at once.
 MIN_PREFIX = 8
 _VERSION = re.compile(rf"^(?:(?P<stage>[A-Za-z][A-Za-z0-9_]*)/)?(?P<version>[0-9a-f]{{{MIN_PREFIX},}})$")
@@ -37,6 +34,8 @@ _EVALUATION_FIELDS = ("split", "accuracy", "loss", "examples", "global_step")
 def find(index: Mapping[str, dict], argument: str) -> str:
     """The index key of the version `argument` names (see the module's docstring); LineageError
     when none does, or when a version prefix names several."""
+    if argument in index:  # a key: found without reading the whole index
+        return argument
     named = _VERSION.match(argument)
     if named and not _exists_locally(argument):
         stage, version = named.group("stage"), named.group("version")

@@ -119,15 +119,15 @@ def main(argv: list[str]) -> int:
         print(f"error: luigi.cfg does not make a RunAll, so the versions it uses are unknown: {error}",
               file=sys.stderr)
         return 2
-    try:
-        current |= champion_keys()
-    except PipelineError as error:  # a damaged pointer: its champions are unknown, so nothing is listed
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     # Under the index's lock from reading it to the removal: an evaluation or a report completing
     # meanwhile is recorded under it, holding its stage's lock, so it is either in the index read
-    # or a running task's, and the run holding it is kept.
+    # or a running task's, and the run holding it is kept. A champion is crowned under it too.
     with index_lock(index_folder()):
+        try:
+            current |= champion_keys()
+        except PipelineError as error:  # a damaged pointer: its champions are unknown, so nothing is listed
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         found, refused = garbage(load_index(), args.keep_top, current, layout_roots())
         for entry in refused:
             print(f"refused {key_of(entry)} {entry['path']}: outside data_root and results_root")

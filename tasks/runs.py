@@ -20,7 +20,7 @@ from typing import Iterator
 
 import luigi
 
-from pipeline.errors import ConfigError, NotBlessed
+from pipeline.errors import ChampionError, ConfigError, NotBlessed
 from pipeline import storage
 from pipeline.blessing import outcome
 from pipeline.storage import TEMP_INFIX, read_json, write_json
@@ -143,17 +143,26 @@ class RunRecord(Stage):
         record = read_json(self.marker)
         result = record["result"]
         return (f"RESULT {result['split']} accuracy {result['accuracy']:.4f} on {result['examples']} images\n"
-                f"    {verdict_line(record['blessing'], self.bless.is_champion())}\n"
+                f"    {verdict_line(record['blessing'], champion_mark(self.bless))}\n"
                 f"    report:      {record['report']}\n    predictions: {record['predictions']}\n"
                 f"    verdict:     {record['blessing']['path']}")
 
 
-def verdict_line(blessing: dict, champion: bool) -> str:
+def verdict_line(blessing: dict, champion: str) -> str:
     """BLESSED, or NOT BLESSED and why (the failing checks, or the reason where none failed); and
     whether the model is champion now."""
     verdict = (f"BLESSED: {blessing['reason']}" if blessing["blessed"]
                else f"NOT BLESSED: {'; '.join(blessing['failing']) or blessing['reason']}")
-    return f"{verdict}{' (CHAMPION)' if champion else ''}"
+    return f"{verdict}{champion}"
+
+
+def champion_mark(bless: Bless) -> str:
+    """The mark of a model that is champion now, after its verdict; a damaged pointer is said, not
+    raised: the result is printed from an event handler, whose exceptions Luigi only logs."""
+    try:
+        return " (CHAMPION)" if bless.is_champion() else ""
+    except ChampionError as error:
+        return f" (champion unknown: {error})"
 
 
 @RunAll.event_handler(luigi.Event.SUCCESS)
@@ -218,10 +227,15 @@ class Comparison(Stage):
     def evaluations(self) -> list[Evaluate]:
         return [run.stages()[0] for run in self.sweep.requires()]
 
+    def verdicts(self) -> list[Bless]:
+        return [run.stages()[3] for run in self.sweep.requires()]
+
     def upstream_versions(self):
         # Sorted, as the Sweep's id sorts its runs: the same grid in another order is the same sweep.
-        return {f"run{number}": version
-                for number, version in enumerate(sorted(evaluate.version for evaluate in self.evaluations()))}
+        # Its page shows each run's verdict: other thresholds, another comparison.
+        return {f"{name}{number}": version for name, stages in (("run", self.evaluations()),
+                                                                 ("verdict", self.verdicts()))
+                for number, version in enumerate(sorted(stage.version for stage in stages))}
 
     @property
     def dataset(self):
@@ -248,11 +262,14 @@ class Comparison(Stage):
         return stages_of(*self.sweep.requires())
 
     def upstream_keys(self):
-        # The evaluations it compares: the Sweep itself is no stage.
-        return sorted(evaluate.index_key for evaluate in self.evaluations())
+        # The evaluations it compares and the verdicts it shows: the Sweep itself is no stage.
+        return sorted(stage.index_key for stage in (*self.evaluations(), *self.verdicts()))
 
     def rows(self) -> list[dict]:
-        return rows_of(load_board(), [evaluate.index_key for evaluate in self.evaluations()])
+        # Its own verdicts, not the newest on the board: another sweep may have checked the same
+        # evaluations against other thresholds since.
+        verdicts = {bless.evaluate.index_key: read_json(bless.marker)["blessed"] for bless in self.verdicts()}
+        return rows_of(load_board(), [evaluate.index_key for evaluate in self.evaluations()], verdicts)
 
     def produce(self):
         # The page is written first: the CSV, written last, is the marker.
@@ -265,7 +282,7 @@ class Comparison(Stage):
             record = blessings[row["train_version"]]
             lines.append(f"    {row['rank']:>3}. {row['accuracy']:.4f} accuracy  {row['loss']:.4f} loss  "
                          f"{row['model']:<12} {row['params']}  {row['run']}\n"
-                         f"         {verdict_line(record.blessing(), record.bless.is_champion())}")
+                         f"         {verdict_line(record.blessing(), champion_mark(record.bless))}")
         return "\n".join(lines)
 
 

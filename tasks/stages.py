@@ -26,8 +26,9 @@ from pipeline.cluster import NETWORKS, PARAMETER_SERVER, PRIVATE, STRATEGIES, ch
 from pipeline.convert import (DEFAULT_DECODE_THREADS, DEFAULT_JPEG_QUALITY, IMAGE_FORMATS, PLAN_FILE, SPLITS,
                               finalize_conversion, plan_conversion, report_name, shard_name, shard_paths,
                               validate_conversion_params, write_shard)
-from pipeline.errors import ConfigError, StageOutputError
+from pipeline.errors import ChampionError, ConfigError, StageOutputError
 from pipeline.fingerprint import normalised_source
+from pipeline.index import EntriesByKey, read_entry, within
 from pipeline.storage import TEMP_INFIX, read_json
 from pipeline.models import (RUN_CONFIG_KEYS, check_param_overrides, declared_param_keys, require_positive,
                              resolve_model_file, validate_training_settings)
@@ -360,22 +361,33 @@ class ChampionTrain(PipelineTask):
     standing in for it: its version, folder, marker and Convert, so that a stage made from it (a
     Predict) has the version and folder it would have made from that Train itself.
 
-    The champion is looked up as the task is made, so that without one the command fails as it
-    starts, and is kept in its parameters (`version`, `directory`): a worker that rebuilds the task
-    from them (see UpstreamParameter) uses that champion, even if another was crowned since."""
+    `current` looks the champion up as the task is made, so that without one the command fails as
+    it starts, and keeps it in the task's parameters (`version`, `directory`): a worker that
+    rebuilds the task from them (see UpstreamParameter) uses that champion, even if another was
+    crowned since, and Luigi's cache of tasks made in one process never hands back an older one."""
 
     convert = UpstreamParameter(Convert, description="The Convert whose dataset version's champion is used; by "
                                                      "default luigi.cfg's")
     split = luigi.ChoiceParameter(choices=SPLITS, description="The split the champion was ranked on")
-    version = luigi.Parameter(default="", description="The champion's Train version; by default the current "
-                                                      "champion's")
-    directory = luigi.Parameter(default="", description="The champion's Train folder, with its version")
+    version = luigi.Parameter(description="The champion's Train version")
+    directory = luigi.Parameter(description="The champion's Train folder, with its version")
+
+    @classmethod
+    def current(cls, split: str) -> ChampionTrain:
+        """The champion now of luigi.cfg's Convert on `split`."""
+        convert = Convert()
+        record = require_current(champion_path(results_root(), convert.dataset, convert.version, split),
+                                 HOW_TO_MAKE_A_CHAMPION)
+        return cls(convert=convert, split=split, version=record["train_version"], directory=record["train_path"])
 
     def validate(self):
-        if not self.version:
-            champion = require_current(self.pointer(), HOW_TO_MAKE_A_CHAMPION)
-            self.version = self.param_kwargs["version"] = champion["train_version"]
-            self.directory = self.param_kwargs["directory"] = champion["train_path"]
+        # The pointer is a file in the results, which whoever may write there could plant: it may
+        # name only a Train the index holds, at its own folder, within results_root.
+        entry = read_entry(index_folder(), self.index_key)
+        if entry is None or entry["path"] != self.directory or not within(self.directory, [results_root()]):
+            raise ChampionError(f"{self.pointer()}: its champion, {self.index_key} at {self.directory}, is no Train "
+                                f"the index ({index_folder()}) holds at that folder within results_root; step back "
+                                "(python -m tasks.champion --revoke --reason TEXT) or set another champion")
 
     def pointer(self) -> str:
         convert = self.convert
@@ -476,7 +488,7 @@ class Predict(Stage):
     def default_upstream(self, name):
         if name == "train" and self.model == "champion":
             # Ranked on the split Evaluate is given (by luigi.cfg or the command line), as RunAll's are.
-            return ChampionTrain(split=Evaluate.split.task_value(Evaluate.get_task_family(), "split"))
+            return ChampionTrain.current(Evaluate.split.task_value(Evaluate.get_task_family(), "split"))
         return super().default_upstream(name)
 
     def validate(self):
@@ -566,7 +578,7 @@ class Report(Stage):
                      versions={"download": convert.download.version, "convert (data)": convert.version,
                                "train": train.version, "evaluate": evaluate.version},
                      blessing=read_json(self.bless.marker),
-                     lineage=render_lineage(lineage(load_index(), self.bless.index_key)))
+                     lineage=render_lineage(lineage(EntriesByKey(index_folder()), self.bless.index_key)))
 
     def entry(self):
         entry = super().entry()
@@ -611,6 +623,11 @@ class Bless(Stage):
         return champion is not None and champion["train_version"] == self.evaluate.train.version
 
     def produce(self):
+        if self.rerun:
+            # What shows the old verdict goes (its reports, run records, sweep comparisons): they
+            # are made again from the new one.
+            remove_versions(entry["path"] for entry in load_index().values()
+                            if self.index_key in entry.get("upstream", ()))
         evaluate = self.evaluate
         train = evaluate.train
         bless_evaluation(

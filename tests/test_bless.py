@@ -16,6 +16,7 @@ import pytest
 from pipeline import champion
 from pipeline.blessing import NO_THRESHOLDS, bless_evaluation, check_thresholds, verdict
 from pipeline.errors import ConfigError
+from pipeline.index import INDEX_FOLDER
 from pipeline.leaderboard import merit
 from tests.conftest import (REPO, cli_sections, luigi_env, make_mnist_subset, run_watched, start_watched,
                             write_config)
@@ -205,7 +206,7 @@ def test_a_threshold_that_fails_says_not_blessed_and_the_run_still_succeeds(site
     result = site.luigi("RunAll", "--Bless-thresholds", FAILING)
 
     assert result.returncode == 0, result.output[-4000:]
-    assert started(result.output) == ["Bless", "RunRecord"], "only the check is made again"
+    assert started(result.output) == ["Bless", "Report", "RunRecord"], "only the check, and what shows it, again"
     blessing_path = verdict_path(result.output)
     blessing = json.loads(blessing_path.read_text())
     accuracy = blessing["checks"][0]["value"]
@@ -297,3 +298,28 @@ def test_the_docs_blessing_commands_work_as_written(site, first_run):
             assert blessed or "FAILED RunAll(" in output, output[-3000:]
         else:
             assert result.returncode == 0, output[-3000:]
+
+
+@pytest.mark.slow
+def test_a_check_made_again_leaves_nothing_showing_the_old_verdict(site, first_run):
+    """--Bless-rerun checks against the champion of that moment: the run's record, its report, its
+    RESULT and --RunAll-require-blessed all follow the new verdict."""
+    # Last in this file: it crowns a model that is no run, then revokes it.
+    strict = '{"accuracy": {"min_change": 0}}'
+    assert site.luigi("RunAll", "--Bless-thresholds", strict).returncode == 0
+    [pointer_path] = (site.folder / "results" / champion.CHAMPION_FOLDER).glob("tiny/*/test.json")
+    lock = str(site.folder / "results" / INDEX_FOLDER)
+    better = champion.candidate(train_version="t9", train_path=str(site.folder / "results" / "tiny" / "cnn-t9"),
+                                export="export/1", model="cnn", evaluation="Evaluate/e9",
+                                metrics={"accuracy": 1.0, "loss": 0.0})
+    champion.force(str(pointer_path), lock, better, "a better model, for the test")
+
+    again = site.luigi("RunAll", "--Bless-thresholds", strict, "--Bless-rerun", "--RunAll-require-blessed")
+
+    assert again.returncode == 30 and "FAILED RunAll(" in again.output, again.output[-3000:]
+    assert {"Bless", "Report", "RunRecord"} <= set(started(again.output)), again.output[-3000:]
+    blessing_path = verdict_path(again.output)
+    assert record_of(blessing_path)["blessing"]["blessed"] is False
+    [report] = blessing_path.parents[1].glob("report-*/report.html")
+    assert "<h2>Verdict: NOT BLESSED</h2>" in report.read_text()
+    champion.revoke(str(pointer_path), lock, "the test is done")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import champion, storage
+from pipeline import champion, index, storage
 from pipeline.errors import ChampionError, NoChampion, StageOutputError
 from pipeline.index import INDEX_FOLDER, read_index
 from tests.conftest import (REPO, cli_sections, luigi_env, run_watched, run_without_tensorflow, tiny_config,
@@ -102,6 +102,9 @@ def test_predict_from_the_champion_stands_on_its_train_and_travels_with_it(luigi
     path = champion.champion_path(results_root(), "tiny", convert.version, "test")
     train_path = str(tmp_path / "results" / "tiny" / "cnn-t1")
     champion.force(path, index_folder(), record("t1", 0.9, train_path), "a person chose it")
+    with pytest.raises(ChampionError, match="is no Train the index"):  # not indexed yet
+        Predict(model="champion", input_dir=str(tmp_path / "images"))
+    index.record(index_folder(), index.index_entry("Train", "t1", train_path, {}))
     predict = Predict(model="champion", input_dir=str(tmp_path / "images"))
 
     train = predict.train
@@ -115,6 +118,14 @@ def test_predict_from_the_champion_stands_on_its_train_and_travels_with_it(luigi
     assert not train.complete()
     with pytest.raises(StageOutputError, match=re.escape(f"{train_path}/train.json")):
         train.run()
+
+    # A planted pointer may not send Predict outside results_root, nor to a folder the index does not give its Train.
+    for indexed, planted in (("/etc", "/etc"), (str(tmp_path / "results" / "tiny" / "cnn-t2"), train_path)):
+        index.record(index_folder(), index.index_entry("Train", "t2", indexed, {}))
+        champion.force(path, index_folder(), record("t2", 0.95, planted), "planted")
+        with pytest.raises(ChampionError, match=re.escape(f"Train/t2 at {planted}, is no Train the index")):
+            Predict(model="champion", input_dir=str(tmp_path / "other"))
+        champion.revoke(path, index_folder(), "planted")
 
     # The champion of the split Evaluate is given: none was set on the validation split.
     luigi_config({**tiny_config(tmp_path, "file:unused.tar.gz"), "Evaluate": {"split": "validation"}})
