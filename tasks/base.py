@@ -178,6 +178,9 @@ class Step(PipelineTask):
                                             "upstream stages are left as they are")
     # Whether produce() uses TensorFlow.
     uses_tensorflow: ClassVar[bool] = False
+    # Whether this step's --rerun remakes, in the same run, the steps that show its output (a
+    # verdict made again is shown again); otherwise they are left as they are.
+    rerun_remakes_downstream: ClassVar[bool] = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -188,9 +191,18 @@ class Step(PipelineTask):
         return _short_hash(location(self.output().path))
 
     def done(self) -> bool:
-        """Whether the output is there (and, under --rerun, rewritten since scheduling); no side effects."""
+        """Whether the output is there (and, rerun, rewritten since scheduling); no side effects."""
         path = self.output().path
-        return storage.written_since(path, self._scheduled_ns) if self.rerun else storage.exists(path)
+        return storage.written_since(path, self._scheduled_ns) if self.rerunning() else storage.exists(path)
+
+    def rerunning(self) -> bool:
+        """Whether this step is made again in this run: under its --rerun, or that of a step it shows."""
+        return self.rerun or any(isinstance(task, Step) and task.rerun and task.rerun_remakes_downstream
+                                 for task in self.shows())
+
+    def shows(self) -> list[luigi.Task]:
+        """The tasks whose output this step's output shows: by default, its upstream tasks."""
+        return self.upstream()
 
     def complete(self) -> bool:
         done = self.done()

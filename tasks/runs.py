@@ -230,6 +230,9 @@ class Comparison(Stage):
     def verdicts(self) -> list[Bless]:
         return [run.stages()[3] for run in self.sweep.requires()]
 
+    def shows(self):
+        return self.verdicts()
+
     def upstream_versions(self):
         # Sorted, as the Sweep's id sorts its runs: the same grid in another order is the same sweep.
         # Its page shows each run's verdict: other thresholds, another comparison.

@@ -594,6 +594,8 @@ class Bless(Stage):
 
     marker_name = "blessing.json"
     entry_points = ("pipeline.blessing:bless_evaluation",)
+    # Its report and run record show its verdict: checked again, they show the new one.
+    rerun_remakes_downstream = True
     evaluate = UpstreamParameter(Evaluate, description="The evaluation checked; by default luigi.cfg's")
     thresholds = ThresholdsParameter(
         default={}, description="""JSON object of metric to bounds (min, max, min_change, max_change, """
@@ -624,8 +626,8 @@ class Bless(Stage):
 
     def produce(self):
         if self.rerun:
-            # What shows the old verdict goes (its reports, run records, sweep comparisons): they
-            # are made again from the new one.
+            # What shows the old verdict goes (its reports, run records, sweep comparisons): a run
+            # makes them again from the new one (see Step.rerunning), now or later.
             remove_versions(entry["path"] for entry in load_index().values()
                             if self.index_key in entry.get("upstream", ()))
         evaluate = self.evaluate
