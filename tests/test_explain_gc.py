@@ -150,16 +150,25 @@ def gc(folder: Path, config: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
-def test_gc_lists_superseded_runs_outside_the_top_and_removes_them_only_when_asked(tmp_path):
+# v1 and v2 share params: v2, newer, supersedes v1 (the model file changed); v3 supersedes v4.
+RUNS = {"v1": ('{"lr": 1}', 0.70, "2026-01-01T00:00:01+00:00"),
+        "v2": ('{"lr": 1}', 0.80, "2026-01-02T00:00:01+00:00"),
+        "v3": ('{"lr": 2}', 0.60, "2026-01-03T00:00:01+00:00"),
+        "v4": ('{"lr": 2}', 0.90, "2026-01-01T00:00:01+00:00")}
+
+
+def superseded_runs(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """RUNS in the index, and a configuration RunAll can be made of (gc keeps its versions), none
+    of whose versions is in this index: (results folder, luigi.cfg, index)."""
     results = tmp_path / "results"
-    # A configuration RunAll can be made of (gc keeps its versions): none of them is in this index.
     config = write_config(tmp_path / "luigi.cfg", tiny_config(tmp_path, (tmp_path / "none.tar.gz").as_uri()))
-    # v1 and v2 share params: v2, newer, supersedes v1 (the model file changed). v3 has its own.
-    runs = {"v1": ('{"lr": 1}', 0.70, "2026-01-01T00:00:01+00:00"),
-            "v2": ('{"lr": 1}', 0.80, "2026-01-02T00:00:01+00:00"),
-            "v3": ('{"lr": 2}', 0.60, "2026-01-03T00:00:01+00:00"),
-            "v4": ('{"lr": 2}', 0.90, "2026-01-01T00:00:01+00:00")}
-    put_in_index(results, fabricated(results, runs))
+    index = fabricated(results, RUNS)
+    put_in_index(results, index)
+    return results, config, index
+
+
+def test_gc_lists_superseded_runs_outside_the_top_and_removes_them_only_when_asked(tmp_path):
+    results, config, _ = superseded_runs(tmp_path)
 
     listed = gc(tmp_path, config, "--keep-top", "1")
     assert listed.returncode == 0, listed.stderr
@@ -184,16 +193,9 @@ def test_gc_lists_superseded_runs_outside_the_top_and_removes_them_only_when_ask
 
 
 def test_gc_keeps_the_champion_and_the_champions_before_it(tmp_path):
-    results = tmp_path / "results"
-    config = write_config(tmp_path / "luigi.cfg", tiny_config(tmp_path, (tmp_path / "none.tar.gz").as_uri()))
-    runs = {"v1": ('{"lr": 1}', 0.70, "2026-01-01T00:00:01+00:00"),
-            "v2": ('{"lr": 1}', 0.80, "2026-01-02T00:00:01+00:00"),
-            "v3": ('{"lr": 2}', 0.60, "2026-01-03T00:00:01+00:00"),
-            "v0": ('{"lr": 1}', 0.75, "2026-01-01T00:00:00+00:00")}
-    index = fabricated(results, runs)
-    put_in_index(results, index)
+    results, config, index = superseded_runs(tmp_path)
     pointer = champion_path(str(results), "ds", "c1", "test")
-    for version in ("v0", "v1"):  # v1, superseded by v2, is champion; v0 was before it
+    for version in ("v4", "v1"):  # v1, superseded by v2, is champion; v4, superseded by v3, was before it
         entry = index[f"Evaluate/e{version}"]
         champion.force(pointer, str(results / INDEX_FOLDER), champion.candidate(
             train_version=version, train_path=index[f"Train/{version}"]["path"], export="export/1", model="cnn",
@@ -207,11 +209,11 @@ def test_gc_keeps_the_champion_and_the_champions_before_it(tmp_path):
     champion.revoke(pointer, str(results / INDEX_FOLDER), "wrong")
     champion.revoke(pointer, str(results / INDEX_FOLDER), "wrong too")
     assert [line.split()[2] for line in gc(tmp_path, config, "--keep-top", "0").stdout.splitlines()[:-1]] == \
-        ["Train/v0", "Train/v1"]
+        ["Train/v1", "Train/v4"]
     Path(pointer).write_text("{")
     damaged = gc(tmp_path, config, "--keep-top", "0", "--yes")
     assert damaged.returncode == 2 and damaged.stdout == "" and pointer in damaged.stderr
-    assert (results / "ds" / "cnn-v0").is_dir()
+    assert (results / "ds" / "cnn-v4").is_dir()
 
 
 def test_gc_never_removes_what_lies_outside_the_roots_whatever_the_index_says(tmp_path):
