@@ -19,7 +19,7 @@ FAMILIES = ("Download", "Convert", "Train", "Evaluate", "Predict", "Report", "Bl
 DOWNSTREAM = {"Download": set(FAMILIES), "Convert": set(FAMILIES) - {"Download"},
               "Train": {"Train", "Evaluate", "Predict", "Report", "Bless", "RunRecord"},
               "Evaluate": {"Evaluate", "Report", "Bless", "RunRecord"}, "Predict": {"Predict", "RunRecord"},
-              "Bless": {"Bless", "RunRecord"}}
+              "Bless": {"Bless", "Report", "RunRecord"}}
 CHANGES = {
     "Download": {"dataset": "other", "source_url": "file:other.tar.gz", "skip_failed_images": "true"},
     "Convert": {"image_size": "32", "channels": "3", "validation_fraction": "0.3", "test_fraction": "0.1",

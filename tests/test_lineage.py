@@ -179,7 +179,7 @@ def test_the_commands_in_the_docs_run_as_written(two_runs):
         outputs.append(result.stdout)
     assert archive_sha256 in outputs[0] and MODEL_SHA256 in outputs[0]
     assert json.loads(outputs[1])["lineage"][0]["chain"][0]["stage"] == "Evaluate"
-    assert "10 version(s) made from it" in outputs[3]
+    assert "12 version(s) made from it" in outputs[3]
 
 
 @pytest.mark.slow
@@ -199,7 +199,7 @@ def test_lineage_on_s3_roots(s3_server, mnist_subset, tmp_path):
     assert chain["Download"]["details"]["sha256"] == hashlib.sha256(mnist_subset.read_bytes()).hexdigest()
     assert chain["Train"]["details"]["model_sha256"] == MODEL_SHA256
     made = lineage_cli(tmp_path, config, "--downstream", chain["Convert"]["version"], env=s3_server.env()).stdout
-    assert "5 version(s) made from it" in made and s3_server.uri(predictions).rsplit("/", 1)[0] in made
+    assert "6 version(s) made from it" in made and s3_server.uri(predictions).rsplit("/", 1)[0] in made
 
 
 def entry(stage: str, version: str, path: Path, marker: str, upstream: list[str] = ()) -> dict:

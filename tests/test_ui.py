@@ -115,7 +115,7 @@ def test_the_scheduler_shows_significant_parameters_and_upstream_versions(schedu
 
     # Their own significant parameters, nothing insignificant (batch_size, rerun), and each upstream by version.
     assert by_family["Evaluate"]["params"] == {"split": "test", "upstream": upstream("Train")}
-    assert by_family["Report"]["params"] == {"upstream": upstream("Evaluate", "Predict")}
+    assert by_family["Report"]["params"] == {"upstream": upstream("Evaluate", "Predict", "Bless")}
     assert by_family["RunRecord"]["params"] == {"upstream": upstream("Evaluate", "Report", "Predict", "Bless")}
     assert by_family["RunAll"]["display_name"] == f"RunAll(upstream={upstream('Train')})"
     assert by_family["Train"]["params"]["upstream"] == upstream("Convert")
