@@ -136,8 +136,11 @@ def promote_if_better(path: str, lock_folder: str, candidate: dict,
         if _same_model(champion, candidate):
             return judge(pointer["previous"][-1] if pointer["previous"] else None), True
         verdict = judge(champion)
-        crowned = (verdict["blessed"] and candidate["train_version"] not in pointer["revoked"]
-                   and (champion is None or ranks_above(candidate, champion)))
+        revoked = candidate["train_version"] in pointer["revoked"]
+        if verdict["blessed"] and revoked:
+            verdict = {**verdict, "reason": f"{verdict['reason']}; not made champion: it was revoked (python -m "
+                                            "tasks.champion --set brings it back)"}
+        crowned = verdict["blessed"] and not revoked and (champion is None or ranks_above(candidate, champion))
         if crowned:
             _crown(pointer, candidate, "bless", verdict.get("reason", ""))
         return verdict, crowned

@@ -82,6 +82,12 @@ def key_of(entry: Mapping[str, Any]) -> str:
     return f"{entry['stage']}/{entry['version']}"
 
 
+def is_key(key: str) -> bool:
+    """Whether `key` is `<stage>/<version>`, each a plain name (a file name in the index)."""
+    stage, _, version = key.partition("/")
+    return bool(_PLAIN_NAME.match(stage)) and bool(_PLAIN_NAME.match(version))
+
+
 def entry_location(folder: str, key: str) -> str:
     """Where the index at `folder` keeps the entry of `key` (`<stage>/<version>`)."""
     stage, version = key.split("/", 1)
@@ -120,28 +126,33 @@ def _entry_at(location: str, key: str) -> Any:
 class EntriesByKey(Mapping):
     """The index at `folder` as a mapping that reads an entry when it is first asked for (one read),
     so that following a version's upstream keys reads those entries alone; only iterating it reads
-    the whole index."""
+    the whole index (repaired by `repair` if need be)."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, repair: IndexRepair):
         self.folder = folder
+        self.repair = repair
         self._read: dict[str, dict | None] = {}
 
     def __getitem__(self, key: str) -> dict:
         if key not in self._read:
-            self._read[key] = read_entry(self.folder, key)
+            self._read[key] = read_entry(self.folder, key) if is_key(key) and indexed(
+                self.folder, key, self.repair) else None
         if self._read[key] is None:
             raise KeyError(key)
         return self._read[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(load_index(self.folder))
+        return iter(load_index(self.folder, self.repair))
 
     def __len__(self) -> int:
-        return len(load_index(self.folder))
+        return len(load_index(self.folder, self.repair))
 
 
 def read_entry(folder: str, key: str) -> dict | None:
-    """The indexed entry of `key`, or None when the index lacks it or holds it damaged: one read."""
+    """The indexed entry of `key`, or None when the index lacks it or holds it damaged, or `key` is
+    no `<stage>/<version>` of plain names: one read."""
+    if not is_key(key):
+        return None
     found = _entry_at(entry_location(folder, key), key)
     return found if isinstance(found, dict) else None
 

@@ -89,21 +89,22 @@ def leaderboard_rows(board: Mapping[str, dict]) -> list[dict]:
     return rows_of(board, list(board["rows"]))
 
 
-def rows_of(board: Mapping[str, dict], keys: Iterable[str], verdicts: Mapping[str, bool] | None = None) -> list[dict]:
-    """The rows of the evaluations `keys`, each with the newest verdict on it (or, where given, its
-    verdict in `verdicts`: evaluation key to blessed) and linking the newest report of it and the
-    lineage there, ranked."""
-    reports = _newest(board["reports"])
-    blessings = {**_newest(board["blessings"]),
-                 **{key: {"blessed": blessed} for key, blessed in (verdicts or {}).items()}}
+def rows_of(board: Mapping[str, dict], keys: Iterable[str], own: Mapping[str, Mapping] | None = None) -> list[dict]:
+    """The rows of the evaluations `keys`, each with the newest verdict on it and linking the newest
+    report of it and the lineage there, ranked; for an evaluation in `own`, the verdict and report
+    given there instead ({"blessed", "link"}: a sweep's own, whatever was checked since)."""
+    links = {key: report["link"] for key, report in _newest(board["reports"]).items()}
+    blessed = {key: verdict["blessed"] for key, verdict in _newest(board["blessings"]).items()}
+    for key, mine in (own or {}).items():
+        links[key], blessed[key] = mine["link"], mine["blessed"]
 
     def joined(key: str) -> dict:
         row = dict(board["rows"][key])
-        if key in reports:
-            row["report"] = reports[key]["link"]
-            row["lineage"] = reports[key]["link"] + LINEAGE_ANCHOR
-        if key in blessings:
-            row["blessed"] = "yes" if blessings[key]["blessed"] is True else "no"
+        if key in links:
+            row["report"] = links[key]
+            row["lineage"] = links[key] + LINEAGE_ANCHOR
+        if key in blessed:
+            row["blessed"] = "yes" if blessed[key] is True else "no"
         return row
 
     return ranked(map(joined, keys))

@@ -67,8 +67,8 @@ def reasons(task: luigi.Task, index: dict, to_run: set[str]) -> list[str]:
         return ["it gathers the stages above, then writes its record"]
     if not isinstance(task, Stage):
         return ["upstream will run: " + ", ".join(rerun_upstream)] if rerun_upstream else ["no output yet"]
-    if task.rerun:
-        return ["--rerun"]
+    if task.rerunning():
+        return ["--rerun"] if task.rerun else ["it shows a check made again (--Bless-rerun)"]
     entries = [entry for entry in index.values() if entry["stage"] == task.get_task_family()
                and entry.get("dataset") == task.dataset]
     if any(entry["version"] == task.version for entry in entries):

@@ -269,10 +269,11 @@ class Comparison(Stage):
         return sorted(stage.index_key for stage in (*self.evaluations(), *self.verdicts()))
 
     def rows(self) -> list[dict]:
-        # Its own verdicts, not the newest on the board: another sweep may have checked the same
-        # evaluations against other thresholds since.
-        verdicts = {bless.evaluate.index_key: read_json(bless.marker)["blessed"] for bless in self.verdicts()}
-        return rows_of(load_board(), [evaluate.index_key for evaluate in self.evaluations()], verdicts)
+        # Its own verdicts and reports, not the newest on the board: another sweep may have checked
+        # the same evaluations against other thresholds since.
+        own = {evaluate.index_key: {"blessed": read_json(bless.marker)["blessed"], "link": report.link()}
+               for evaluate, report, _, bless in (run.stages() for run in self.sweep.requires())}
+        return rows_of(load_board(), [evaluate.index_key for evaluate in self.evaluations()], own)
 
     def produce(self):
         # The page is written first: the CSV, written last, is the marker.

@@ -28,7 +28,7 @@ from pipeline.convert import (DEFAULT_DECODE_THREADS, DEFAULT_JPEG_QUALITY, IMAG
                               validate_conversion_params, write_shard)
 from pipeline.errors import ChampionError, ConfigError, StageOutputError
 from pipeline.fingerprint import normalised_source
-from pipeline.index import EntriesByKey, read_entry, within
+from pipeline.index import EntriesByKey, indexed, read_entry, within
 from pipeline.storage import TEMP_INFIX, read_json
 from pipeline.models import (RUN_CONFIG_KEYS, check_param_overrides, declared_param_keys, require_positive,
                              resolve_model_file, validate_training_settings)
@@ -40,7 +40,8 @@ from tasks.config import index_folder, layout_roots, results_root, tensorboard, 
 from tasks.console import note
 from tasks.parameters import ParamsParameter, ThresholdsParameter, UpstreamParameter
 from tasks.progress import TaskProgress
-from tasks.base import PipelineTask, Stage, Step, StorageTarget, folder_id, load_index, remove_versions
+from tasks.base import (PipelineTask, Stage, Step, StorageTarget, folder_id, index_repair, load_index,
+                        remove_versions)
 
 
 class Download(Stage):
@@ -382,12 +383,18 @@ class ChampionTrain(PipelineTask):
 
     def validate(self):
         # The pointer is a file in the results, which whoever may write there could plant: it may
-        # name only a Train the index holds, at its own folder, within results_root.
-        entry = read_entry(index_folder(), self.index_key)
-        if entry is None or entry["path"] != self.directory or not within(self.directory, [results_root()]):
+        # name only a Train the index holds (repaired first if need be), at its own folder within
+        # results_root, trained on this very dataset version.
+        convert = self.convert
+        entry = read_entry(index_folder(), self.index_key) if indexed(
+            index_folder(), self.index_key, index_repair()) else None
+        if entry is None or entry["path"] != self.directory or not within(self.directory, [results_root()]) \
+                or entry.get("dataset") != convert.dataset \
+                or (entry.get("identity") or {}).get("upstream", {}).get("convert") != convert.version:
             raise ChampionError(f"{self.pointer()}: its champion, {self.index_key} at {self.directory}, is no Train "
-                                f"the index ({index_folder()}) holds at that folder within results_root; step back "
-                                "(python -m tasks.champion --revoke --reason TEXT) or set another champion")
+                                f"the index ({index_folder()}) holds at that folder within results_root, trained "
+                                f"on {convert.dataset} version {convert.version}; step back (python -m "
+                                "tasks.champion --revoke --reason TEXT) or set another champion")
 
     def pointer(self) -> str:
         convert = self.convert
@@ -578,12 +585,16 @@ class Report(Stage):
                      versions={"download": convert.download.version, "convert (data)": convert.version,
                                "train": train.version, "evaluate": evaluate.version},
                      blessing=read_json(self.bless.marker),
-                     lineage=render_lineage(lineage(EntriesByKey(index_folder()), self.bless.index_key)))
+                     lineage=render_lineage(lineage(EntriesByKey(index_folder(), index_repair()),
+                                                    self.bless.index_key)))
+
+    def link(self) -> str:
+        """Where the leaderboard, beside results_root, links it."""
+        return storage.relative(self.marker, results_root())
 
     def entry(self):
         entry = super().entry()
-        entry[REPORT_KEY] = {"evaluation": self.evaluate.index_key,
-                             "link": storage.relative(self.marker, results_root())}
+        entry[REPORT_KEY] = {"evaluation": self.evaluate.index_key, "link": self.link()}
         return entry
 
 

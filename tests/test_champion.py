@@ -33,12 +33,13 @@ def test_a_revoked_model_is_not_crowned_again_by_a_check_only_by_a_person(tmp_pa
     pointer, lock = str(tmp_path / "champion.json"), str(tmp_path / ".index")
 
     def blessed(baseline):
-        return {"blessed": True}
+        return {"blessed": True, "reason": "passed"}
 
     assert champion.promote_if_better(pointer, lock, record("t1", 0.9), blessed)[1]
     champion.revoke(pointer, lock, "it mislabels sevens")
 
-    assert champion.promote_if_better(pointer, lock, record("t1", 0.9), blessed) == ({"blessed": True}, False)
+    verdict, crowned = champion.promote_if_better(pointer, lock, record("t1", 0.9), blessed)
+    assert verdict["blessed"] and not crowned and "not made champion: it was revoked" in verdict["reason"]
     assert champion.current(pointer) is None and champion.read_pointer(pointer)["revoked"] == ["t1"]
     champion.force(pointer, lock, record("t1", 0.9), "fixed upstream")
     assert champion.current(pointer)["train_version"] == "t1" and champion.read_pointer(pointer)["revoked"] == []
@@ -104,7 +105,12 @@ def test_predict_from_the_champion_stands_on_its_train_and_travels_with_it(luigi
     champion.force(path, index_folder(), record("t1", 0.9, train_path), "a person chose it")
     with pytest.raises(ChampionError, match="is no Train the index"):  # not indexed yet
         Predict(model="champion", input_dir=str(tmp_path / "images"))
-    index.record(index_folder(), index.index_entry("Train", "t1", train_path, {}))
+
+    def indexed_train(version: str, path: str, data_version: str = convert.version) -> None:
+        index.record(index_folder(), index.index_entry("Train", version, path, {"upstream": {"convert": data_version}},
+                                                       dataset="tiny"))
+
+    indexed_train("t1", train_path)
     predict = Predict(model="champion", input_dir=str(tmp_path / "images"))
 
     train = predict.train
@@ -120,8 +126,11 @@ def test_predict_from_the_champion_stands_on_its_train_and_travels_with_it(luigi
         train.run()
 
     # A planted pointer may not send Predict outside results_root, nor to a folder the index does not give its Train.
-    for indexed, planted in (("/etc", "/etc"), (str(tmp_path / "results" / "tiny" / "cnn-t2"), train_path)):
-        index.record(index_folder(), index.index_entry("Train", "t2", indexed, {}))
+    # Nor to a Train trained on another dataset version, whose model would read these records.
+    for indexed, planted, data_version in (("/etc", "/etc", convert.version),
+                                           (str(tmp_path / "results" / "tiny" / "cnn-t2"), train_path, convert.version),
+                                           (train_path, train_path, "other")):
+        indexed_train("t2", indexed, data_version)
         champion.force(path, index_folder(), record("t2", 0.95, planted), "planted")
         with pytest.raises(ChampionError, match=re.escape(f"Train/t2 at {planted}, is no Train the index")):
             Predict(model="champion", input_dir=str(tmp_path / "other"))
