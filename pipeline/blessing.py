@@ -130,8 +130,8 @@ def verdict(evaluation: Mapping, thresholds: Mapping, baseline: Mapping | None) 
 def bless_evaluation(metrics_path: str, thresholds: Mapping, *, train: Mapping, champion_path: str,
                      lock_folder: str, blessing_path: str, context: Mapping) -> dict:
     """Check the evaluation at `metrics_path` against `thresholds` and the champion at
-    `champion_path` as it is now, make its model (`train`: train_version, train_path, export_dir,
-    model) champion when blessed and better (see pipeline.champion.promote_if_better), and write
+    `champion_path` as it is now, make its model (`train`: train_version, train_path, export (as
+    train.json names it), model) champion when blessed and better (see pipeline.champion.promote_if_better), and write
     the verdict, with `context` (evaluation, dataset, data_version, split...), to `blessing_path`.
 
     blessing.json is written last, after the pointer: a check cut off in between is made again, and
