@@ -224,12 +224,24 @@ def describe(index: Mapping[str, dict], key: str) -> dict:
     return node
 
 
-def lineage(index: Mapping[str, dict], argument: str) -> dict:
-    """What `argument` names, and the chain that made it, as JSON-able values."""
+def lineage(index: Mapping[str, dict], argument: str, judged: bool = True) -> dict:
+    """What `argument` names, and the chain that made it, as JSON-able values. With `judged`, each
+    model in the chain also shows its evaluations and their verdicts (`judged`), which are not
+    upstream of what it made (its predictions, say) but say how it was judged: that reads the
+    whole index."""
     key = find(index, argument)
     chain = upstream(index, key)
-    return {"query": argument, "key": key, "chain": [describe(index, each) for each in chain if each in index],
-            "missing": [each for each in chain if each not in index]}
+    nodes = [describe(index, each) for each in chain if each in index]
+    if judged:
+        made = children(index)
+        for node in (node for node in nodes if node["stage"] == "Train"):
+            node["judged"] = [
+                {**describe(index, evaluation), "verdicts": [describe(index, verdict)
+                                                             for verdict in made.get(evaluation, [])
+                                                             if index[verdict]["stage"] == "Bless"]}
+                for evaluation in made.get(node["key"], []) if index[evaluation]["stage"] == "Evaluate"
+                and evaluation not in chain]
+    return {"query": argument, "key": key, "chain": nodes, "missing": [each for each in chain if each not in index]}
 
 
 def made_from(index: Mapping[str, dict], argument: str) -> dict:
@@ -275,6 +287,10 @@ def render_lineage(found: Mapping) -> str:
             lines.append(f"    ({node['problem']})")
         else:
             lines.extend(f"    {line}" for line in _detail_lines(node))
+        for evaluation in node.get("judged", []):
+            lines.append(f"    evaluated: {evaluation['key']}  {evaluation['path']}")
+            lines.extend(f"        {line}" for verdict in (evaluation, *evaluation["verdicts"])
+                         for line in (_detail_lines(verdict) if not verdict["problem"] else [verdict["problem"]]))
         if node["upstream"]:
             lines.append(f"    made from: {', '.join(node['upstream'])}")
     lines.extend(f"{key}: not in the index" for key in found["missing"])

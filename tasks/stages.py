@@ -586,7 +586,7 @@ class Report(Stage):
                                "train": train.version, "evaluate": evaluate.version},
                      blessing=read_json(self.bless.marker),
                      lineage=render_lineage(lineage(EntriesByKey(index_folder(), index_repair()),
-                                                    self.bless.index_key)))
+                                                    self.bless.index_key, judged=False)))
 
     def link(self) -> str:
         """Where the leaderboard, beside results_root, links it."""
