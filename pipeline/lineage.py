@@ -270,6 +270,9 @@ def _detail_lines(node: Mapping) -> list[str]:
                 f"(its copy {details['model_file_copy']})",
                 f"code fingerprint: {details['code_fingerprint']}", f"final step: {details['global_step']}",
                 f"export: {details['export_dir']}"]
+    if stage == "Evaluate" and all(isinstance(details.get(field), (int, float)) for field in ("accuracy", "loss")):
+        return [f"{details['split']}: accuracy {details['accuracy']:.4f}, loss {details['loss']:.4f} on "
+                f"{details['examples']} images at step {details['global_step']}"]
     if stage == "Bless":  # its reason names every check, failed, passed or skipped
         return [f"{'BLESSED' if details['blessed'] is True else 'NOT BLESSED'}: {details['reason']}"]
     return [f"{name}: {_shown(value)}" for name, value in details.items() if value is not None]
