@@ -125,6 +125,10 @@ def test_lineage_prints_the_source_redacted_the_checksums_and_the_model(two_runs
     assert "final step: 12" in text and "code fingerprint: " in text
     assert re.search(r"source: http://\*\*\*@127\.0\.0\.1:\d+/digits\.tar\.gz \(archive\)", text), text
     assert SECRET not in text + result.stderr and "reader" not in text
+    # How the model was judged, though its evaluation and verdict are not upstream of its predictions.
+    metrics = json.loads(next(predictions.parent.parent.glob("evaluate-test-*/metrics.json")).read_text())
+    assert re.search(rf"\n    evaluated: Evaluate/\w+  \S+\n        test: accuracy {metrics['accuracy']:.4f}, loss "
+                     rf"{metrics['loss']:.4f} on 18 images at step 12\n        NOT BLESSED: no thresholds set", text), text
 
 
 @pytest.mark.slow
