@@ -375,8 +375,8 @@ def test_what_a_stage_reaches_through_self_changes_its_version(real_stages):
                                         'for key in RUN_CONFIG_KEYS if key != "tf_random_seed"}')) == {"Train"}
     assert stages_changed(real_stages, ("tasks/stages.py", '"strategy": self.strategy,', '"strategy": "mirrored",')) \
         == {"Train"}
-    assert stages_changed(real_stages, ("tasks/runs.py", "for evaluate in self.evaluations()])",
-                                        "for evaluate in self.evaluations()][:1])")) == {"Comparison"}
+    assert stages_changed(real_stages, ("tasks/runs.py", "for evaluate in self.evaluations()], own)",
+                                        "for evaluate in self.evaluations()][:1], own)")) == {"Comparison"}
     assert stages_changed(real_stages, ("tasks/stages.py", '"global_step": metrics["global_step"]',
                                         '"global_step": metrics["global_step"] + 1')) == {"Comparison"}
 

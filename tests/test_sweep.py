@@ -45,11 +45,11 @@ def test_a_sweep_trains_every_variant_on_one_conversion_one_training_at_a_time(t
     assert len(comparison_lines) == 9 and all(" accuracy  " in line for line in comparison_lines[1::2])
     assert all(line.startswith("         NOT BLESSED: no thresholds set") for line in comparison_lines[2::2])
 
-    # In the index, made from the four evaluations, so that gc sees what it needs.
+    # In the index, made from the four evaluations and their verdicts, so that gc sees what it needs.
     index = read_index(str(results / INDEX_FOLDER))
     [entry] = [entry for entry in index.values() if entry["stage"] == "Comparison"]
-    assert entry["path"] == str(comparison) and len(entry["upstream"]) == 4
-    assert all(index[key]["stage"] == "Evaluate" for key in entry["upstream"])
+    assert entry["path"] == str(comparison) and len(entry["upstream"]) == 8
+    assert sorted(index[key]["stage"] for key in entry["upstream"]) == ["Bless"] * 4 + ["Evaluate"] * 4
 
     # The same grid in another order is the same sweep, already done.
     again = run_watched(tmp_path, config, "Sweep", "--local-scheduler", "--grid", '{"learning_rate": [0.01, 0.001]}',
