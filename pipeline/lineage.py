@@ -292,8 +292,10 @@ def render_lineage(found: Mapping) -> str:
             lines.extend(f"    {line}" for line in _detail_lines(node))
         for evaluation in node.get("judged", []):
             lines.append(f"    evaluated: {evaluation['key']}  {evaluation['path']}")
-            lines.extend(f"        {line}" for verdict in (evaluation, *evaluation["verdicts"])
-                         for line in (_detail_lines(verdict) if not verdict["problem"] else [verdict["problem"]]))
+            # Each verdict named: the same evaluation may be checked against several thresholds.
+            lines.extend(f"        {prefix}{line}" for verdict, prefix in ((evaluation, ""), *(
+                (verdict, f"{verdict['key']}: ") for verdict in evaluation["verdicts"]))
+                for line in (_detail_lines(verdict) if not verdict["problem"] else [verdict["problem"]]))
         if node["upstream"]:
             lines.append(f"    made from: {', '.join(node['upstream'])}")
     lines.extend(f"{key}: not in the index" for key in found["missing"])
