@@ -28,6 +28,7 @@ from pipeline.index import key_of
 from pipeline.storage import read_json
 from tasks.base import load_index, location
 from tasks.config import index_folder, results_root
+from tasks.console import printable
 from tasks.stages import HOW_TO_MAKE_A_CHAMPION
 
 # Shows and changes which model is served, never what a stage computes (see pipeline.fingerprint).
@@ -145,14 +146,14 @@ def main(argv: list[str]) -> int:
         else:
             changed = champion.all_pointers(results_root())
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(printable(f"error: {error}"), file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps([as_json(path, pointer) for path, pointer in changed.items()], indent=2))
     elif not changed:
         print(f"No champion under {results_root()}: {HOW_TO_MAKE_A_CHAMPION}.")
     else:
-        print("\n\n".join(shown(path, pointer) for path, pointer in changed.items()))
+        print(printable("\n\n".join(shown(path, pointer) for path, pointer in changed.items())))
     return 0
 
 

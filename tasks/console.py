@@ -23,6 +23,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -107,6 +108,16 @@ def note(key: str, text: str) -> None:
     """Say `text` at the end of the run, once for `key`; nothing without `set_up()`."""
     if _notes is not None:
         _notes.add(key, text)
+
+
+# Control characters, but for newlines and tabs: a value read from a file in the results (a
+# verdict's reason, a pointer's) could otherwise move the cursor, recolour or retitle a terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character (but newlines and tabs) shown as U+FFFD."""
+    return _CONTROL.sub("\ufffd", text)
 
 
 def say(text: str) -> None:

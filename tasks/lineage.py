@@ -16,6 +16,7 @@ import sys
 from pipeline.errors import PipelineError
 from pipeline.lineage import lineage, made_from, render_downstream, render_lineage
 from tasks.base import load_index
+from tasks.console import printable
 
 # Reads what was made; makes nothing (see pipeline.fingerprint).
 AFFECTS_RESULTS = False
@@ -36,14 +37,14 @@ def main(argv: list[str]) -> int:
         found = {"lineage": [lineage(index, output) for output in args.outputs],
                  "downstream": made_from(index, args.downstream) if args.downstream is not None else None}
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(printable(f"error: {error}"), file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(found, indent=2, sort_keys=True))
     else:
         shown = [*map(render_lineage, found["lineage"]),
                  *([render_downstream(found["downstream"])] if found["downstream"] else [])]
-        print("\n\n".join(shown))
+        print(printable("\n\n".join(shown)))
     return 0
 
 

@@ -292,3 +292,17 @@ def test_the_documented_champion_commands_run_as_written(no_champion):
     pointer = pointer_json(sweep)
     assert [change["action"] for change in pointer["history"]] == ["set", "revoke"]
     assert pointer["champion"] is None
+
+
+def test_the_command_shows_no_control_character_a_pointer_holds(tmp_path):
+    """The pointer is a file in the results: a planted reason may not drive the terminal."""
+    config = write_config(tmp_path / "luigi.cfg", tiny_config(tmp_path, "file:unused.tar.gz"))
+    results = tmp_path / "results"
+    champion.force(champion.champion_path(str(results), "tiny", "d1", "test"), str(results / INDEX_FOLDER),
+                   record("t1", 0.9), "\x1b]0;owned\x07\x1b[2Jplanted")
+
+    shown = champion_command(tmp_path, config)
+
+    assert shown.returncode == 0, shown.stderr
+    assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
+    assert "\ufffd]0;owned\ufffd\ufffd[2Jplanted" in shown.stdout
