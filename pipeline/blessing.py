@@ -51,7 +51,7 @@ def check_thresholds(thresholds: Any) -> dict[str, dict[str, float]]:
             raise ConfigError(f"{shown}: {metric!r} has unknown bound {unknown[0]!r}; the bounds are "
                               f"{', '.join(BOUNDS)}")
         for bound, limit in bounds.items():
-            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
+            if not _is_number(limit) or not math.isfinite(limit):
                 raise ConfigError(f"{shown}: {metric!r} {bound} is {limit!r}; expected a finite number")
         checked[metric] = {bound: float(bounds[bound]) for bound in BOUNDS if bound in bounds}
     return checked

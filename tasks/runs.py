@@ -280,10 +280,10 @@ class Comparison(Stage):
         write_table(self.rows(), self.marker, self.page(), f"Sweep {self.version}")
 
     def summary(self) -> str:
-        blessings = {run.train.version: run.closing() for run in self.sweep.requires()}
+        records = {run.train.version: run.closing() for run in self.sweep.requires()}
         lines = [f"SWEEP {len(self.evaluations())} runs, best first ({self.marker}, {storage.name(self.page())}):"]
         for row in self.rows():
-            record = blessings[row["train_version"]]
+            record = records[row["train_version"]]
             lines.append(f"    {row['rank']:>3}. {row['accuracy']:.4f} accuracy  {row['loss']:.4f} loss  "
                          f"{row['model']:<12} {row['params']}  {row['run']}\n"
                          f"         {verdict_line(record.blessing(), champion_mark(record.bless))}")
