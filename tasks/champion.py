@@ -23,10 +23,11 @@ from pathlib import Path
 from pipeline import champion, storage
 from pipeline.blessing import metric_values
 from pipeline.convert import SPLITS
-from pipeline.errors import ChampionError, PipelineError
+from pipeline.errors import ChampionError, LineageError, PipelineError
 from pipeline.index import key_of
+from pipeline.lineage import find
 from pipeline.storage import read_json
-from tasks.base import load_index, location
+from tasks.base import load_index
 from tasks.config import index_folder, results_root
 from tasks.console import printable
 from tasks.stages import HOW_TO_MAKE_A_CHAMPION
@@ -43,15 +44,16 @@ def where(path: str) -> dict[str, str]:
 
 
 def train_entry(index: dict, run: str) -> dict:
-    """The index entry of the Train that `run` names: its folder, or its version (bare or as Train/<version>)."""
-    version = run.removeprefix("Train/")
-    found = [entry for entry in index.values() if entry["stage"] == "Train"
-             and (entry["version"] == version or location(entry["path"]) == location(run))]
-    if not found:
-        raise ChampionError(f"--set {run!r}: no completed Train in the index ({index_folder()}) has that folder or "
-                            "version; expected a run folder such as results/<dataset>/<model>-<version>, or its "
-                            "version")
-    return found[0]
+    """The index entry of the Train that `run` names: its folder, or its version, as lineage finds
+    them (see pipeline.lineage.find)."""
+    try:
+        key = find(index, run)
+    except LineageError as error:
+        raise ChampionError(f"--set {run!r}: {error}") from None
+    if index[key]["stage"] != "Train":
+        raise ChampionError(f"--set {run!r} names {key}, no Train; expected a run folder such as "
+                            "results/<dataset>/<model>-<version>, or its version")
+    return index[key]
 
 
 def evaluation_of(index: dict, train: dict, split: str) -> dict:
