@@ -135,8 +135,11 @@ class EntriesByKey(Mapping):
 
     def __getitem__(self, key: str) -> dict:
         if key not in self._read:
-            self._read[key] = read_entry(self.folder, key) if is_key(key) and indexed(
-                self.folder, key, self.repair) else None
+            entry = read_entry(self.folder, key)
+            # Not found: the index may be missing or damaged, and then lack it only until repaired.
+            if entry is None and is_key(key) and indexed(self.folder, key, self.repair):
+                entry = read_entry(self.folder, key)
+            self._read[key] = entry
         if self._read[key] is None:
             raise KeyError(key)
         return self._read[key]

@@ -28,7 +28,7 @@ from pipeline.convert import (DEFAULT_DECODE_THREADS, DEFAULT_JPEG_QUALITY, IMAG
                               validate_conversion_params, write_shard)
 from pipeline.errors import ChampionError, ConfigError, StageOutputError
 from pipeline.fingerprint import normalised_source
-from pipeline.index import EntriesByKey, indexed, read_entry, within
+from pipeline.index import EntriesByKey, within
 from pipeline.storage import TEMP_INFIX, read_json
 from pipeline.models import (RUN_CONFIG_KEYS, check_param_overrides, declared_param_keys, require_positive,
                              resolve_model_file, validate_training_settings)
@@ -386,8 +386,7 @@ class ChampionTrain(PipelineTask):
         # name only a Train the index holds (repaired first if need be), at its own folder within
         # results_root, trained on this very dataset version.
         convert = self.convert
-        entry = read_entry(index_folder(), self.index_key) if indexed(
-            index_folder(), self.index_key, index_repair()) else None
+        entry = EntriesByKey(index_folder(), index_repair()).get(self.index_key)
         if entry is None or entry["path"] != self.directory or not within(self.directory, [results_root()]) \
                 or entry.get("dataset") != convert.dataset \
                 or (entry.get("identity") or {}).get("upstream", {}).get("convert") != convert.version:
